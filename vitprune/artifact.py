@@ -1,0 +1,131 @@
+"""The artifact every command reads and writes: base weights + the plan that reduces them.
+
+A folder holds `model.safetensors` (the base model's weights, with the plan in its metadata),
+`vitprune.json` (the plan, the base model's identity, versions) and `report.json`/`report.md`.
+`load` rebuilds the identical reduced model from the folder or from the .safetensors alone.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import timm
+import torch
+from torch import nn
+
+from vitprune.errors import VitpruneError
+from vitprune.io import atomic_output_dir
+from vitprune.models import create_model, load_state_dict_into
+from vitprune.patch import apply_plan, model_img_size, plan_of
+from vitprune.plan import Plan
+
+WEIGHTS_FILE = "model.safetensors"
+PLAN_FILE = "vitprune.json"
+METADATA_KEY = "vitprune"
+
+
+def versions() -> dict:
+    from vitprune import __version__
+
+    return {"vitprune": __version__, "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()}
+
+
+def model_identity(model: nn.Module, info: dict) -> dict:
+    """What `load` needs to rebuild the architecture: timm name and tag, classes, input size."""
+    return {
+        "name": info["model"],
+        "tag": info.get("tag"),
+        "checkpoint": info.get("checkpoint"),
+        "checkpoint_sha256": info.get("checkpoint_sha256"),
+        "num_classes": model.num_classes,
+        "img_size": model_img_size(model),
+    }
+
+
+def artifact_metadata(model: nn.Module, info: dict, plan: Plan) -> dict:
+    return {
+        "format": 1,
+        "model": model_identity(model, info),
+        "plan": plan.to_dict(),
+        "method": plan.method,
+        "params": plan.params(),
+        "versions": versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def save_weights(model: nn.Module, path: Path, metadata: dict) -> None:
+    """Base weights (the plan adds none) with the metadata, so the one file is a full artifact."""
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    safetensors.torch.save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(metadata)})
+
+
+def write_artifact(out_dir: str | Path, model: nn.Module, info: dict, *, report: dict | None = None,
+                   report_md: str | None = None, force: bool = False, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write the artifact folder atomically. `model` must carry its plan (see `vitprune.apply`)."""
+    plan = plan_of(model) or Plan()
+    metadata = artifact_metadata(model, info, plan)
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        save_weights(model, tmp / WEIGHTS_FILE, metadata)
+        (tmp / PLAN_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        if report is not None:
+            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if report_md is not None:
+            (tmp / "report.md").write_text(report_md)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+    return Path(out_dir)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The artifact metadata of a folder (its vitprune.json) or of a .safetensors file."""
+    path = Path(path)
+    if path.is_dir():
+        plan_file = path / PLAN_FILE
+        if not plan_file.is_file():
+            raise VitpruneError(f"{path} is not a vitprune artifact: no {PLAN_FILE}")
+        try:
+            return json.loads(plan_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise VitpruneError(f"cannot read {plan_file}: {exc}") from None
+    if not path.exists():
+        raise VitpruneError(f"no such artifact: {path}")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as exc:  # safetensors raises several error types for a corrupt header
+        raise VitpruneError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+    if METADATA_KEY not in metadata:
+        raise VitpruneError(f"{path} has no vitprune plan in its metadata; pass a model name and --checkpoint instead")
+    return json.loads(metadata[METADATA_KEY])
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """The reduced model saved at `path` (an artifact folder or its .safetensors), in eval mode."""
+    path = Path(path)
+    metadata = read_metadata(path)
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    if not weights.is_file():
+        raise VitpruneError(f"{path} is missing {WEIGHTS_FILE}")
+    identity = metadata["model"]
+    plan = Plan.from_dict(metadata["plan"])
+    name = identity["name"] + (f".{identity['tag']}" if identity.get("tag") else "")
+    model, _ = create_model(name, pretrained=False, img_size=identity["img_size"], num_classes=identity["num_classes"])
+    try:
+        state_dict = safetensors.torch.load_file(str(weights))
+    except Exception as exc:
+        raise VitpruneError(f"cannot read {weights}: {str(exc).splitlines()[0]}") from None
+    load_state_dict_into(model, state_dict, source=str(weights))
+    apply_plan(model, plan)
+    return model.to(device).eval()
+
+
+def identity_info(metadata: dict) -> dict:
+    """The `create_model` info dict of an artifact's base model (for reports of derived artifacts)."""
+    identity = metadata["model"]
+    return {"model": identity["name"], "tag": identity.get("tag"), "checkpoint": identity.get("checkpoint"),
+            "checkpoint_sha256": identity.get("checkpoint_sha256"), "img_size": identity["img_size"]}

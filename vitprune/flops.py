@@ -1,0 +1,85 @@
+"""Exact multiply-accumulates (MACs, what papers call FLOPs) per image.
+
+Each block is counted with the tokens it really processes, per image (ATS keeps a different
+count per image), from the token counts the adapter records; the patch embedding and the head
+are counted once by torch's own FlopCounterMode. `tests/test_flops.py` cross-checks the whole
+against torch.utils.flop_counter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from vitprune.patch import model_img_size, record_tokens
+
+
+@dataclass
+class MacsReport:
+    gmacs: float  # mean over images
+    gmacs_per_image: Tensor  # (B,)
+    tokens_per_block: list[float]  # mean tokens entering each block
+
+    def to_dict(self) -> dict:
+        return {"gmacs": self.gmacs, "tokens_per_block": [round(t, 2) for t in self.tokens_per_block]}
+
+
+def block_macs(block: nn.Module, n_in: Tensor, n_query: Tensor, n_out: Tensor, method: str | None, num_prefix: int) -> Tensor:
+    """MACs of one timm Block: qkv on the tokens in, attention of the queries over them, output
+    projection on the queries, MLP on the tokens out, plus the reducer's own matmuls."""
+    attn = block.attn
+    dim, attn_dim = attn.qkv.in_features, attn.attn_dim
+    hidden = block.mlp.fc1.out_features
+    n_in, n_query, n_out = n_in.double(), n_query.double(), n_out.double()
+    macs = 3 * n_in * dim * attn_dim  # qkv
+    macs = macs + 2 * n_query * n_in * attn_dim  # q k^T and attn v
+    macs = macs + n_query * attn_dim * dim  # proj
+    if getattr(attn, "gate", None) is not None:
+        macs = macs + n_query * dim * attn_dim
+    macs = macs + 2 * n_out * dim * hidden  # fc1, fc2
+    if method in ("evit", "ats"):
+        macs = macs + n_in * attn_dim  # the CLS row of the attention, for scoring
+    elif method == "tome":
+        mergeable = n_in - num_prefix
+        similarity = torch.ceil(mergeable / 2) * torch.floor(mergeable / 2) * attn.head_dim
+        macs = macs + torch.where(n_out < n_in, similarity, 0.0)  # ToMe skips matching when r = 0
+    return macs
+
+
+def _counted_macs(fn, *args) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops() // 2
+
+
+@torch.inference_mode()
+def count_macs(model: nn.Module, images: Tensor | None = None) -> MacsReport:
+    """GMACs per image of `model` (reduced or not) on `images` (B, 3, H, W).
+
+    Without images a random one of the model's input size is used: enough for EViT and ToMe,
+    whose token counts do not depend on the image; ATS counts need the real images.
+    """
+    was_training = model.training
+    model.eval()
+    if images is None:
+        size = model_img_size(model)
+        images = torch.randn(1, model.patch_embed.proj.in_channels, size, size)
+    param = next(model.parameters())
+    images = images.to(device=param.device, dtype=param.dtype)
+    with record_tokens(model) as trace:
+        tokens = model.forward_features(images)
+    embed = _counted_macs(model.patch_embed, images[:1])
+    head = _counted_macs(model.forward_head, tokens[:1])
+    num_prefix = model.num_prefix_tokens
+    per_image = torch.full((images.shape[0],), float(embed + head), dtype=torch.float64)
+    for entry in trace:
+        per_image += block_macs(model.blocks[entry["layer"]], entry["n_in"], entry["n_query"],
+                                entry["n_out"], entry["method"], num_prefix)
+    model.train(was_training)
+    return MacsReport(
+        gmacs=float(per_image.mean()) / 1e9,
+        gmacs_per_image=per_image / 1e9,
+        tokens_per_block=[float(entry["n_in"].double().mean()) for entry in trace],
+    )

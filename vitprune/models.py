@@ -1,0 +1,322 @@
+"""Model factory: resolve timm model names, build supported ViTs and load their weights."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import pickle
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import safetensors.torch
+import timm
+import torch
+from timm.layers import Attention
+from timm.models import vision_transformer
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from vitprune.errors import VitpruneError
+
+SUPPORTED_MODELS_HINT = (
+    "vitprune supports timm VisionTransformer models with standard Block/Attention: "
+    "vit_*, deit_*, deit3_*, distilled DeiT, *_reg* models"
+)
+TORCH_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+SAFETENSORS_SUFFIX = ".safetensors"
+# Training scripts nest the weights under one of these keys (timm, DeiT, Lightning, EMA variants).
+STATE_DICT_WRAPPER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
+DDP_PREFIX = "module."
+MISMATCH_EXAMPLES = 3
+
+
+def resolve_model_name(name: str) -> str:
+    """Turn a timm name or short alias (``deit_small``) into a timm model name, keeping any ``.tag``."""
+    architecture, _, tag = name.strip().partition(".")
+    if not architecture:
+        raise VitpruneError(f"unknown model {name!r}; give a timm model name such as vit_tiny_patch16_224")
+    resolved = _resolve_architecture(architecture)
+    if not tag:
+        return resolved
+    _check_pretrained_tag(resolved, tag)
+    return f"{resolved}.{tag}"
+
+
+def _resolve_architecture(architecture: str) -> str:
+    if timm.is_model(architecture):
+        return architecture
+    if timm.is_model(f"{architecture}_patch16_224"):
+        return f"{architecture}_patch16_224"
+    prefixed = [m for m in timm.list_models() if m.startswith(architecture + "_")]
+    patch16 = [m for m in prefixed if "patch16" in m]
+    candidates = patch16 or prefixed
+    if candidates:
+        return min(candidates, key=lambda m: (len(m), m))
+    suggestions = difflib.get_close_matches(architecture, timm.list_models(), n=3)
+    if suggestions:
+        raise VitpruneError(f"unknown model {architecture!r}; did you mean: {', '.join(suggestions)}?")
+    raise VitpruneError(f"unknown model {architecture!r}; timm has no model with a similar name")
+
+
+def _check_pretrained_tag(architecture: str, tag: str) -> None:
+    known_tags = [m.partition(".")[2] for m in timm.list_pretrained(f"{architecture}.*")]
+    if tag not in known_tags:
+        available = ", ".join(known_tags) or "none"
+        raise VitpruneError(f"unknown pretrained tag {tag!r} for {architecture}; available tags: {available}")
+
+
+def is_supported_vit(model: nn.Module) -> str | None:
+    """None when vitprune can reduce tokens in ``model``, else a short reason such as 'found ResNet'."""
+    if not isinstance(model, VisionTransformer):
+        return f"found {type(model).__name__}"
+    # Reducers patch timm's own Block/Attention forward, so subclasses and look-alikes are refused.
+    for block in model.blocks:
+        if type(block) is not Block:
+            return f"found {type(model).__name__} with {type(block).__name__} blocks"
+        if type(block.attn) is not Attention:
+            return f"found {type(model).__name__} with {type(block.attn).__name__} attention"
+    return None
+
+
+def num_prefix_tokens(model: nn.Module) -> int:
+    """Tokens before the patch tokens (class, distillation and register tokens)."""
+    return int(model.num_prefix_tokens)
+
+
+def has_class_token(model: nn.Module) -> bool:
+    return model.cls_token is not None
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def load_checkpoint_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a checkpoint file into a plain state_dict (unwrapped, without a DDP 'module.' prefix)."""
+    path = Path(path)
+    if not path.exists():
+        raise VitpruneError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise VitpruneError(f"cannot read checkpoint {path}: it is a folder, not a file")
+    loaded = _read_checkpoint_file(path)
+    state_dict = _unwrap_state_dict(loaded, path)
+    return {_strip_ddp_prefix(key): value for key, value in state_dict.items()}
+
+
+def _read_checkpoint_file(path: Path) -> Any:
+    suffix = path.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        reader: Callable[[], Any] = partial(safetensors.torch.load_file, path, device="cpu")
+    elif suffix in TORCH_CHECKPOINT_SUFFIXES:
+        reader = partial(_torch_load_weights_only, path)
+    else:
+        expected = ", ".join((SAFETENSORS_SUFFIX, *TORCH_CHECKPOINT_SUFFIXES))
+        raise VitpruneError(
+            f"cannot read checkpoint {path}: unknown file type {suffix or '(none)'!r} (expected {expected})"
+        )
+    try:
+        return reader()
+    except Exception as error:  # any failure to parse the file is a bad input, not a bug
+        raise VitpruneError(f"cannot read checkpoint {path}: {_checkpoint_read_reason(error)}") from error
+
+
+def _torch_load_weights_only(path: Path) -> Any:
+    # weights_only never runs code from the file; DeiT-style training checkpoints also hold an argparse.Namespace.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _checkpoint_read_reason(error: Exception) -> str:
+    if isinstance(error, EOFError):
+        return "the file is empty or truncated"
+    message = str(error)
+    marker = "WeightsUnpickler error:"
+    if isinstance(error, pickle.UnpicklingError) and marker in message:
+        # torch's message is a long advert for weights_only=False; the useful part follows the marker.
+        detail = _first_line(message.split(marker, 1)[1])
+        return f"not a plain PyTorch weights file ({detail})"
+    return _first_line(message) or type(error).__name__
+
+
+def _unwrap_state_dict(loaded: Any, path: Path) -> Mapping[str, Any]:
+    if not isinstance(loaded, Mapping):
+        raise VitpruneError(f"cannot read checkpoint {path}: it holds a {type(loaded).__name__}, not a state_dict")
+    for key in STATE_DICT_WRAPPER_KEYS:
+        if isinstance(loaded.get(key), Mapping):
+            loaded = loaded[key]
+            break
+    not_tensors = [key for key, value in loaded.items() if not isinstance(value, Tensor)]
+    if not_tensors:
+        raise VitpruneError(
+            f"cannot read checkpoint {path}: not a state_dict ({not_tensors[0]!r} is a "
+            f"{type(loaded[not_tensors[0]]).__name__}, not a tensor)"
+        )
+    if not loaded:
+        raise VitpruneError(f"cannot read checkpoint {path}: it holds no tensors")
+    return loaded
+
+
+def _strip_ddp_prefix(key: str) -> str:
+    return key[len(DDP_PREFIX):] if key.startswith(DDP_PREFIX) else key
+
+
+def create_model(
+    name: str,
+    *,
+    pretrained: bool = True,
+    checkpoint: str | Path | None = None,
+    img_size: int | None = None,
+    num_classes: int | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build a supported timm ViT in eval mode, weighted from ``checkpoint``, timm's pretrained weights or random init.
+
+    Returns the model and ``{"model", "tag", "checkpoint", "checkpoint_sha256", "img_size"}``, where
+    ``model`` is the timm architecture name without the tag.
+    """
+    full_name = resolve_model_name(name)
+    architecture, _, given_tag = full_name.partition(".")
+    build_kwargs = _build_kwargs(img_size, num_classes)
+    _refuse_unsupported_architecture(full_name, build_kwargs)
+
+    checkpoint_path = Path(checkpoint) if checkpoint is not None else None
+    if checkpoint_path is not None:
+        state_dict = load_checkpoint_state_dict(checkpoint_path)  # a bad file fails before the build
+        model = _build(full_name, pretrained=False, **build_kwargs)
+        _raise_if_unsupported(model, architecture)
+        load_state_dict_into(model, state_dict, source=str(checkpoint_path))
+        tag = given_tag or None  # describes the checkpoint only if the user said so
+    elif pretrained:
+        model = _build_pretrained(full_name, **build_kwargs)
+        tag = model.pretrained_cfg.get("tag") or given_tag or None  # timm picks the default tag
+    else:
+        model = _build(full_name, pretrained=False, **build_kwargs)
+        tag = None
+    _raise_if_unsupported(model, architecture)
+    model.eval()
+
+    info = {
+        "model": architecture,
+        "tag": tag,
+        "checkpoint": str(checkpoint_path) if checkpoint_path is not None else None,
+        "checkpoint_sha256": file_sha256(checkpoint_path) if checkpoint_path is not None else None,
+        "img_size": int(model.patch_embed.img_size[0]),
+    }
+    return model, info
+
+
+def _build_kwargs(img_size: int | None, num_classes: int | None) -> dict[str, int]:
+    if img_size is not None and not _is_int_at_least(img_size, 1):
+        raise VitpruneError(f"img_size must be a positive integer, got {img_size!r}")
+    if num_classes is not None and not _is_int_at_least(num_classes, 0):
+        raise VitpruneError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+    kwargs = {"img_size": img_size, "num_classes": num_classes}
+    return {key: value for key, value in kwargs.items() if value is not None}
+
+
+def _is_int_at_least(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _refuse_unsupported_architecture(full_name: str, build_kwargs: dict[str, int]) -> None:
+    """Check the architecture before any weights are read or downloaded; a meta-device build allocates nothing."""
+    try:
+        with torch.device("meta"):
+            skeleton = timm.create_model(full_name, pretrained=False, **build_kwargs)
+    except Exception:
+        return  # the real build reports the error, and the built model is checked again
+    _raise_if_unsupported(skeleton, full_name.partition(".")[0])
+
+
+def _raise_if_unsupported(model: nn.Module, architecture: str) -> None:
+    reason = is_supported_vit(model)
+    if reason is not None:
+        raise VitpruneError(f"{architecture} is not a supported ViT ({reason}); {SUPPORTED_MODELS_HINT}")
+
+
+def _build(full_name: str, *, pretrained: bool, **build_kwargs: int) -> nn.Module:
+    try:
+        return timm.create_model(full_name, pretrained=pretrained, **build_kwargs)
+    except Exception as error:  # bad img_size/num_classes combinations surface here
+        raise VitpruneError(f"cannot build {full_name}: {_first_line(str(error)) or type(error).__name__}") from error
+
+
+def _build_pretrained(full_name: str, **build_kwargs: int) -> nn.Module:
+    architecture = full_name.partition(".")[0]
+    pretrained_cfg = timm.models.get_pretrained_cfg(full_name)
+    if pretrained_cfg is None or not (pretrained_cfg.hf_hub_id or pretrained_cfg.url or pretrained_cfg.file):
+        raise VitpruneError(
+            f"{architecture} has no pretrained weights in timm; pass --checkpoint PATH or --no-pretrained"
+        )
+    try:
+        # timm fetches through the Hugging Face hub, so HF_HUB_OFFLINE and the HF cache apply.
+        return timm.create_model(full_name, pretrained=True, **build_kwargs)
+    except Exception as error:
+        reason = _first_line(str(error)) or type(error).__name__
+        raise VitpruneError(
+            f"could not get pretrained weights for {full_name} (offline and not in the Hugging Face cache?): "
+            f"{reason}; pass --checkpoint PATH or --no-pretrained"
+        ) from error
+
+
+def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str) -> None:
+    """Strictly load a checkpoint state_dict after timm's own conversion (pos-embed resampling etc.)."""
+    model_name = type(model).__name__
+    architecture = getattr(model, "pretrained_cfg", {}).get("architecture") or model_name
+    try:
+        converted = _checkpoint_filter_for(architecture)(dict(state_dict), model)
+    except Exception as error:
+        reason = _first_line(str(error)) or type(error).__name__
+        raise VitpruneError(f"checkpoint {source} does not fit {architecture}: {reason}") from error
+    mismatch = describe_state_dict_mismatch(converted, model)
+    if mismatch:
+        raise VitpruneError(f"checkpoint {source} does not fit {architecture}: {mismatch}")
+    model.load_state_dict(converted, strict=True)
+
+
+def _checkpoint_filter_for(architecture: str) -> Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]]:
+    # timm.models.deit re-exports the ViT filter and registers it with adapt_layer_scale=True
+    # (maps the original DeiT-III 'gamma_1' keys to 'ls1.gamma'); mirror that choice.
+    is_deit = timm.models.is_model_in_modules(architecture, ["deit"])
+    return partial(vision_transformer.checkpoint_filter_fn, adapt_layer_scale=is_deit)
+
+
+def describe_state_dict_mismatch(state_dict: Mapping[str, Tensor], model: nn.Module) -> str:
+    """One-line summary of missing/unexpected keys and shape mismatches; empty when the state_dict fits."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [key for key in expected if key in state_dict and state_dict[key].shape != expected[key].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:MISMATCH_EXAMPLES])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:MISMATCH_EXAMPLES])})")
+    if mismatched:
+        examples = ", ".join(
+            f"{key}: {list(state_dict[key].shape)} vs {list(expected[key].shape)}"
+            for key in mismatched[:MISMATCH_EXAMPLES]
+        )
+        parts.append(f"{len(mismatched)} shape mismatches (e.g. {examples})")
+    head_note = _head_class_count_note(state_dict, expected)
+    if head_note:
+        parts.append(head_note)
+    return ", ".join(parts)
+
+
+def _head_class_count_note(state_dict: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> str:
+    key = "head.weight"
+    if key not in state_dict or key not in expected:
+        return ""
+    checkpoint_classes, model_classes = state_dict[key].shape[0], expected[key].shape[0]
+    if checkpoint_classes == model_classes:
+        return ""
+    return f"the checkpoint's head has {checkpoint_classes} classes but the model's has {model_classes}"
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""

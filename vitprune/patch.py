@@ -1,0 +1,222 @@
+"""The timm adapter: the only module that knows timm's VisionTransformer / Block / Attention.
+
+`apply_plan` swaps the model's class for a subclass whose `forward_features` threads a token
+state (ToMe sizes, ATS padding mask) through the blocks and runs the reducers of the plan; the
+weights and every other method (heads, distillation tokens, registers) stay timm's own.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitprune.errors import VitpruneError
+from vitprune.plan import Plan, Reduction
+from vitprune.reducers import (
+    ats_cap, ats_sample, ats_scores, ats_select, cls_attention, evit_keep_count, evit_reduce,
+    gather_tokens, tome_reduce,
+)
+
+
+@dataclass
+class TokenState:
+    """What the reducers carry from block to block."""
+
+    size: Tensor | None = None  # (B, N, 1) tokens each token stands for (ToMe); None: all 1
+    valid: Tensor | None = None  # (B, N) False on ATS padding; None: all valid
+
+    def key_bias(self) -> Tensor | None:
+        """Additive attention-logit bias (B, 1, 1, N): proportional attention and padding."""
+        bias = None
+        if self.size is not None:
+            bias = self.size.squeeze(-1).log()
+        if self.valid is not None:
+            pad = torch.zeros(self.valid.shape, dtype=torch.float32, device=self.valid.device)
+            pad = pad.masked_fill(~self.valid, float("-inf"))
+            bias = pad if bias is None else bias + pad.to(bias.dtype)
+        return None if bias is None else bias[:, None, None, :]
+
+    def counts(self, num_tokens: int, batch: int, device: torch.device) -> Tensor:
+        """Real tokens per image (B,)."""
+        if self.valid is not None:
+            return self.valid.sum(dim=1)
+        return torch.full((batch,), num_tokens, device=device)
+
+    @property
+    def is_plain(self) -> bool:
+        return self.size is None and self.valid is None
+
+
+class ReducedVisionTransformer:
+    """Mixin placed in front of the model's own timm class (see `apply_plan`)."""
+
+    vitprune_plan: Plan
+    _vitprune_trace: list | None
+
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise VitpruneError("a token-reduced ViT does not take an attention mask")
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        num_input_tokens = x.shape[1]
+        state = TokenState()
+        for layer, block in enumerate(self.blocks):
+            reduction = self.vitprune_plan.at(layer)
+            if reduction is None and state.is_plain:
+                x = block(x)
+                self._record(layer, None, x.shape[1], state, state, x.shape[1], x)
+            else:
+                x, state = self._reduced_block(block, x, state, reduction, num_input_tokens, layer)
+        return self.norm(x)
+
+    def _reduced_block(
+        self, block: nn.Module, x: Tensor, state: TokenState, reduction: Reduction | None,
+        num_input_tokens: int, layer: int,
+    ) -> tuple[Tensor, TokenState]:
+        attn = block.attn
+        num_prefix = self.num_prefix_tokens
+        batch, tokens_in, _ = x.shape
+        normed = block.norm1(x)
+        qkv = attn.qkv(normed).reshape(batch, tokens_in, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        key_bias = state.key_bias()
+        state_in = state
+        method = reduction.method if reduction is not None else None
+
+        if method == "ats":
+            # Sample first, then attend with the kept queries only: the output projection and
+            # the MLP run on the kept tokens (ATS applies the selection to the attention rows).
+            cls_attn = cls_attention(q[:, :, :1], k, attn.scale, key_bias)
+            scores = ats_scores(cls_attn, v, num_prefix, state.valid)
+            samples = ats_cap(reduction.keep, num_input_tokens) - num_prefix
+            valid_patch = None if state.valid is None else state.valid[:, num_prefix:]
+            keep = ats_sample(scores, max(samples, 1), valid_patch)
+            index, valid = ats_select(keep, num_prefix, pad_to=getattr(self, "_vitprune_ats_pad_to", None))
+            q = q.gather(2, index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+            x, normed = gather_tokens(x, index), gather_tokens(normed, index)
+            size = gather_tokens(state.size, index) if state.size is not None else None
+            state = TokenState(size=size, valid=valid)
+
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if key_bias is None else key_bias.to(q.dtype),
+            dropout_p=attn.attn_drop.p if self.training else 0.0,
+        )
+        out = attn.norm(out.transpose(1, 2).reshape(batch, q.shape[2], attn.attn_dim))
+        gate = getattr(attn, "gate", None)
+        if gate is not None:
+            out = out * gate(normed).sigmoid()
+        out = attn.proj_drop(attn.proj(out))
+        x = x + block.drop_path1(block.ls1(out))
+
+        if method == "evit":
+            cls_attn = cls_attention(q[:, :, :1], k, attn.scale, key_bias).mean(dim=1)
+            keep_count = evit_keep_count(x.shape[1] - num_prefix, reduction.keep)
+            x, size, _ = evit_reduce(x, cls_attn, num_prefix, keep_count, reduction.fuse, state.size)
+            state = replace(state, size=size)
+        elif method == "tome":
+            size = state.size if state.size is not None else x.new_ones(batch, tokens_in, 1)
+            x, size = tome_reduce(x, size, k.mean(dim=1), num_prefix, reduction.r)
+            state = replace(state, size=size)
+
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        self._record(layer, method, tokens_in, state_in, state, q.shape[2], x)
+        return x, state
+
+    def _record(self, layer: int, method: str | None, tokens_in: int, state_in: TokenState,
+                state_out: TokenState, queries: int, x: Tensor) -> None:
+        """Per-image token counts of this block, for exact FLOPs (only inside `record_tokens`)."""
+        if self._vitprune_trace is None:
+            return
+        batch, device = x.shape[0], x.device
+        n_in = state_in.counts(tokens_in, batch, device)
+        n_out = state_out.counts(x.shape[1], batch, device)
+        n_query = n_out if method == "ats" else state_in.counts(queries, batch, device)
+        self._vitprune_trace.append(
+            {"layer": layer, "method": method, "n_in": n_in.cpu(), "n_query": n_query.cpu(), "n_out": n_out.cpu()}
+        )
+
+
+_REDUCED_CLASSES: dict[type, type] = {}
+
+
+def _reduced_class(base: type) -> type:
+    """One subclass per timm class, created once, so isinstance(model, base) still holds."""
+    if base not in _REDUCED_CLASSES:
+        _REDUCED_CLASSES[base] = type(f"Reduced{base.__name__}", (ReducedVisionTransformer, base), {})
+    return _REDUCED_CLASSES[base]
+
+
+def original_class(model: nn.Module) -> type:
+    cls = type(model)
+    return cls.__bases__[1] if issubclass(cls, ReducedVisionTransformer) else cls
+
+
+def check_plan_fits(model: nn.Module, plan: Plan) -> None:
+    """Refuse plans the model cannot run, with the reason in one line."""
+    from vitprune.models import is_supported_vit
+
+    problem = is_supported_vit(model)
+    if problem:
+        raise VitpruneError(problem)
+    plan.validate(len(model.blocks))
+    methods = {red.method for red in plan.reductions}
+    if methods & {"evit", "ats"} and getattr(model, "cls_token", None) is None:
+        raise VitpruneError(
+            "evit and ats score tokens by the CLS token's attention, and this model has no class token "
+            "(it pools by average); use --method tome"
+        )
+    if "ats" in methods and getattr(model, "global_pool", "token") != "token":
+        raise VitpruneError(f"ats pads the batch per image and needs CLS-token pooling; this model pools by '{model.global_pool}'")
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    """Patch `model` in place to run `plan`; returns it. Applying again replaces the plan."""
+    check_plan_fits(model, plan)
+    if plan.img_size is not None and model_img_size(model) != plan.img_size:
+        model.set_input_size(img_size=plan.img_size)  # timm resamples the position embedding
+    model.__class__ = _reduced_class(original_class(model))
+    model.vitprune_plan = plan
+    model._vitprune_trace = None
+    return model
+
+
+def remove_plan(model: nn.Module) -> nn.Module:
+    """Undo `apply_plan` (the input size stays as it is)."""
+    model.__class__ = original_class(model)
+    for name in ("vitprune_plan", "_vitprune_trace", "_vitprune_ats_pad_to"):
+        model.__dict__.pop(name, None)
+    return model
+
+
+def plan_of(model: nn.Module) -> Plan | None:
+    return getattr(model, "vitprune_plan", None) if isinstance(model, ReducedVisionTransformer) else None
+
+
+def model_img_size(model: nn.Module) -> int:
+    size = model.patch_embed.img_size
+    return int(size[0]) if isinstance(size, (tuple, list)) else int(size)
+
+
+@contextmanager
+def record_tokens(model: nn.Module) -> Iterator[list[dict]]:
+    """Collect each block's per-image token counts during the forward passes inside the block."""
+    if not isinstance(model, ReducedVisionTransformer):
+        apply_plan(model, Plan())
+        unpatch = True
+    else:
+        unpatch = False
+    trace: list[dict] = []
+    model._vitprune_trace = trace
+    try:
+        yield trace
+    finally:
+        model._vitprune_trace = None
+        if unpatch:
+            remove_plan(model)

@@ -1,0 +1,163 @@
+"""The steps every command shares, as a library: get the base model, get the images, run `apply`.
+
+Commands in `vitprune.cli` are thin wrappers around these; Python users can call them directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from vitprune.errors import VitpruneError
+from vitprune.plan import Plan
+
+
+@dataclass
+class BaseModel:
+    """The unreduced model a command starts from, and the plan of the artifact it came from."""
+
+    model: nn.Module
+    info: dict
+    artifact_plan: Plan | None = None
+
+
+def is_artifact(source: str) -> bool:
+    path = Path(source)
+    return (path.is_dir() and (path / "vitprune.json").is_file()) or (path.is_file() and path.suffix == ".safetensors")
+
+
+def load_base(source: str, checkpoint: Path | None, no_pretrained: bool, img_size: int | None) -> BaseModel:
+    """A model name (with --checkpoint / --no-pretrained) or an artifact (its base weights + plan)."""
+    from vitprune.artifact import identity_info, load, read_metadata
+    from vitprune.models import create_model
+    from vitprune.patch import plan_of, remove_plan
+
+    if checkpoint is not None and no_pretrained:
+        raise VitpruneError("--checkpoint and --no-pretrained contradict each other")
+    if is_artifact(source):
+        if checkpoint is not None:
+            raise VitpruneError("an artifact carries its own weights; --checkpoint applies to model names only")
+        metadata = read_metadata(source)
+        model = load(source)
+        plan = plan_of(model)
+        remove_plan(model)
+        if img_size is not None and img_size != metadata["model"]["img_size"]:
+            model.set_input_size(img_size=img_size)
+        return BaseModel(model=model, info=identity_info(metadata), artifact_plan=plan)
+    if Path(source).exists() and not is_artifact(source):
+        raise VitpruneError(f"{source} is not a vitprune artifact (no vitprune.json); give a timm model name and --checkpoint {source}")
+    model, info = create_model(source, pretrained=not no_pretrained, checkpoint=checkpoint, img_size=img_size)
+    return BaseModel(model=model, info=info)
+
+
+def load_images_for(model: nn.Module, data: Path, *, limit: int | None, workers: int, img_size: int | None = None,
+                    batch_size: int = 64, progress: bool = True):
+    """(images, labels or None, ImageSet) preprocessed with timm's data config for `model`."""
+    from vitprune.data import find_images, load_images, transform_for
+
+    image_set = find_images(data, limit=limit)
+    images, labels = load_images(image_set, transform_for(model, img_size=img_size), num_workers=workers,
+                                 batch_size=batch_size, progress=progress)
+    return images, labels, image_set
+
+
+
+@dataclass
+class ApplyRequest:
+    """Everything `vitprune apply` takes; the same fields as its options."""
+
+    model: str
+    method: str | None = None
+    keep: float | None = None
+    r: int | None = None
+    layers: list[int] | None = None
+    fuse: bool = True
+    plan_file: Path | None = None
+    checkpoint: Path | None = None
+    no_pretrained: bool = False
+    img_size: int | None = None
+    data: Path | None = None
+    limit: int | None = None
+    batch_size: int = 64
+    workers: int = 2
+    bench_batches: tuple[int, ...] = ()
+    bench_repeats: int = 10
+    device: str = "cpu"
+    output: Path | None = None
+    force: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ApplyResult:
+    base: nn.Module
+    reduced: nn.Module
+    info: dict
+    report: dict
+    images: Tensor | None = None
+    labels: Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_plan(request: ApplyRequest, base: BaseModel) -> Plan:
+    """--plan FILE, or --method with its settings, or the plan of the artifact given as model."""
+    from vitprune.plan import make_plan, read_plan_file
+
+    depth = len(base.model.blocks)
+    if request.plan_file is not None:
+        if request.method is not None:
+            raise VitpruneError("give --plan or --method, not both")
+        plan, _ = read_plan_file(request.plan_file)
+        if request.img_size is not None:
+            plan.img_size = request.img_size
+        plan.validate(depth)
+        return plan
+    if request.method is None:
+        if base.artifact_plan is not None:
+            return base.artifact_plan
+        raise VitpruneError("choose a reduction: --method evit|ats|tome (with --keep or --r), or --plan FILE")
+    if request.method in ("evit", "ats") and request.r is not None:
+        raise VitpruneError(f"--r is for tome; {request.method} takes --keep")
+    if request.method == "tome" and request.keep is not None:
+        raise VitpruneError("--keep is for evit/ats; tome takes --r")
+    return make_plan(request.method, depth, keep=request.keep, r=request.r, layers=request.layers,
+                     fuse=request.fuse, img_size=None)
+
+
+def run_apply(request: ApplyRequest) -> ApplyResult:
+    """Build the reduced model, measure it against the base, and write the artifact if asked."""
+    import copy
+
+    from vitprune.artifact import model_identity, versions, write_artifact
+    from vitprune.io import check_output_dir
+    from vitprune.patch import apply_plan, model_img_size
+    from vitprune.report import Evidence, compare, make_report, render_markdown
+
+    if request.bench_repeats < 1:
+        raise VitpruneError(f"--bench-repeats must be at least 1, got {request.bench_repeats}")
+    if request.output is not None:
+        check_output_dir(request.output, request.force)  # fail before the long work, not after
+    base = load_base(request.model, request.checkpoint, request.no_pretrained, request.img_size)
+    plan = resolve_plan(request, base)
+    reduced = apply_plan(copy.deepcopy(base.model), plan)
+    base_model = base.model.to(request.device)
+    reduced = reduced.to(request.device)
+
+    images = labels = base_images = None
+    if request.data is not None:
+        images, labels, _ = load_images_for(reduced, request.data, limit=request.limit, workers=request.workers,
+                                            batch_size=request.batch_size, progress=request.progress)
+        if model_img_size(base_model) != model_img_size(reduced):
+            base_images, _, _ = load_images_for(base_model, request.data, limit=request.limit,
+                                                workers=request.workers, progress=request.progress)
+    evidence = Evidence(images=images, labels=labels, base_images=base_images,
+                        data_path=str(request.data) if request.data else None,
+                        bench_batches=request.bench_batches, bench_repeats=request.bench_repeats,
+                        batch_size=request.batch_size, device=request.device, progress=request.progress)
+    measured = compare(base_model, reduced, evidence)
+    report = make_report(model_identity(reduced, base.info), plan, measured, versions())
+    if request.output is not None:
+        write_artifact(request.output, reduced.cpu(), base.info, report=report,
+                       report_md=render_markdown(report), force=request.force)
+    return ApplyResult(base=base_model, reduced=reduced, info=base.info, report=report, images=images, labels=labels)

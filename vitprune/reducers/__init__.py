@@ -1,0 +1,16 @@
+"""Token reducers: pure functions on tensors, independent of any model code.
+
+Each reducer takes token tensors (batch-first, prefix tokens first) and scores, and returns the
+reduced tokens. The timm adapter (`vitprune.patch`) decides where they run.
+"""
+from vitprune.reducers.common import cls_attention, gather_tokens
+from vitprune.reducers.evit import evit_keep_count, evit_reduce
+from vitprune.reducers.ats import ats_cap, ats_scores, ats_sample, ats_select
+from vitprune.reducers.tome import bipartite_matching, merge_tokens, tome_reduce
+
+__all__ = [
+    "cls_attention", "gather_tokens",
+    "evit_keep_count", "evit_reduce",
+    "ats_cap", "ats_scores", "ats_sample", "ats_select",
+    "bipartite_matching", "merge_tokens", "tome_reduce",
+]

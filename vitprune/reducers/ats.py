@@ -1,0 +1,67 @@
+"""ATS: adaptive token sampling, a per-image number of kept tokens.
+
+Fayyaz et al., "Adaptive Token Sampling for Efficient Vision Transformers" (ECCV 2022); see METHODS.md.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from vitprune.reducers.common import keep_prefix_and
+
+
+def ats_cap(keep: float, num_input_tokens: int) -> int:
+    """The cap K: a ratio in (0, 1] of the tokens entering the model, or an absolute count (> 1)."""
+    if keep <= 1:
+        return max(2, math.ceil(keep * num_input_tokens))
+    return int(keep)
+
+
+def ats_scores(cls_attn: Tensor, v: Tensor, num_prefix: int, valid: Tensor | None = None) -> Tensor:
+    """Significance of each patch token, normalised to sum 1: (B, N - P).
+
+    s_j = sum_h A[h, 0, j] * ||v_j||, with ||v_j|| the norm of token j's value over all heads.
+    cls_attn: (B, H, N); v: (B, H, N, hd); valid: (B, N) False on padding.
+    """
+    value_norm = v.transpose(1, 2).flatten(2).norm(dim=-1)
+    scores = (cls_attn.sum(dim=1) * value_norm)[:, num_prefix:]
+    if valid is not None:
+        scores = scores * valid[:, num_prefix:]
+    return scores / scores.sum(dim=1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+
+
+def ats_sample(scores: Tensor, num_samples: int, valid: Tensor | None = None) -> Tensor:
+    """Inverse transform sampling of the score CDF at `num_samples` evenly spaced points on [0, 1].
+
+    Each point picks the token whose CDF value is nearest; picks repeat on peaked distributions,
+    so the number of distinct kept tokens adapts to the image. scores: (B, M) summing to 1;
+    valid: (B, M) False on padding (never kept). Returns a keep mask (B, M).
+    """
+    sorted_scores, order = scores.sort(dim=1)
+    cdf = sorted_scores.cumsum(dim=1)
+    points = torch.linspace(0, 1, num_samples, device=scores.device, dtype=scores.dtype)
+    nearest = (cdf.unsqueeze(1) - points.view(1, -1, 1)).abs().argmin(dim=2)
+    picked = order.gather(1, nearest)
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, picked, True)
+    if valid is not None:
+        keep = keep & valid
+    return keep
+
+
+def ats_select(keep: Tensor, num_prefix: int, pad_to: int | None = None) -> tuple[Tensor, Tensor]:
+    """Token indices for a batch with a different kept count per image.
+
+    The batch is padded only to its largest kept count (or to `pad_to`, for static shapes);
+    padding repeats some token and is marked invalid, so attention masks it out.
+    keep: (B, M) mask over the patch tokens. Returns (index (B, P + K), valid (B, P + K)).
+    """
+    counts = keep.sum(dim=1)
+    width = int(counts.max()) if pad_to is None else pad_to
+    # Stable sort puts the kept patch tokens first, in their spatial order.
+    kept_first = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+    slots = torch.arange(width, device=keep.device).unsqueeze(0)
+    valid_patch = slots < counts.unsqueeze(1)
+    valid_prefix = valid_patch.new_ones(keep.shape[0], num_prefix)
+    return keep_prefix_and(kept_first, num_prefix), torch.cat([valid_prefix, valid_patch], dim=1)

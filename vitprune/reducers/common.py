@@ -1,0 +1,31 @@
+"""Pieces shared by the attention-based reducers (EViT, ATS)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def cls_attention(q_cls: Tensor, k: Tensor, scale: float, key_bias: Tensor | None = None) -> Tensor:
+    """The CLS row of the softmax attention, per head: (B, H, N).
+
+    q_cls: (B, H, 1, hd) query of the CLS token; k: (B, H, N, hd) all keys; key_bias: additive
+    logits bias broadcastable to (B, H, 1, N) (log token sizes, -inf on padding).
+    Only this one row is computed (H x N values), so the full attention can keep using the fused
+    scaled-dot-product kernel that never materialises N x N.
+    """
+    logits = (q_cls * scale) @ k.transpose(-2, -1)
+    if key_bias is not None:
+        logits = logits + key_bias
+    return logits.softmax(dim=-1).squeeze(2)
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x[b, index[b, i]] for every b, i: (B, N, C) and (B, K) -> (B, K, C)."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def keep_prefix_and(index: Tensor, num_prefix: int) -> Tensor:
+    """Token indices of the prefix tokens followed by `index` (indices among the patch tokens)."""
+    batch = index.shape[0]
+    prefix = torch.arange(num_prefix, device=index.device).expand(batch, num_prefix)
+    return torch.cat([prefix, index + num_prefix], dim=1)

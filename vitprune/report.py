@@ -1,0 +1,155 @@
+"""Evidence for a reduced model: exact GMACs, accuracy against the unreduced model, latency.
+
+`compare` measures a reduced model side by side with its base; `render_markdown` writes the
+report a person reads. Every command that produces a model reports through here.
+"""
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vitprune.bench import measure_latency
+from vitprune.data import classification_metrics, predict
+from vitprune.flops import count_macs
+from vitprune.patch import plan_of
+from vitprune.plan import Plan
+
+
+@dataclass
+class Evidence:
+    """What `compare` measures with; images are preprocessed for the model's input size."""
+
+    images: Tensor | None = None
+    labels: Tensor | None = None
+    base_images: Tensor | None = None  # when the plan changes the input size; else `images`
+    data_path: str | None = None
+    bench_batches: tuple[int, ...] = ()
+    bench_repeats: int = 10
+    bench_warmup: int = 3
+    batch_size: int = 64
+    device: str = "cpu"
+    progress: bool = True
+
+
+def macs_images(model: nn.Module, images: Tensor | None) -> Tensor | None:
+    """Images to count on: all of them when the count depends on the image (ATS), else one."""
+    plan = plan_of(model)
+    if images is None:
+        return None
+    if plan is not None and any(red.method == "ats" for red in plan.reductions):
+        return images
+    return images[:1]
+
+
+def count_gmacs(model: nn.Module, images: Tensor | None, batch_size: int = 64) -> float:
+    """Mean GMACs per image over `images` (see `macs_images`), counted in batches."""
+    images = macs_images(model, images)
+    if images is None:
+        return count_macs(model).gmacs
+    totals = [count_macs(model, images[i:i + batch_size]).gmacs_per_image for i in range(0, len(images), batch_size)]
+    return float(torch.cat(totals).mean())
+
+
+def compare(base: nn.Module, reduced: nn.Module, evidence: Evidence) -> dict:
+    """GMACs of both, accuracy/agreement on the images, latency side by side."""
+    out: dict = {}
+    base_images = evidence.base_images if evidence.base_images is not None else evidence.images
+    out["gmacs_base"] = round(count_gmacs(base, base_images, evidence.batch_size), 4)
+    out["gmacs"] = round(count_gmacs(reduced, evidence.images, evidence.batch_size), 4)
+    out["gmacs_reduction"] = round(1 - out["gmacs"] / out["gmacs_base"], 4)
+    if evidence.images is not None:
+        base_logits = _predict(base, base_images, evidence, "Base model")
+        logits = _predict(reduced, evidence.images, evidence, "Reduced model")
+        base_metrics = classification_metrics(base_logits, evidence.labels, None)
+        metrics = classification_metrics(logits, evidence.labels, base_logits)
+        out["data"] = {"path": evidence.data_path, "n_images": int(evidence.images.shape[0]),
+                       "labelled": evidence.labels is not None}
+        if evidence.labels is not None:
+            out["top1_base"], out["top5_base"] = round(base_metrics["top1"], 2), round(base_metrics["top5"], 2)
+            out["top1"], out["top5"] = round(metrics["top1"], 2), round(metrics["top5"], 2)
+            out["top1_drop"] = round(out["top1_base"] - out["top1"], 2)
+        out["agreement"] = round(metrics["agreement"], 2)
+        out["kl"] = round(metrics["kl"], 5)
+    if evidence.bench_batches:
+        most = max(evidence.bench_batches)
+        inputs = {"base": base_images[:most] if base_images is not None else _random_images(base),
+                  "reduced": evidence.images[:most] if evidence.images is not None else _random_images(reduced)}
+        timing = measure_latency({"base": base, "reduced": reduced}, inputs, evidence.bench_batches,
+                                 warmup=evidence.bench_warmup, repeats=evidence.bench_repeats, device=evidence.device)
+        out["latency_ms"] = {
+            str(batch): {
+                "base": round(timing["ms_per_image"]["base"][batch], 3),
+                "reduced": round(timing["ms_per_image"]["reduced"][batch], 3),
+                "speedup": round(timing["ms_per_image"]["base"][batch] / timing["ms_per_image"]["reduced"][batch], 3),
+            }
+            for batch in evidence.bench_batches
+        }
+        out["latency_setup"] = {
+            "device": timing["device"], "threads": timing["threads"], "warmup": timing["warmup"],
+            "repeats": timing["repeats"], "inputs": "real images" if evidence.images is not None else "random images",
+            "runtime": "eager PyTorch", "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        }
+    return out
+
+
+def _predict(model: nn.Module, images: Tensor, evidence: Evidence, description: str) -> Tensor:
+    param = next(model.parameters())
+    with torch.inference_mode():
+        logits = predict(model.eval(), images.to(param.device), batch_size=evidence.batch_size,
+                         progress=evidence.progress, description=description)
+    return logits.float().cpu()
+
+
+def _random_images(model: nn.Module) -> Tensor:
+    from vitprune.patch import model_img_size
+
+    size = model_img_size(model)
+    return torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def make_report(identity: dict, plan: Plan, measured: dict, versions: dict) -> dict:
+    """report.json: the model, the plan, and every figure measured."""
+    return {
+        "model": identity["name"],
+        "tag": identity.get("tag"),
+        "checkpoint": identity.get("checkpoint"),
+        "img_size": identity.get("img_size"),
+        "method": plan.method,
+        "plan": plan.describe(),
+        "params": plan.params(),
+        **measured,
+        "versions": versions,
+    }
+
+
+def render_markdown(report: dict, title: str = "vitprune report") -> str:
+    """report.md: the figures as a person reads them."""
+    lines = [f"# {title}", "",
+             f"- model: `{report['model']}`" + (f" (`{report['tag']}`)" if report.get("tag") else ""),
+             f"- plan: {report['plan']} (method `{report['method']}`)"]
+    if report.get("checkpoint"):
+        lines.append(f"- checkpoint: `{report['checkpoint']}`")
+    lines += ["", "| | base | reduced |", "|---|---|---|",
+              f"| GMACs / image | {report['gmacs_base']:.3f} | {report['gmacs']:.3f} ({report['gmacs_reduction']:.1%} fewer) |"]
+    if "top1" in report:
+        lines.append(f"| top-1 % | {report['top1_base']:.2f} | {report['top1']:.2f} |")
+        lines.append(f"| top-5 % | {report['top5_base']:.2f} | {report['top5']:.2f} |")
+    if "agreement" in report:
+        lines.append(f"| top-1 agreement with base % | 100 | {report['agreement']:.2f} |")
+        lines.append(f"| mean KL(base ‖ reduced) | 0 | {report['kl']:.4f} |")
+    for batch, timing in report.get("latency_ms", {}).items():
+        lines.append(f"| ms / image, batch {batch} | {timing['base']:.2f} | {timing['reduced']:.2f} ({timing['speedup']:.2f}x) |")
+    if "data" in report:
+        data = report["data"]
+        lines += ["", f"Accuracy on {data['n_images']} images from `{data['path']}`"
+                  + ("" if data["labelled"] else " (unlabelled: agreement and KL only)") + "."]
+    if "latency_setup" in report:
+        setup = report["latency_setup"]
+        lines += ["", f"Latency: {setup['runtime']}, {setup['device']}, median of {setup['repeats']} runs after "
+                  f"{setup['warmup']} warm-up runs, base and reduced interleaved, on {setup['inputs']}."]
+    versions = report.get("versions", {})
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+    return "\n".join(lines)
