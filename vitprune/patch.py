@@ -60,13 +60,22 @@ class ReducedVisionTransformer:
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise VitpruneError("a token-reduced ViT does not take an attention mask")
+        return self.vitprune_blocks(self.vitprune_embed(x))
+
+    def vitprune_embed(self, x: Tensor) -> Tensor:
+        """Images -> the tokens entering block 0."""
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
-        x = self.norm_pre(x)
-        num_input_tokens = x.shape[1]
+        return self.norm_pre(x)
+
+    def vitprune_blocks(self, x: Tensor, start: int = 0, num_input_tokens: int | None = None) -> Tensor:
+        """Run blocks `start`.. on plain tokens (no reduction may happen before `start`), then the
+        final norm. `num_input_tokens`: the tokens that entered the model (ATS caps are ratios of it)."""
+        num_input_tokens = x.shape[1] if num_input_tokens is None else num_input_tokens
         state = TokenState()
-        for layer, block in enumerate(self.blocks):
+        for layer in range(start, len(self.blocks)):
+            block = self.blocks[layer]
             reduction = self.vitprune_plan.at(layer)
             if reduction is None and state.is_plain:
                 x = block(x)
@@ -202,6 +211,30 @@ def plan_of(model: nn.Module) -> Plan | None:
 def model_img_size(model: nn.Module) -> int:
     size = model.patch_embed.img_size
     return int(size[0]) if isinstance(size, (tuple, list)) else int(size)
+
+
+def first_reduced_layer(model: nn.Module) -> int:
+    """Blocks before this one run unreduced: their outputs can be cached across plans."""
+    plan = plan_of(model)
+    return min(plan.layers) if plan is not None and plan.reductions else len(model.blocks)
+
+
+@torch.inference_mode()
+def tokens_before(model: nn.Module, images: Tensor, layer: int) -> Tensor:
+    """The (unreduced) tokens entering block `layer`: a cache for evaluating many plans that all
+    start reducing at `layer` or later, with `logits_from`."""
+    x = ReducedVisionTransformer.vitprune_embed(model, images)
+    for block in list(model.blocks)[:layer]:
+        x = block(x)
+    return x
+
+
+def logits_from(model: nn.Module, tokens: Tensor, layer: int, num_input_tokens: int) -> Tensor:
+    """Finish the forward pass of a patched model from the tokens entering block `layer` (see
+    `tokens_before`); `layer` must not exceed the plan's first reduction."""
+    if layer > first_reduced_layer(model):
+        raise VitpruneError(f"cannot start at block {layer}: the plan already reduces at block {first_reduced_layer(model)}")
+    return model.forward_head(model.vitprune_blocks(tokens, start=layer, num_input_tokens=num_input_tokens))
 
 
 @contextmanager
