@@ -1,0 +1,154 @@
+"""`vitprune apply` end to end, the artifact round trip, and every bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_family
+from PIL import Image
+
+import vitprune
+from vitprune.cli import run
+from vitprune.errors import VitpruneError
+
+WNIDS = ["n01440764", "n01443537"]  # ImageNet classes 0 and 1
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for wnid in WNIDS:
+        (root / wnid).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (80, 90, 3), dtype=np.uint8)).save(root / wnid / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    path = tmp_path / "vit96.pth"
+    torch.save({"model": build_family("vit").state_dict()}, path)
+    return path
+
+
+def apply_args(*extra):
+    return ["apply", "vit_tiny", "--no-pretrained", "--img-size", "96", *extra]
+
+
+def test_apply_writes_an_artifact_that_loads_to_identical_logits(tmp_path, image_folder, capsys):
+    out = tmp_path / "artifact"
+    code = run(apply_args("--method", "evit", "--keep", "0.7", "--data", str(image_folder), "--bench",
+                          "--bench-batch", "1,2", "--bench-repeats", "2", "-o", str(out), "--json"))
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in ("model", "method", "params", "gmacs_base", "gmacs", "top1_base", "top1", "agreement", "latency_ms"):
+        assert key in report
+    assert report["method"] == "evit" and report["params"]["layers"] == [3, 6, 9]
+    assert report["gmacs"] < report["gmacs_base"]
+    assert set(report["latency_ms"]) == {"1", "2"}
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json", "report.md", "vitprune.json"]
+
+    model = vitprune.load(out)
+    plan = json.loads((out / "vitprune.json").read_text())
+    assert plan["model"]["name"] == "vit_tiny_patch16_224" and plan["versions"]["timm"]
+    x = torch.randn(2, 3, 96, 96)
+    from_file = vitprune.load(out / "model.safetensors")  # the single file is a full artifact too
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), from_file(x), rtol=0, atol=0)
+    # and the artifact holds exactly the weights apply started from, reduced the same way
+    reference = vitprune.apply(build_family("vit"), method="evit", keep=0.7)
+    reference.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
+def test_apply_from_checkpoint_and_from_an_artifact(tmp_path, checkpoint, capsys):
+    out = tmp_path / "a"
+    assert run(["apply", "vit_tiny", "--checkpoint", str(checkpoint), "--img-size", "96", "--method", "tome",
+                "--r", "4", "-o", str(out), "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["checkpoint"] == str(checkpoint) and first["method"] == "tome"
+    # An artifact as the model argument: its plan, unless another is asked for.
+    assert run(["apply", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["gmacs"] == first["gmacs"]
+    assert run(["apply", str(out), "--method", "evit", "--keep", "0.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "evit"
+    # --plan reuses the plan of another artifact
+    assert run(apply_args("--plan", str(out / "vitprune.json"), "--json")) == 0
+    assert json.loads(capsys.readouterr().out)["gmacs"] == first["gmacs"]
+
+
+def test_apply_existing_output_needs_force(tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert run(apply_args("--method", "tome", "--r", "2", "-o", str(out))) == 2
+    assert (out / "keep.txt").exists()
+    assert run(apply_args("--method", "tome", "--r", "2", "-o", str(out), "--force")) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    import vitprune.artifact
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(vitprune.artifact, "save_weights", broken)
+    out = tmp_path / "never"
+    assert run(apply_args("--method", "tome", "--r", "2", "-o", str(out))) != 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def _bad_inputs(tmp_path, image_folder, checkpoint):
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"\x00not a checkpoint" * 10)
+    mismatched = tmp_path / "small.pth"
+    torch.save(build_family("deit3").state_dict(), mismatched)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    return {
+        "unknown model": (["apply", "vit_nonexistent_model_xyz", "--no-pretrained", "--method", "evit", "--keep", "0.7"], "unknown model"),
+        "not a vit": (["apply", "resnet18", "--no-pretrained", "--method", "tome", "--r", "2"], "not a supported ViT"),
+        "keep too big": (apply_args("--method", "evit", "--keep", "1.5"), "keep rate"),
+        "keep zero": (apply_args("--method", "evit", "--keep", "0"), "keep rate"),
+        "keep negative": (apply_args("--method", "evit", "--keep", "-0.2"), "keep rate"),
+        "layer out of range": (apply_args("--method", "evit", "--keep", "0.7", "--layers", "3,12"), "out of range"),
+        "bad layers": (apply_args("--method", "evit", "--keep", "0.7", "--layers", "three"), "cannot read layers"),
+        "no method": (apply_args(), "choose a reduction"),
+        "unknown method": (apply_args("--method", "prune", "--keep", "0.5"), "unknown method"),
+        "tome with keep": (apply_args("--method", "tome", "--keep", "0.5"), "--keep is for evit/ats"),
+        "tome without r": (apply_args("--method", "tome"), "needs --r"),
+        "corrupt checkpoint": (["apply", "vit_tiny", "--checkpoint", str(corrupt), "--method", "tome", "--r", "2"], "cannot read checkpoint"),
+        "missing checkpoint": (["apply", "vit_tiny", "--checkpoint", str(tmp_path / "nope.pth"), "--method", "tome", "--r", "2"], "not found"),
+        "mismatched checkpoint": (["apply", "vit_tiny", "--img-size", "96", "--checkpoint", str(mismatched), "--method", "tome", "--r", "2"], "does not fit"),
+        "empty image folder": (apply_args("--method", "tome", "--r", "2", "--data", str(empty)), "no images"),
+        "missing image folder": (apply_args("--method", "tome", "--r", "2", "--data", str(tmp_path / "nowhere")), "not found"),
+        "evit on a gap model": (["apply", "vit_wee_patch16_reg1_gap_256", "--no-pretrained", "--method", "evit", "--keep", "0.7"], "no class token"),
+        "bad bench batch": (apply_args("--method", "tome", "--r", "2", "--bench", "--bench-batch", "0"), "batch sizes"),
+        "no gpu": (apply_args("--method", "tome", "--r", "2", "--device", "cuda"), "CUDA"),
+        "not an artifact": ([ "apply", str(image_folder), "--method", "tome", "--r", "2"], "not a vitprune artifact"),
+    }
+
+
+def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, image_folder, checkpoint, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("the no-GPU case needs a machine without CUDA")
+    for name, (args, message) in _bad_inputs(tmp_path, image_folder, checkpoint).items():
+        out = tmp_path / f"out-{name.replace(' ', '-')}"
+        code = run([*args, "-o", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, f"{name}: exit {code}, stderr {err!r}"
+        assert err.count("\n") == 0 and err.startswith("error: "), f"{name}: {err!r}"
+        assert message in err, f"{name}: {err!r}"
+        assert "Traceback" not in err
+        assert not out.exists(), name
+
+
+def test_python_api_without_the_cli():
+    model = build_family("vit")
+    same = vitprune.apply(model, method="evit", keep=0.7)
+    assert same is model and vitprune.plan_of(model).method == "evit"
+    with pytest.raises(VitpruneError):
+        vitprune.apply(model)

@@ -1,0 +1,163 @@
+"""The timm adapter on every supported family: shapes, identities, batch consistency, refusals."""
+import copy
+
+import pytest
+import torch
+from conftest import FAMILIES, build_family
+
+import vitprune
+from vitprune.errors import VitpruneError
+from vitprune.patch import logits_from, plan_of, record_tokens, remove_plan, tokens_before
+from vitprune.plan import Plan, Reduction, make_plan
+
+CLS_FAMILIES = [f for f in FAMILIES if f != "gap_no_cls"]
+
+
+def images_for(model, batch=3, seed=0):
+    size = model.patch_embed.img_size[0]
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def run(model, x):
+    with torch.inference_mode():
+        return model(x)
+
+
+@pytest.mark.parametrize("family", CLS_FAMILIES)
+@pytest.mark.parametrize("method,kwargs", [("evit", {"keep": 0.5}), ("ats", {"keep": 0.6}), ("tome", {"r": 3})])
+def test_every_family_runs_every_method_and_reduces_tokens(family, method, kwargs):
+    model = build_family(family)
+    x = images_for(model)
+    base = run(model, x)
+    vitprune.apply(model, method=method, **kwargs)
+    out = run(model, x)
+    assert out.shape == base.shape and torch.isfinite(out).all()
+    with torch.inference_mode(), record_tokens(model) as trace:
+        model(x)
+    tokens_in = [entry["n_in"].float().mean().item() for entry in trace]
+    assert tokens_in[-1] < tokens_in[0]
+    assert isinstance(model, type(build_family(family)))  # still its timm class
+
+
+@pytest.mark.parametrize("family", CLS_FAMILIES)
+def test_prefix_tokens_are_never_reduced(family):
+    model = build_family(family)
+    prefix = model.num_prefix_tokens
+    x = images_for(model, batch=2)
+    for method, kwargs in [("evit", {"keep": 0.3}), ("tome", {"r": 50}), ("ats", {"keep": 0.2})]:
+        vitprune.apply(model, method=method, **kwargs)
+        with torch.inference_mode(), record_tokens(model) as trace:
+            model(x)
+        assert min(entry["n_out"].min().item() for entry in trace) > prefix
+
+
+@pytest.mark.parametrize("family", ["vit", "deit_distilled", "registers"])
+def test_keep_everything_is_the_unreduced_model(family):
+    model = build_family(family)
+    x = images_for(model)
+    base = run(model, x)
+    vitprune.apply(model, method="evit", keep=1.0, fuse=False, layers=[1, 2])
+    torch.testing.assert_close(run(model, x), base, atol=1e-5, rtol=1e-5)
+    vitprune.apply(model, method="tome", r=0)
+    torch.testing.assert_close(run(model, x), base, atol=1e-5, rtol=1e-5)
+    remove_plan(model)
+    assert plan_of(model) is None
+    torch.testing.assert_close(run(model, x), base)
+
+
+@pytest.mark.parametrize("method,kwargs", [("ats", {"keep": 0.5}), ("tome", {"r": 4}), ("evit", {"keep": 0.5})])
+def test_batched_equals_one_image_at_a_time(method, kwargs):
+    # ATS pads each batch to its largest kept count: the padding must not change any image's logits.
+    model = vitprune.apply(build_family("vit"), method=method, **kwargs)
+    x = images_for(model, batch=4)
+    batched = run(model, x)
+    single = torch.cat([run(model, x[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
+
+
+def test_ats_keeps_a_different_count_per_image():
+    model = build_family("vit")
+    # Make the CLS attention peaked for one image and flat for another by scaling its input.
+    vitprune.apply(model, method="ats", keep=1.0, layers=[0])
+    x = images_for(model, batch=6)
+    with torch.inference_mode(), record_tokens(model) as trace:
+        model(x)
+    assert len(set(trace[0]["n_out"].tolist())) > 1
+
+
+def test_gap_model_refuses_cls_methods_but_runs_tome():
+    model = build_family("gap_no_cls")
+    with pytest.raises(VitpruneError, match="no class token"):
+        vitprune.apply(model, method="evit", keep=0.7)
+    with pytest.raises(VitpruneError, match="no class token"):
+        vitprune.apply(model, method="ats", keep=0.7)
+    x = images_for(model)
+    vitprune.apply(model, method="tome", r=4)
+    assert torch.isfinite(run(model, x)).all()
+
+
+def test_mixed_plan_tome_then_evit_then_ats():
+    model = build_family("vit")
+    plan = Plan(reductions=(Reduction(0, "tome", r=2), Reduction(1, "tome", r=2), Reduction(4, "evit", keep=0.7),
+                            Reduction(8, "ats", keep=0.5), Reduction(9, "ats", keep=0.5)))
+    vitprune.apply(model, plan)
+    x = images_for(model)
+    assert torch.isfinite(run(model, x)).all()
+
+
+@pytest.mark.parametrize("plan,message", [
+    (Plan(reductions=(Reduction(12, "evit", keep=0.5),)), "out of range"),
+    (Plan(reductions=(Reduction(3, "evit", keep=1.5),)), "keep rate"),
+    (Plan(reductions=(Reduction(3, "evit", keep=0.0),)), "keep rate"),
+    (Plan(reductions=(Reduction(3, "tome", r=-1),)), "tome needs r"),
+    (Plan(reductions=(Reduction(3, "ats", keep=0.5), Reduction(5, "tome", r=2))), "ats must be the last"),
+    (Plan(reductions=(Reduction(3, "magic", keep=0.5),)), "unknown method"),
+])
+def test_bad_plans_are_refused(plan, message):
+    with pytest.raises(VitpruneError, match=message):
+        vitprune.apply(build_family("vit"), plan)
+
+
+def test_make_plan_defaults_scale_with_depth():
+    assert make_plan("evit", 12, keep=0.7).layers == [3, 6, 9]
+    assert make_plan("evit", 24, keep=0.7).layers == [6, 12, 18]
+    assert make_plan("ats", 12, keep=1.0).layers == list(range(3, 12))
+    assert make_plan("tome", 12, r=8).layers == list(range(12))
+    with pytest.raises(VitpruneError, match="needs --keep"):
+        make_plan("evit", 12)
+
+
+def test_plan_round_trips_through_dict():
+    plan = make_plan("evit", 12, keep=0.7, img_size=160)
+    assert Plan.from_dict(plan.to_dict()) == plan
+
+
+def test_img_size_plan_resamples_position_embedding():
+    model = build_family("vit")
+    vitprune.apply(model, make_plan("evit", 12, keep=0.7, img_size=64))
+    assert run(model, torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+
+
+def test_cached_prefix_tokens_give_the_same_logits():
+    model = vitprune.apply(build_family("vit"), method="ats", keep=0.6, layers=[4, 6])
+    x = images_for(model)
+    tokens = tokens_before(model, x, 4)
+    with torch.inference_mode():
+        torch.testing.assert_close(logits_from(model, tokens, 4, tokens.shape[1]), model(x))
+    with pytest.raises(VitpruneError, match="cannot start"):
+        logits_from(model, tokens, 5, tokens.shape[1])
+
+
+def test_training_mode_backpropagates_through_reduction():
+    model = vitprune.apply(build_family("vit"), method="evit", keep=0.5)
+    model.train()
+    out = model(images_for(model, batch=2))
+    out.sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_deepcopy_keeps_the_plan():
+    model = vitprune.apply(build_family("vit"), method="tome", r=3)
+    clone = copy.deepcopy(model)
+    x = images_for(model)
+    torch.testing.assert_close(run(clone, x), run(model, x))
