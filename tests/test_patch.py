@@ -161,3 +161,14 @@ def test_deepcopy_keeps_the_plan():
     clone = copy.deepcopy(model)
     x = images_for(model)
     torch.testing.assert_close(run(clone, x), run(model, x))
+
+
+def test_ats_static_padding_mode_gives_the_same_logits():
+    # Export sets a fixed padded width (static shapes); eager packs the real tokens. Same maths.
+    model = vitprune.apply(build_family("vit"), method="ats", keep=0.5)
+    x = images_for(model, batch=4)
+    packed = run(model, x)
+    model._vitprune_ats_pad_to = 30  # any width >= the cap works: K = ceil(0.5 * 37) = 19 tokens, 18 patches
+    static = run(model, x)
+    del model._vitprune_ats_pad_to
+    torch.testing.assert_close(static, packed, atol=1e-4, rtol=1e-4)

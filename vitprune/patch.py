@@ -88,6 +88,9 @@ class ReducedVisionTransformer:
         self, block: nn.Module, x: Tensor, state: TokenState, reduction: Reduction | None,
         num_input_tokens: int, layer: int,
     ) -> tuple[Tensor, TokenState]:
+        method = reduction.method if reduction is not None else None
+        if (method == "ats" or state.valid is not None) and getattr(self, "_vitprune_ats_pad_to", None) is None:
+            return self._packed_block(block, x, state, reduction, num_input_tokens, layer)
         attn = block.attn
         num_prefix = self.num_prefix_tokens
         batch, tokens_in, _ = x.shape
@@ -97,7 +100,6 @@ class ReducedVisionTransformer:
         q, k = attn.q_norm(q), attn.k_norm(k)
         key_bias = state.key_bias()
         state_in = state
-        method = reduction.method if reduction is not None else None
 
         if method == "ats":
             # Sample first, then attend with the kept queries only: the output projection and
@@ -138,6 +140,56 @@ class ReducedVisionTransformer:
         self._record(layer, method, tokens_in, state_in, state, q.shape[2], x)
         return x, state
 
+    def _packed_block(
+        self, block: nn.Module, x: Tensor, state: TokenState, reduction: Reduction | None,
+        num_input_tokens: int, layer: int,
+    ) -> tuple[Tensor, TokenState]:
+        """A block once ATS has made the token count differ per image.
+
+        The batch is padded to its largest count only where tokens meet (attention, masked); the
+        per-token layers (norms, qkv, projection, MLP: most of the compute) run on the real
+        tokens alone, packed, so fewer tokens per image are real speed-up in a batch.
+        """
+        attn = block.attn
+        num_prefix = self.num_prefix_tokens
+        batch, width, channels = x.shape
+        rows = _real_rows(state.valid)
+        flat = x.reshape(batch * width, channels)
+        qkv = attn.qkv(block.norm1(flat if rows is None else flat.index_select(0, rows)))
+        if rows is not None:
+            qkv = qkv.new_zeros(batch * width, qkv.shape[-1]).index_copy_(0, rows, qkv)
+        q, k, v = qkv.reshape(batch, width, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        key_bias = state.key_bias()
+        state_in = state
+        if reduction is not None and reduction.method == "ats":
+            cls_attn = cls_attention(q[:, :, :1], k, attn.scale, key_bias)
+            scores = ats_scores(cls_attn, v, num_prefix, state.valid)
+            samples = ats_cap(reduction.keep, num_input_tokens) - num_prefix
+            valid_patch = None if state.valid is None else state.valid[:, num_prefix:]
+            index, valid = ats_select(ats_sample(scores, max(samples, 1), valid_patch), num_prefix)
+            q = q.gather(2, index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+            x = gather_tokens(x, index)
+            size = gather_tokens(state.size, index) if state.size is not None else None
+            state = TokenState(size=size, valid=valid)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if key_bias is None else key_bias.to(q.dtype),
+            dropout_p=attn.attn_drop.p if self.training else 0.0,
+        )
+        queries = q.shape[2]
+        out_rows = _real_rows(state.valid)
+        out = out.transpose(1, 2).reshape(batch * queries, attn.attn_dim).index_select(0, out_rows)
+        residual = x.reshape(batch * queries, channels).index_select(0, out_rows)
+        out = attn.norm(out)
+        gate = getattr(attn, "gate", None)
+        if gate is not None:
+            out = out * gate(block.norm1(residual)).sigmoid()
+        packed = residual + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
+        packed = packed + block.drop_path2(block.ls2(block.mlp(block.norm2(packed))))
+        x = packed.new_zeros(batch * queries, channels).index_copy_(0, out_rows, packed).view(batch, queries, channels)
+        self._record(layer, reduction.method if reduction is not None else None, width, state_in, state, queries, x)
+        return x, state
+
     def _record(self, layer: int, method: str | None, tokens_in: int, state_in: TokenState,
                 state_out: TokenState, queries: int, x: Tensor) -> None:
         """Per-image token counts of this block, for exact FLOPs (only inside `record_tokens`)."""
@@ -150,6 +202,11 @@ class ReducedVisionTransformer:
         self._vitprune_trace.append(
             {"layer": layer, "method": method, "n_in": n_in.cpu(), "n_query": n_query.cpu(), "n_out": n_out.cpu()}
         )
+
+
+def _real_rows(valid: Tensor | None) -> Tensor | None:
+    """Flat indices of the real (non-padding) tokens of a (B, W) mask."""
+    return None if valid is None else valid.flatten().nonzero().squeeze(1)
 
 
 _REDUCED_CLASSES: dict[type, type] = {}
@@ -237,6 +294,15 @@ def logits_from(model: nn.Module, tokens: Tensor, layer: int, num_input_tokens: 
     return model.forward_head(model.vitprune_blocks(tokens, start=layer, num_input_tokens=num_input_tokens))
 
 
+@torch.inference_mode()
+def advance_tokens(model: nn.Module, tokens: Tensor, start: int, end: int) -> Tensor:
+    """The unreduced tokens entering block `end`, from those entering block `start` (see
+    `tokens_before`): fills a cache at several layers in one pass instead of one pass per layer."""
+    for block in list(model.blocks)[start:end]:
+        tokens = block(tokens)
+    return tokens
+
+
 @contextmanager
 def record_tokens(model: nn.Module) -> Iterator[list[dict]]:
     """Collect each block's per-image token counts during the forward passes inside the block."""
@@ -253,3 +319,20 @@ def record_tokens(model: nn.Module) -> Iterator[list[dict]]:
         model._vitprune_trace = None
         if unpatch:
             remove_plan(model)
+
+
+def set_dynamic_img_size(model: nn.Module, enabled: bool) -> nn.Module:
+    """Let `model` take any input size that is a multiple of its patch size (SuperViT trains one
+    set of weights at several sizes): timm then resamples the position embedding on every forward
+    pass, differentiably, instead of once in `set_input_size`. The weights do not change, and the
+    result equals `apply_plan` with that img_size. `enabled=False` restores the fixed size."""
+    from timm.layers import Format
+
+    embed = model.patch_embed
+    if enabled and not getattr(model, "_vitprune_fixed_size", None):
+        model._vitprune_fixed_size = (model.dynamic_img_size, embed.strict_img_size, embed.flatten, embed.output_fmt)
+        model.dynamic_img_size, embed.strict_img_size, embed.flatten, embed.output_fmt = True, False, False, Format.NHWC
+    elif not enabled and getattr(model, "_vitprune_fixed_size", None):
+        model.dynamic_img_size, embed.strict_img_size, embed.flatten, embed.output_fmt = model._vitprune_fixed_size
+        del model._vitprune_fixed_size
+    return model

@@ -33,20 +33,28 @@ def bipartite_matching(metric: Tensor, r: int) -> Matching:
     return Matching(unmerged=ranked[:, r:], src=src, dst=best_partner.gather(1, src))
 
 
-def merge_tokens(x: Tensor, size: Tensor, matching: Matching) -> tuple[Tensor, Tensor]:
+def merge_tokens(x: Tensor, size: Tensor, matching: Matching, prefix: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Merge by size-weighted average; sizes add. x: (B, M, C), size: (B, M, 1).
 
-    Output order: the unmerged A tokens, then all B tokens.
+    Output order: `prefix` tokens (x, size) if given, the unmerged A tokens, then all B tokens.
     """
-    weighted = torch.cat([x * size, size], dim=-1)
+    channels = x.shape[-1]
+    weighted = x * size
     set_a, set_b = weighted[:, ::2], weighted[:, 1::2]
-    channels = weighted.shape[-1]
-    kept_a = set_a.gather(1, matching.unmerged.unsqueeze(-1).expand(-1, -1, channels))
-    moved = set_a.gather(1, matching.src.unsqueeze(-1).expand(-1, -1, channels))
-    set_b = set_b.scatter_add(1, matching.dst.unsqueeze(-1).expand(-1, -1, channels), moved)
-    merged = torch.cat([kept_a, set_b], dim=1)
-    new_size = merged[..., -1:]
-    return merged[..., :-1] / new_size, new_size
+    size_a, size_b = size[:, ::2], size[:, 1::2]
+    set_b = set_b.scatter_add(1, _expand(matching.dst, channels), set_a.gather(1, _expand(matching.src, channels)))
+    size_b = size_b.scatter_add(1, _expand(matching.dst, 1), size_a.gather(1, _expand(matching.src, 1)))
+    tokens = [set_a.gather(1, _expand(matching.unmerged, channels)), set_b]
+    sizes = [size_a.gather(1, _expand(matching.unmerged, 1)), size_b]
+    if prefix is not None:
+        tokens.insert(0, prefix[0] * prefix[1])
+        sizes.insert(0, prefix[1])
+    new_size = torch.cat(sizes, dim=1)
+    return torch.cat(tokens, dim=1) / new_size, new_size
+
+
+def _expand(index: Tensor, channels: int) -> Tensor:
+    return index.unsqueeze(-1).expand(-1, -1, channels)
 
 
 def tome_reduce(x: Tensor, size: Tensor, metric: Tensor, num_prefix: int, r: int) -> tuple[Tensor, Tensor]:
@@ -59,8 +67,5 @@ def tome_reduce(x: Tensor, size: Tensor, metric: Tensor, num_prefix: int, r: int
     if r <= 0:
         return x, size
     matching = bipartite_matching(metric[:, num_prefix:], r)
-    merged, merged_size = merge_tokens(x[:, num_prefix:], size[:, num_prefix:], matching)
-    return (
-        torch.cat([x[:, :num_prefix], merged], dim=1),
-        torch.cat([size[:, :num_prefix], merged_size], dim=1),
-    )
+    return merge_tokens(x[:, num_prefix:], size[:, num_prefix:], matching,
+                        prefix=(x[:, :num_prefix], size[:, :num_prefix]))

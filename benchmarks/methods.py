@@ -1,0 +1,106 @@
+"""Method x setting -> top-1, agreement, GMACs, ms/img, speed-up, on real weights and images.
+
+    python benchmarks/methods.py                      # vit_tiny and deit_tiny from ../shared
+    python benchmarks/methods.py --models vit_tiny_patch16_224 --limit 300 --repeats 5
+
+All models are timed in one interleaved run (vitprune.bench.measure_latency), so every speed-up
+is a ratio measured side by side with the unreduced model. The reference ToMe package
+(facebookresearch/ToMe) is not on PyPI (the `tome` there is an unrelated project), so there is
+no column for it; vitprune's own ToMe is the training-free peer.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import vitprune
+from vitprune.bench import measure_latency
+from vitprune.data import classification_metrics, find_images, load_images, predict, transform_for
+from vitprune.models import create_model
+from vitprune.report import count_gmacs
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+WEIGHTS = {
+    "vit_tiny_patch16_224": SHARED / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.pth",
+    "deit_tiny_patch16_224": SHARED / "weights" / "deit_tiny_patch16_224.lnfixed.pth",
+}
+SETTINGS = [
+    ("evit", {"keep": 0.7}),
+    ("evit", {"keep": 0.5}),
+    ("ats", {"keep": 1.0}),
+    ("ats", {"keep": 0.7}),
+    ("tome", {"r": 8}),
+    ("tome", {"r": 13}),
+    ("tome", {"r": 16}),
+]
+
+
+def label(method: str, setting: dict) -> str:
+    return f"{method} " + " ".join(f"{k}={v}" for k, v in setting.items())
+
+
+def benchmark_model(name: str, images_dir: Path, limit: int | None, batches: tuple[int, ...], repeats: int,
+                    console: Console) -> list[dict]:
+    base, _ = create_model(name, checkpoint=WEIGHTS[name])
+    images, labels = load_images(find_images(images_dir, limit=limit), transform_for(base), progress=True)
+    base_logits = predict(base, images, description=f"{name} base")
+    base_metrics = classification_metrics(base_logits, labels, None)
+    models = {"base": base}
+    rows = [{"model": name, "setting": "base", "top1": base_metrics["top1"], "agreement": 100.0,
+             "gmacs": count_gmacs(base, images)}]
+    for method, setting in SETTINGS:
+        reduced = vitprune.apply(copy.deepcopy(base), method=method, **setting)
+        metrics = classification_metrics(predict(reduced, images, description=label(method, setting)), labels, base_logits)
+        rows.append({"model": name, "setting": label(method, setting), "top1": metrics["top1"],
+                     "agreement": metrics["agreement"], "gmacs": count_gmacs(reduced, images)})
+        models[label(method, setting)] = reduced
+    console.print(f"timing {len(models)} models side by side at batch {batches} ...")
+    timing = measure_latency(models, images[: max(batches)], batches, repeats=repeats)
+    for row in rows:
+        ms = timing["ms_per_image"][row["setting"]]
+        base_ms = timing["ms_per_image"]["base"]
+        for batch in batches:
+            row[f"ms_b{batch}"] = ms[batch]
+            row[f"speedup_b{batch}"] = base_ms[batch] / ms[batch]
+        row["gmacs_ratio"] = rows[0]["gmacs"] / row["gmacs"]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(WEIGHTS))
+    parser.add_argument("--data", type=Path, default=SHARED / "images" / "imagenet-sample-images")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    batches = tuple(int(b) for b in args.batches.split(","))
+    console = Console()
+    rows = []
+    for name in args.models:
+        rows += benchmark_model(name, args.data, args.limit, batches, args.repeats, console)
+    table = Table(title=f"vitprune methods — {platform.machine()}, {torch.get_num_threads()} threads, eager PyTorch {torch.__version__}")
+    for column in ["model", "setting", "top-1 %", "agree %", "GMACs", "GMACs ratio",
+                   *[f"ms/img b{b}" for b in batches], *[f"speed-up b{b}" for b in batches], "speed-up / GMACs ratio"]:
+        table.add_column(column, justify="left" if column in ("model", "setting") else "right")
+    last = batches[-1]
+    for row in rows:
+        table.add_row(row["model"], row["setting"], f"{row['top1']:.1f}", f"{row['agreement']:.1f}", f"{row['gmacs']:.3f}",
+                      f"{row['gmacs_ratio']:.2f}", *[f"{row[f'ms_b{b}']:.2f}" for b in batches],
+                      *[f"{row[f'speedup_b{b}']:.2f}x" for b in batches],
+                      f"{row[f'speedup_b{last}'] / row['gmacs_ratio']:.2f}")
+    console.print(table)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
