@@ -89,7 +89,7 @@ class ReducedVisionTransformer:
         num_input_tokens: int, layer: int,
     ) -> tuple[Tensor, TokenState]:
         method = reduction.method if reduction is not None else None
-        if (method == "ats" or state.valid is not None) and getattr(self, "_vitprune_ats_pad_to", None) is None:
+        if (method == "ats" or state.valid is not None) and _packing_allowed(self):
             return self._packed_block(block, x, state, reduction, num_input_tokens, layer)
         attn = block.attn
         num_prefix = self.num_prefix_tokens
@@ -202,6 +202,13 @@ class ReducedVisionTransformer:
         self._vitprune_trace.append(
             {"layer": layer, "method": method, "n_in": n_in.cpu(), "n_query": n_query.cpu(), "n_out": n_out.cpu()}
         )
+
+
+def _packing_allowed(model: nn.Module) -> bool:
+    """Eager ATS packs real tokens; graph capture (ONNX export) and the static-width mode use the
+    padded form, whose shapes a graph can hold."""
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    return not tracing and getattr(model, "_vitprune_ats_pad_to", None) is None
 
 
 def _real_rows(valid: Tensor | None) -> Tensor | None:
