@@ -30,7 +30,9 @@ def bipartite_matching(metric: Tensor, r: int) -> Matching:
     best_score, best_partner = similarity.max(dim=-1)
     ranked = best_score.argsort(dim=-1, descending=True)
     src = ranked[:, :r]
-    return Matching(unmerged=ranked[:, r:], src=src, dst=best_partner.gather(1, src))
+    # Unmerged tokens keep their spatial order: the next split into A and B then does not hinge on
+    # near-tied scores (which differ in the last bit between runtimes, e.g. PyTorch vs ONNX Runtime).
+    return Matching(unmerged=ranked[:, r:].sort(dim=-1).values, src=src, dst=best_partner.gather(1, src))
 
 
 def merge_tokens(x: Tensor, size: Tensor, matching: Matching, prefix: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
