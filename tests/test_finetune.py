@@ -1,0 +1,244 @@
+"""`vitprune finetune`: distillation, checkpoints and resume, SuperViT, DDP on gloo, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+import vitprune
+import vitprune.finetune as finetune
+from vitprune.cli import run
+from vitprune.data import find_images
+from vitprune.errors import VitpruneError
+from vitprune.finetune import FinetuneRequest, distill_loss, run_finetune, work_dir_for
+from vitprune.patch import apply_plan, plan_of, set_dynamic_img_size
+from vitprune.plan import make_plan
+
+TINY = dict(model="vit_tiny_patch16_224", no_pretrained=True, img_size=32, workers=0, batch_size=4,
+            eval_batch_size=16, progress=False, warmup_epochs=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The test machine's cores are shared: one thread avoids OpenMP oversubscription stalls.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """12 labelled images, 3 classes (index folders), with enough texture to give distinct logits."""
+    root = tmp_path_factory.mktemp("images")
+    generator = torch.Generator().manual_seed(0)
+    for label in range(3):
+        for index in range(4):
+            pixels = (torch.rand(40, 48, 3, generator=generator) * 255).to(torch.uint8)
+            pixels[..., label] = 255 - 40 * index
+            path = root / str(label) / f"{index}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels.numpy()).save(path)
+    return root
+
+
+@pytest.fixture(scope="module")
+def unlabelled(images: Path, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("unlabelled")
+    for file in sorted(images.rglob("*.png")):
+        (root / f"{file.parent.name}_{file.name}").write_bytes(file.read_bytes())
+    return root
+
+
+def test_distill_loss_is_kl_scaled_by_t_squared() -> None:
+    teacher, student = torch.randn(5, 10), torch.randn(5, 10)
+    assert distill_loss(teacher, teacher, 2.0).abs() < 1e-6
+    soft_t, soft_s = (teacher / 3).softmax(-1), (student / 3).softmax(-1)
+    expected = (soft_t * (soft_t.log() - soft_s.log())).sum(-1).mean() * 9
+    assert torch.allclose(distill_loss(student, teacher, 3.0), expected, atol=1e-5)
+
+
+def test_dynamic_img_size_matches_the_served_size() -> None:
+    """SuperViT trains at several sizes on one set of weights; served with `apply` it must match."""
+    model, _ = vitprune.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48)
+    served = apply_plan(finetune.copy.deepcopy(model), make_plan("evit", 12, keep=0.5, img_size=32))
+    dynamic = set_dynamic_img_size(apply_plan(model, make_plan("evit", 12, keep=0.5)), True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(served(x), dynamic(x), atol=1e-6)
+    set_dynamic_img_size(dynamic, False)
+    with pytest.raises(AssertionError):  # a fixed size again: timm refuses 32 px on a 48 px model
+        dynamic(x)
+
+
+def test_distillation_lowers_the_kl_to_the_teacher(images: Path) -> None:
+    # Pure distillation on the very images it is validated on: the KL to the teacher must fall.
+    request = FinetuneRequest(**TINY, data=images, val=images, method="evit", keep=0.5, epochs=4, lr=1e-5,
+                              min_lr=1e-5, label_weight=0.0, augment=False)
+    result = run_finetune(request)
+    before, after = result.metrics[0], result.metrics[-1]
+    assert [row["epoch"] for row in result.metrics] == [0, 1, 2, 3, 4]
+    assert after["val_kl"] < 0.8 * before["val_kl"]
+    trained = [row["train_loss"] for row in result.metrics[1:]]
+    assert trained[-1] < trained[0]
+    assert result.output is None and result.report["finetune"]["variants"][0]["after"]["kl"] == pytest.approx(after["val_kl"], abs=1e-4)
+
+
+def test_cli_writes_an_artifact_that_loads(images: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "ft"
+    code = run(["finetune", "vit_tiny_patch16_224", "--no-pretrained", "--img-size", "32", "--method", "evit",
+                "--keep", "0.5", "--data", str(images), "--val-split", "0.25", "--epochs", "2", "--batch-size", "4",
+                "--workers", "0", "--warmup-epochs", "0", "-o", str(out), "--json"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "model.safetensors", "report.json", "report.md",
+                                                     "training.png", "vitprune.json"]
+    assert not work_dir_for(out).exists()
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("epoch,") and "val_agreement" in lines[0] and "train_loss" in lines[0]
+    assert [line.split(",")[0] for line in lines[1:]] == ["0", "1", "2"]
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["finetune"]["val_images"] == 3 and report["finetune"]["train_images"] == 9
+    assert "## Fine-tuning" in (out / "report.md").read_text()
+    model = vitprune.load(out)
+    assert plan_of(model).describe() == "evit keep=0.5 @ 3,6,9"
+    assert report["gmacs"] < report["gmacs_base"]
+
+
+def test_trainable_patterns_freeze_the_rest(images: Path) -> None:
+    request = FinetuneRequest(**TINY, data=images, method="evit", keep=0.5, epochs=1, lr=1e-3, trainable=("head.*",))
+    trained = run_finetune(request).model.state_dict()
+    torch.manual_seed(0)  # run_finetune seeds like this (--seed 0) before it builds the model
+    initial, _ = vitprune.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32)
+    for name, tensor in initial.state_dict().items():
+        assert torch.equal(tensor, trained[name]) != name.startswith("head."), name
+    with pytest.raises(VitpruneError, match="matches no parameter"):
+        run_finetune(replace(request, trainable=("nothing.*",)))
+
+
+def test_resume_continues_at_the_next_epoch_and_ends_where_an_uninterrupted_run_does(
+        images: Path, tmp_path: Path, monkeypatch) -> None:
+    request = FinetuneRequest(**TINY, data=images, val_split=0.25, method="evit", keep=0.5, epochs=3, lr=1e-3)
+    whole = run_finetune(replace(request, output=tmp_path / "whole"))
+
+    out = tmp_path / "resumed"
+    write_metrics = finetune.write_metrics_csv
+
+    def crash_after_epoch_two(rows, path):
+        write_metrics(rows, path)
+        if rows[-1]["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "write_metrics_csv", crash_after_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(replace(request, output=out))
+    monkeypatch.setattr(finetune, "write_metrics_csv", write_metrics)
+    work = work_dir_for(out)
+    assert not out.exists() and torch.load(work / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+    with pytest.raises(VitpruneError, match="unfinished run"):
+        run_finetune(replace(request, output=out))
+    with pytest.raises(VitpruneError, match=r"other settings \(lr\)"):
+        run_finetune(replace(request, output=out, resume=True, lr=2e-3))
+
+    steps = []
+    step = finetune.Trainer.step
+    monkeypatch.setattr(finetune.Trainer, "step", lambda self, *a: steps.append(1) or step(self, *a))
+    resumed = run_finetune(replace(request, output=out, resume=True))
+    assert len(steps) == 3  # one epoch of 9 images in batches of 4
+    assert [row["epoch"] for row in resumed.metrics] == [0, 1, 2, 3]
+    assert not work.exists() and (out / "model.safetensors").is_file()
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.allclose(tensor, resumed.model.state_dict()[name], atol=1e-6), name
+
+
+def test_supervit_trains_every_configuration(unlabelled: Path, tmp_path: Path, monkeypatch) -> None:
+    sizes_seen = []
+    resize = finetune.resized
+    monkeypatch.setattr(finetune, "resized", lambda images, size: sizes_seen.append(size) or resize(images, size))
+    out = tmp_path / "supervit"
+    request = FinetuneRequest(**{**TINY, "img_size": 48}, data=unlabelled, val=unlabelled, supervit=True,
+                              sizes=(32, 48), keeps=(0.5, 1.0), epochs=1, lr=1e-3, output=out)
+    result = run_finetune(request)
+    assert sizes_seen == [48, 48, 32, 32] * 3  # every batch runs all four configurations, largest first
+    variants = result.report["finetune"]["variants"]
+    assert [(v["img_size"], v["keep"]) for v in variants] == [(48, 1.0), (48, 0.5), (32, 1.0), (32, 0.5)]
+    gmacs = [v["gmacs"] for v in variants]
+    assert gmacs == sorted(gmacs, reverse=True) and gmacs[-1] < 0.5 * gmacs[0]
+    assert all("before" in v and "after" in v and "top1" not in v["after"] for v in variants)  # unlabelled
+    assert "train_label" not in result.metrics[-1]
+
+    stored = finetune.list_variants(out)
+    assert [(v["img_size"], v["keep"]) for v in stored] == [(48, 1.0), (48, 0.5), (32, 1.0), (32, 0.5)]
+    small = finetune.load_variant(out, 32, 0.5)
+    assert plan_of(small).img_size == 32
+    validation = finetune.prepare_validation(vitprune.load(out), find_images(unlabelled), {32}, "held-out",
+                                             workers=0, batch_size=16, progress=False)
+    with torch.no_grad():
+        logits = small(validation.images[32])
+    assert torch.isfinite(logits).all() and logits.shape == (12, 1000)
+    with pytest.raises(VitpruneError, match="no configuration 40px"):
+        finetune.load_variant(out, 40, 0.5)
+
+
+def _ddp_worker(rank: int, port: int, request: FinetuneRequest, folder: str) -> None:
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = run_finetune(request)
+    torch.save(result.model.state_dict(), Path(folder) / f"rank{rank}.pt")
+
+
+def test_two_process_ddp_on_gloo_ends_with_identical_weights(images: Path, tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "ddp"
+    request = FinetuneRequest(**TINY, data=images, val_split=0.25, method="evit", keep=0.5, epochs=1, lr=1e-3,
+                              output=out)
+    mp.spawn(_ddp_worker, args=(port, request, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    torch.manual_seed(0)
+    initial, _ = vitprune.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32)
+    changed = [name for name, tensor in initial.state_dict().items() if not torch.equal(tensor, rank0[name])]
+    assert changed  # it trained
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+    report = json.loads((out / "report.json").read_text())
+    assert report["finetune"]["world_size"] == 2
+    loaded = vitprune.load(out).state_dict()
+    assert all(torch.equal(loaded[name], rank0[name]) for name in rank0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "MISSING"], "image folder not found"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--amp", "bf16"], "--amp bf16 is for CUDA"),
+    (["--val", "IMAGES", "--val-split", "0.2"], "not both"),
+    (["--supervit", "--sizes", "24,32", "--keeps", "0.5,1"], "multiples of the patch size 16"),
+    (["--supervit", "--sizes", "16,48", "--keeps", "0.5,1"], "largest SuperViT size must be the model's input size 32"),
+    (["--resume"], "nothing to resume"),
+    (["EXISTING"], "already exists; pass --force"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(images: Path, tmp_path: Path, capsys, extra, message) -> None:
+    out = tmp_path / "out"
+    if "EXISTING" in extra:
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        extra = []
+    extra = [str(images) if e == "IMAGES" else str(tmp_path / "missing") if e == "MISSING" else e for e in extra]
+    method = [] if "--supervit" in extra else ["--method", "evit", "--keep", "0.5"]
+    argv = ["finetune", "vit_tiny_patch16_224", "--no-pretrained", "--img-size", "32", *method,
+            "--data", str(images), "--workers", "0", "-o", str(out), *extra]
+    before = sorted(tmp_path.iterdir())
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+    assert sorted(tmp_path.iterdir()) == before
+    if out.exists():
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
