@@ -44,7 +44,8 @@ def ats_sample(scores: Tensor, num_samples: int, valid: Tensor | None = None) ->
     points = torch.linspace(0, 1, num_samples, device=scores.device, dtype=scores.dtype)
     nearest = (cdf.unsqueeze(1) - points.view(1, -1, 1)).abs().argmin(dim=2)
     picked = order.gather(1, nearest)
-    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, picked, True)
+    # scatter with a tensor source (not a Python bool): the ONNX exporter needs it
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter(1, picked, torch.ones_like(picked, dtype=torch.bool))
     if valid is not None:
         keep = keep & valid
     return keep
@@ -57,11 +58,16 @@ def ats_select(keep: Tensor, num_prefix: int, pad_to: int | None = None) -> tupl
     padding repeats some token and is marked invalid, so attention masks it out.
     keep: (B, M) mask over the patch tokens. Returns (index (B, P + K), valid (B, P + K)).
     """
-    counts = keep.sum(dim=1)
-    width = int(counts.max()) if pad_to is None else pad_to
-    # Stable sort puts the kept patch tokens first, in their spatial order.
-    kept_first = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
-    slots = torch.arange(width, device=keep.device).unsqueeze(0)
-    valid_patch = slots < counts.unsqueeze(1)
+    num_patch = keep.shape[1]
+    # While tracing for ONNX the width stays a tensor, so the exported graph pads each batch to its
+    # own largest count (a TopK with a computed K) instead of freezing the traced batch's count.
+    width = keep.sum(dim=1).max() if pad_to is None else pad_to
+    if pad_to is None and not torch.jit.is_tracing():
+        width = int(width)
+    # The kept patch tokens first, in their spatial order: the smallest `width` of unique keys
+    # (a TopK, which ONNX has; a stable sort has no ONNX form).
+    order_key = (~keep).to(torch.int64) * num_patch + torch.arange(num_patch, device=keep.device)
+    kept_first = order_key.topk(width, dim=1, largest=False, sorted=True).indices
+    valid_patch = keep.gather(1, kept_first)
     valid_prefix = valid_patch.new_ones(keep.shape[0], num_prefix)
     return keep_prefix_and(kept_first, num_prefix), torch.cat([valid_prefix, valid_patch], dim=1)

@@ -1,0 +1,74 @@
+"""`vitprune export`: a reduced model to ONNX (reduction inside the graph), verified on ONNX Runtime."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vitprune.cli import app
+from vitprune.cli.common import (
+    CheckpointOpt, DataOpt, ForceOpt, ImgSizeOpt, JsonOpt, LimitOpt, ModelArg, NoPretrainedOpt, ThreadsOpt,
+    WorkersOpt, console, emit_json, parse_batches, report_table, set_threads,
+)
+
+
+@app.command()
+def export(
+    model: ModelArg,
+    onnx: Annotated[Path, typer.Option("--onnx", help="Write the ONNX graph here (e.g. model.onnx).")],
+    safetensors: Annotated[Optional[Path], typer.Option("--safetensors", help="Also write the one-file artifact (weights + plan) here.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="evit, ats or tome (for a model name; an artifact carries its plan).")] = None,
+    keep: Annotated[Optional[float], typer.Option("--keep", "-k", help="evit: keep rate in (0, 1]; ats: cap K as a ratio or a count.")] = None,
+    r: Annotated[Optional[int], typer.Option("--r", help="tome: tokens merged per layer.")] = None,
+    layers: Annotated[Optional[str], typer.Option("--layers", "-l", help="Blocks to reduce in, e.g. 3,6,9 or 3-11.")] = None,
+    no_fuse: Annotated[bool, typer.Option("--no-fuse", help="evit: drop inattentive tokens instead of fusing them.")] = False,
+    plan_file: Annotated[Optional[Path], typer.Option("--plan", help="A plan (vitprune.json) instead of --method.")] = None,
+    checkpoint: CheckpointOpt = None,
+    no_pretrained: NoPretrainedOpt = False,
+    img_size: ImgSizeOpt = None,
+    batch: Annotated[str, typer.Option("--batch", help="'dynamic' (any batch size) or a fixed batch size.")] = "dynamic",
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 17 to 20.")] = 17,
+    fp16: Annotated[bool, typer.Option("--fp16", help="float16 weights and compute (float32 input/output).")] = False,
+    ats_padding: Annotated[str, typer.Option("--ats-padding", help="ats: pad each batch to its largest kept count ('batch', fastest) or to the cap ('cap', static shapes).")] = "batch",
+    data: DataOpt = None,
+    limit: LimitOpt = None,
+    workers: WorkersOpt = 2,
+    bench: Annotated[bool, typer.Option("--bench", help="Time base and reduced ONNX graphs on ONNX Runtime, side by side.")] = False,
+    bench_batch: Annotated[str, typer.Option("--bench-batch", help="Batch sizes to time.")] = "1,32",
+    bench_repeats: Annotated[int, typer.Option("--bench-repeats", help="Timed runs per batch size (median reported).")] = 10,
+    provider: Annotated[str, typer.Option("--provider", help="ONNX Runtime provider: auto (CUDA when onnxruntime-gpu sees a GPU), cpu or cuda.")] = "auto",
+    threads: ThreadsOpt = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export a reduced ViT to ONNX with the reduction in the graph; verify it on ONNX Runtime."""
+    from vitprune.export import ExportRequest, run_export
+    from vitprune.plan import parse_layers
+
+    request = ExportRequest(
+        model=model, onnx=onnx, safetensors=safetensors, method=method, keep=keep, r=r,
+        layers=parse_layers(layers) if layers else None, fuse=not no_fuse, plan_file=plan_file,
+        checkpoint=checkpoint, no_pretrained=no_pretrained, img_size=img_size, batch=batch, opset=opset,
+        fp16=fp16, ats_padding=ats_padding, data=data, limit=limit, workers=workers, bench=bench,
+        bench_batches=parse_batches(bench_batch), bench_repeats=bench_repeats, provider=provider,
+        threads=threads, force=force, progress=not json_out,
+    )
+    set_threads(threads)
+    report = run_export(request)
+    if json_out:
+        emit_json(report)
+        return
+    section = report["onnx"]
+    parity = section["parity"]
+    table = report_table(report, f"{report['model']}: {report['plan']}")
+    table.add_row("ONNX top-1 agreement with PyTorch %", "", f"{parity['agreement']:.2f}")
+    table.add_row("ONNX max |logit diff|", "", f"{parity['max_abs_diff']:.3g} (tolerance {parity['tolerance']:g})")
+    for size, timing in section.get("latency_ms", {}).items():
+        table.add_row(f"ONNX Runtime ms / image @ batch {size}", f"{timing['base']:.2f}",
+                      f"{timing['reduced']:.2f} ([bold]{timing['speedup']:.2f}x[/])")
+    console.print(table)
+    console.print(f"verified on {parity['n_images']} {parity['images']} images with {parity['provider']}")
+    folder = onnx.parent
+    written = [str(onnx)] + ([str(safetensors)] if safetensors else []) + [str(folder / "report.json"), str(folder / "report.md")]
+    console.print(f"wrote {', '.join(written)}")
