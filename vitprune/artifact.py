@@ -107,6 +107,10 @@ def read_metadata(path: str | Path) -> dict:
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
     """The reduced model saved at `path` (an artifact folder or its .safetensors), in eval mode."""
     path = Path(path)
+    if (path / "cascade.json").is_file():  # a DVT cascade folder (vitprune.cascade): a CascadeModel
+        from vitprune.cascade import load_cascade
+
+        return load_cascade(path, device=device)
     metadata = read_metadata(path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     if not weights.is_file():
