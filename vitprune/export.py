@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from vitprune.errors import VitpruneError
+from vitprune.pipeline import ReducedModelSpec
 from vitprune.io import atomic_output_file
 
 MIN_OPSET = 17  # LayerNormalization is one op from 17 on; older opsets are refused
@@ -402,22 +403,12 @@ def onnx_file_summary(path: str | Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # `vitprune export` as a library: build (or load) the reduced model, export, verify, bench, report.
 
-@dataclass
-class ExportRequest:
+@dataclass(kw_only=True)
+class ExportRequest(ReducedModelSpec):
     """Everything `vitprune export` takes; the same fields as its options."""
 
-    model: str
     onnx: Path
     safetensors: Path | None = None
-    method: str | None = None
-    keep: float | None = None
-    r: int | None = None
-    layers: list[int] | None = None
-    fuse: bool = True
-    plan_file: Path | None = None
-    checkpoint: Path | None = None
-    no_pretrained: bool = False
-    img_size: int | None = None
     batch: str | int = "dynamic"
     opset: int = 17
     fp16: bool = False
@@ -486,14 +477,13 @@ def run_export(request: ExportRequest) -> dict:
     verified on ONNX Runtime, optionally timed against the unreduced ONNX graph, optionally also
     saved as one .safetensors file; the report beside the ONNX file gets an "onnx" section.
     Nothing is written unless every step succeeds. Returns the report."""
-    import copy
     import json
     import tempfile
     from contextlib import ExitStack
 
     from vitprune.artifact import artifact_metadata, load, model_identity, save_weights, versions
-    from vitprune.patch import apply_plan, model_img_size
-    from vitprune.pipeline import ApplyRequest, load_base, load_images_for, resolve_plan
+    from vitprune.patch import model_img_size
+    from vitprune.pipeline import build_reduced, load_eval_images
     from vitprune.report import Evidence, compare, make_report, render_markdown
 
     _parse_batch(request.batch)
@@ -507,23 +497,16 @@ def run_export(request: ExportRequest) -> dict:
     choose_provider(request.provider)
     _check_outputs(request)
 
-    base = load_base(request.model, request.checkpoint, request.no_pretrained, request.img_size)
-    apply_request = ApplyRequest(model=request.model, method=request.method, keep=request.keep, r=request.r,
-                                 layers=request.layers, fuse=request.fuse, plan_file=request.plan_file,
-                                 img_size=request.img_size)
-    plan = resolve_plan(apply_request, base)
-    reduced = apply_plan(copy.deepcopy(base.model), plan).eval()
+    base, plan, reduced = build_reduced(request)
+    reduced.eval()
     report_path = Path(request.onnx).resolve().parent / "report.json"
     identity = model_identity(reduced, base.info)
     previous = _existing_report(report_path, identity["name"], plan.describe(), request.force)
 
     images = labels = base_images = None
     if request.data is not None:
-        images, labels, _ = load_images_for(reduced, request.data, limit=request.limit, workers=request.workers,
-                                            progress=request.progress)
-        if model_img_size(base.model) != model_img_size(reduced):
-            base_images, _, _ = load_images_for(base.model, request.data, limit=request.limit,
-                                                workers=request.workers, progress=request.progress)
+        images, labels, base_images = load_eval_images(base.model, reduced, request.data, limit=request.limit,
+                                                       workers=request.workers, progress=request.progress)
     verify_images = images if images is not None else torch.randn(
         RANDOM_VERIFY_IMAGES, 3, model_img_size(reduced), model_img_size(reduced), generator=torch.Generator().manual_seed(0))
 

@@ -63,11 +63,11 @@ def load_images_for(model: nn.Module, data: Path, *, limit: int | None, workers:
 
 
 
-@dataclass
-class ApplyRequest:
-    """Everything `vitprune apply` takes; the same fields as its options."""
+@dataclass(kw_only=True)
+class ReducedModelSpec:
+    """Which base model and which reduction: the options apply, export and finetune share."""
 
-    model: str
+    model: str  # a timm name/alias or an artifact folder / .safetensors
     method: str | None = None
     keep: float | None = None
     r: int | None = None
@@ -77,6 +77,12 @@ class ApplyRequest:
     checkpoint: Path | None = None
     no_pretrained: bool = False
     img_size: int | None = None
+
+
+@dataclass(kw_only=True)
+class ApplyRequest(ReducedModelSpec):
+    """Everything `vitprune apply` takes; the same fields as its options."""
+
     data: Path | None = None
     limit: int | None = None
     batch_size: int = 64
@@ -100,7 +106,7 @@ class ApplyResult:
     extra: dict = field(default_factory=dict)
 
 
-def resolve_plan(request: ApplyRequest, base: BaseModel) -> Plan:
+def resolve_plan(request: ReducedModelSpec, base: BaseModel) -> Plan:
     """--plan FILE, or --method with its settings, or the plan of the artifact given as model."""
     from vitprune.plan import make_plan, read_plan_file
 
@@ -125,32 +131,46 @@ def resolve_plan(request: ApplyRequest, base: BaseModel) -> Plan:
                      fuse=request.fuse, img_size=None)
 
 
-def run_apply(request: ApplyRequest) -> ApplyResult:
-    """Build the reduced model, measure it against the base, and write the artifact if asked."""
+def build_reduced(spec: ReducedModelSpec) -> tuple[BaseModel, Plan, nn.Module]:
+    """The base model, the plan the spec asks for, and a reduced copy of the base."""
     import copy
 
+    from vitprune.patch import apply_plan
+
+    base = load_base(spec.model, spec.checkpoint, spec.no_pretrained, spec.img_size)
+    plan = resolve_plan(spec, base)
+    return base, plan, apply_plan(copy.deepcopy(base.model), plan)
+
+
+def load_eval_images(base: nn.Module, reduced: nn.Module, data: Path, *, limit: int | None, workers: int,
+                     progress: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(images for the reduced model, labels, images for the base when its input size differs, else None)."""
+    from vitprune.patch import model_img_size
+
+    images, labels, _ = load_images_for(reduced, data, limit=limit, workers=workers, progress=progress)
+    base_images = None
+    if model_img_size(base) != model_img_size(reduced):
+        base_images, _, _ = load_images_for(base, data, limit=limit, workers=workers, progress=progress)
+    return images, labels, base_images
+
+
+def run_apply(request: ApplyRequest) -> ApplyResult:
+    """Build the reduced model, measure it against the base, and write the artifact if asked."""
     from vitprune.artifact import model_identity, versions, write_artifact
     from vitprune.io import check_output_dir
-    from vitprune.patch import apply_plan, model_img_size
     from vitprune.report import Evidence, compare, make_report, render_markdown
 
     if request.bench_repeats < 1:
         raise VitpruneError(f"--bench-repeats must be at least 1, got {request.bench_repeats}")
     if request.output is not None:
         check_output_dir(request.output, request.force)  # fail before the long work, not after
-    base = load_base(request.model, request.checkpoint, request.no_pretrained, request.img_size)
-    plan = resolve_plan(request, base)
-    reduced = apply_plan(copy.deepcopy(base.model), plan)
+    base, plan, reduced = build_reduced(request)
     base_model = base.model.to(request.device)
     reduced = reduced.to(request.device)
-
     images = labels = base_images = None
     if request.data is not None:
-        images, labels, _ = load_images_for(reduced, request.data, limit=request.limit, workers=request.workers,
-                                            batch_size=request.batch_size, progress=request.progress)
-        if model_img_size(base_model) != model_img_size(reduced):
-            base_images, _, _ = load_images_for(base_model, request.data, limit=request.limit,
-                                                workers=request.workers, progress=request.progress)
+        images, labels, base_images = load_eval_images(base_model, reduced, request.data, limit=request.limit,
+                                                       workers=request.workers, progress=request.progress)
     evidence = Evidence(images=images, labels=labels, base_images=base_images,
                         data_path=str(request.data) if request.data else None,
                         bench_batches=request.bench_batches, bench_repeats=request.bench_repeats,
