@@ -18,12 +18,17 @@ def check_output_dir(path: str | Path, force: bool) -> Path:
         raise VitpruneError(f"output folder {path} already exists; pass --force to replace it")
     if path.exists() and not path.is_dir():
         raise VitpruneError(f"output path {path} exists and is not a folder")
+    _writable_parent(path)
+    return path
+
+
+def _writable_parent(path: Path) -> Path:
     parent = path.resolve().parent
     if not parent.is_dir():
         raise VitpruneError(f"cannot write {path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise VitpruneError(f"cannot write {path}: folder {parent} is not writable")
-    return path
+    return parent
 
 
 @contextmanager
@@ -51,11 +56,7 @@ def atomic_output_file(path: str | Path, force: bool = True) -> Iterator[Path]:
     path = Path(path)
     if path.exists() and not force:
         raise VitpruneError(f"output file {path} already exists; pass --force to replace it")
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise VitpruneError(f"cannot write {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise VitpruneError(f"cannot write {path}: folder {parent} is not writable")
+    parent = _writable_parent(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     tmp = Path(name)
