@@ -17,7 +17,7 @@ import vitprune.finetune as finetune
 from vitprune.cli import run
 from vitprune.data import find_images
 from vitprune.errors import VitpruneError
-from vitprune.finetune import FinetuneRequest, distill_loss, run_finetune, work_dir_for
+from vitprune.finetune import FinetuneRequest, distill_loss, hard_distill_loss, run_finetune, work_dir_for
 from vitprune.patch import apply_plan, plan_of, set_dynamic_img_size
 from vitprune.plan import make_plan
 
@@ -63,6 +63,39 @@ def test_distill_loss_is_kl_scaled_by_t_squared() -> None:
     soft_t, soft_s = (teacher / 3).softmax(-1), (student / 3).softmax(-1)
     expected = (soft_t * (soft_t.log() - soft_s.log())).sum(-1).mean() * 9
     assert torch.allclose(distill_loss(student, teacher, 3.0), expected, atol=1e-5)
+
+
+def test_hard_distill_loss_is_cross_entropy_with_the_teacher_top1() -> None:
+    teacher, student = torch.randn(6, 10), torch.randn(6, 10)
+    expected = torch.nn.functional.cross_entropy(student, teacher.argmax(-1))
+    assert torch.allclose(hard_distill_loss(student, teacher), expected)
+    # It ignores everything but the teacher's top-1: a sharper teacher with the same argmax gives the same loss.
+    assert torch.allclose(hard_distill_loss(student, teacher * 5), expected)
+
+
+def test_hard_distillation_alone_trains(images: Path) -> None:
+    # Only the hard term (no KL, no labels) on unaugmented images: the training loss it reports must fall.
+    request = FinetuneRequest(**TINY, data=images, method="evit", keep=0.5, epochs=4, lr=1e-5, min_lr=1e-5,
+                              distill_weight=0.0, label_weight=0.0, hard_distill=1.0, augment=False)
+    result = run_finetune(request)
+    trained = [row["train_loss"] for row in result.metrics[1:]]
+    assert trained[-1] < trained[0]
+    assert result.report["finetune"]["settings"]["hard_distill"] == 1.0
+
+
+def test_auto_augment_adds_the_policy_to_the_training_transform() -> None:
+    model, _ = vitprune.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32)
+    plain = repr(finetune.train_transform(model, 0.5))
+    policy = repr(finetune.train_transform(model, 0.5, auto_augment="rand-m9-mstd0.5"))
+    assert "RandAugment" not in plain and "RandAugment" in policy and "RandomResizedCrop" in policy
+
+
+def test_a_failing_augmentation_is_reported_with_the_image(images: Path) -> None:
+    def refuse(image):
+        raise ValueError("bits must be between or equal to 1 and 8")
+
+    image, _, error = finetune.TrainImages(find_images(images), refuse)[0]
+    assert image is None and error.startswith("cannot augment image ") and "bits must be" in error
 
 
 def test_dynamic_img_size_matches_the_served_size() -> None:
@@ -218,6 +251,10 @@ def test_two_process_ddp_on_gloo_ends_with_identical_weights(images: Path, tmp_p
 @pytest.mark.parametrize("extra, message", [
     (["--data", "MISSING"], "image folder not found"),
     (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--hard-distill", "-1"], "loss weights must not be negative"),
+    (["--auto-augment", "bogus"], "unknown --auto-augment policy 'bogus'"),
+    (["--auto-augment", "rand-m9", "--no-augment"], "drop --no-augment"),
+    (["--distill-weight", "0", "--label-weight", "0"], "cannot all be 0"),
     (["--amp", "bf16"], "--amp bf16 is for CUDA"),
     (["--val", "IMAGES", "--val-split", "0.2"], "not both"),
     (["--supervit", "--sizes", "24,32", "--keeps", "0.5,1"], "multiples of the patch size 16"),

@@ -90,8 +90,10 @@ class FinetuneRequest:
     temperature: float = 1.0
     distill_weight: float = 1.0
     label_weight: float = 1.0
+    hard_distill: float = 0.0  # weight of cross-entropy with the teacher's top-1 (DeiT's hard distillation)
     crop_scale: float = 0.08  # smallest random-resized-crop area (timm's default)
     augment: bool = True  # False: timm's un-augmented train transform (resize + centre crop)
+    auto_augment: str | None = None  # a timm AutoAugment/RandAugment policy, e.g. "rand-m9-mstd0.5"
     trainable: tuple[str, ...] = ("*",)  # parameter-name patterns to train (fnmatch)
     amp: str = "none"  # none, bf16 or fp16 (CUDA only)
     ema: float | None = None  # EMA decay; the EMA weights are validated and saved
@@ -166,7 +168,10 @@ class TrainImages(Dataset):
                 rgb = image.convert("RGB")
         except Exception as error:  # PIL raises many types; errors travel as data, not worker tracebacks
             return None, label, f"cannot read image {file}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
-        return self.transform(rgb), label, None
+        try:
+            return self.transform(rgb), label, None
+        except Exception as error:  # e.g. a random augmentation op Pillow refuses
+            return None, label, f"cannot augment image {file}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
 
 
 def collate_train(samples: list[tuple[Tensor | None, int, str | None]]) -> tuple[Tensor | None, Tensor | None, str | None]:
@@ -176,14 +181,28 @@ def collate_train(samples: list[tuple[Tensor | None, int, str | None]]) -> tuple
     return torch.stack([image for image, _, _ in samples]), torch.tensor([label for _, label, _ in samples]), None
 
 
-def train_transform(model: nn.Module, crop_scale: float, augment: bool = True) -> Callable[[Image.Image], Tensor]:
-    """timm's training augmentation (random resized crop, flip, colour jitter) at the model's size."""
+def train_transform(model: nn.Module, crop_scale: float, augment: bool = True,
+                    auto_augment: str | None = None) -> Callable[[Image.Image], Tensor]:
+    """timm's training augmentation (random resized crop, flip, colour jitter or an AutoAugment /
+    RandAugment policy) at the model's size. The teacher labels whatever the augmentation makes, so
+    stronger augmentation turns a few images into many distinct training samples."""
     import timm.data
 
     from vitprune.data import data_config_for
 
     return timm.data.create_transform(**data_config_for(model), is_training=True, no_aug=not augment,
-                                      scale=(crop_scale, 1.0))
+                                      scale=(crop_scale, 1.0), auto_augment=auto_augment)
+
+
+def check_auto_augment(policy: str) -> None:
+    """A policy timm understands ('rand-m9-mstd0.5', 'augmix-m5', 'original', 'v0', ...)."""
+    import timm.data
+
+    try:
+        timm.data.create_transform(32, is_training=True, auto_augment=policy)
+    except Exception as error:
+        raise VitpruneError(f"unknown --auto-augment policy '{policy}' ({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
+                            "use e.g. rand-m9-mstd0.5") from None
 
 
 def resized(images: Tensor, size: int) -> Tensor:
@@ -194,6 +213,12 @@ def resized(images: Tensor, size: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- losses
+
+
+def hard_distill_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Cross-entropy with the teacher's top-1 class as the label (DeiT's hard distillation).
+    Agreement with the teacher is exactly top-1 match, so this term aims at it directly."""
+    return F.cross_entropy(student_logits.float(), teacher_logits.argmax(dim=-1))
 
 
 def distill_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -313,8 +338,10 @@ def check_request(request: FinetuneRequest) -> None:
          f"--warmup-epochs must be at least 0 and less than --epochs ({request.epochs}), got {request.warmup_epochs}"),
         (request.clip_grad >= 0, f"--clip-grad must not be negative (0 turns it off), got {request.clip_grad}"),
         (request.temperature > 0, f"--temperature must be positive, got {request.temperature}"),
-        (request.distill_weight >= 0 and request.label_weight >= 0, "loss weights must not be negative"),
-        (request.distill_weight + request.label_weight > 0, "the distillation and label weights cannot both be 0"),
+        (request.distill_weight >= 0 and request.label_weight >= 0 and request.hard_distill >= 0,
+         "loss weights must not be negative"),
+        (request.distill_weight + request.label_weight + request.hard_distill > 0,
+         "the distillation, hard-distillation and label weights cannot all be 0"),
         (0 < request.crop_scale <= 1, f"--crop-scale must be in (0, 1], got {request.crop_scale}"),
         (request.workers >= 0, f"--workers must not be negative, got {request.workers}"),
         (request.ema is None or 0 < request.ema < 1, f"--ema is a decay in (0, 1), e.g. 0.999, got {request.ema}"),
@@ -332,6 +359,10 @@ def check_request(request: FinetuneRequest) -> None:
         raise VitpruneError("give --val DIR or --val-split FRACTION, not both")
     if request.supervit and (request.method is not None or request.plan_file is not None):
         raise VitpruneError("--supervit builds its own EViT plans from --sizes/--keeps; drop --method/--plan")
+    if request.auto_augment is not None:
+        if not request.augment:
+            raise VitpruneError("--auto-augment is an augmentation: drop --no-augment")
+        check_auto_augment(request.auto_augment)
     if not request.supervit and (request.sizes or request.keeps):
         raise VitpruneError("--sizes and --keeps are for --supervit")
     if request.resume and request.output is None:
@@ -515,16 +546,24 @@ class Trainer:
         with context:
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def objective(self, logits: Tensor, target_logits: Tensor, labels: Tensor) -> tuple[Tensor, float, float]:
+    def distillation(self, logits: Tensor, target_logits: Tensor) -> tuple[Tensor, float]:
+        """Soft (KL) plus hard (teacher's top-1) distillation towards `target_logits`, and the KL."""
         request = self.request
         distill = distill_loss(logits, target_logits, request.temperature)
         loss = request.distill_weight * distill
+        if request.hard_distill > 0:
+            loss = loss + request.hard_distill * hard_distill_loss(logits, target_logits)
+        return loss, distill.item()
+
+    def objective(self, logits: Tensor, target_logits: Tensor, labels: Tensor) -> tuple[Tensor, float, float]:
+        request = self.request
+        loss, distill = self.distillation(logits, target_logits)
         label = 0.0
         if self.labelled and request.label_weight > 0:
             label_loss = F.cross_entropy(logits.float(), labels)
             loss = loss + request.label_weight * label_loss
             label = label_loss.item()
-        return loss, distill.item(), label
+        return loss, distill, label
 
     def step(self, images: Tensor, labels: Tensor) -> dict:
         from vitprune.patch import apply_plan
@@ -548,8 +587,8 @@ class Trainer:
                 soft_targets = logits.detach()
             else:
                 # In-place distillation: the smaller variants learn the largest one's predictions.
-                loss = request.distill_weight * distill_loss(logits, soft_targets, request.temperature)
-                parts["distill"] += loss.item()
+                loss, distill = self.distillation(logits, soft_targets)
+                parts["distill"] += distill
             self.backward(loss, sync=last)
             total += loss.item()
         if self.scaler is not None:
@@ -665,7 +704,7 @@ def _run(request: FinetuneRequest, distributed: Distributed, device: torch.devic
     student.to(device).train()
 
     optimizer = create_optimizer_v2(student, opt="adamw", lr=request.lr, weight_decay=request.weight_decay)
-    transform = train_transform(teacher, request.crop_scale, request.augment)
+    transform = train_transform(teacher, request.crop_scale, request.augment, request.auto_augment)
     dataset = TrainImages(train_set, transform)
     sampler = DistributedSampler(dataset, num_replicas=distributed.world_size, rank=distributed.rank,
                                  shuffle=True, seed=request.seed)
