@@ -1,0 +1,144 @@
+"""`vitprune calibrate`: the search meets its budget, holds images out, writes a plan `apply --plan` takes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vitprune
+from vitprune.calibrate import (
+    CalibrateRequest, Shape, make_budget, pareto_mask, run_calibrate, shape_plan,
+)
+from vitprune.cli import run
+from vitprune.errors import VitpruneError
+from vitprune.patch import plan_of
+
+TINY = ["vit_tiny_patch16_224", "--no-pretrained", "--img-size", "64"]
+FAST = ["--img-sizes", "64,48", "--search-images", "4", "--refine-steps", "2", "--bench-repeats", "1",
+        "--batch", "2", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for index in range(10):
+        pixels = (rng.random((48, 48, 3)) * 255).astype("uint8")
+        Image.fromarray(pixels).save(folder / f"image{index:02d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def calibrated(image_dir, tmp_path_factory) -> Path:
+    """One calibration on a tiny random model, shared by the tests that read its output."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("runs") / "calibrated"
+    code = run(["calibrate", *TINY, "--data", str(image_dir), "--target-ratio", "0.6", *FAST, "-o", str(out)])
+    assert code == 0
+    return out
+
+
+def test_search_meets_the_budget_and_writes_everything(calibrated):
+    report = json.loads((calibrated / "report.json").read_text())
+    cal = report["calibration"]
+    assert report["gmacs"] <= 0.6 * report["gmacs_base"] + 1e-9
+    assert report["gmacs_reduction"] >= 0.4 - 1e-6
+    assert cal["objective"] == "kl" and cal["budget"]["kind"] == "ratio"
+    assert cal["images"] == {"total": 10, "calibration": 5, "holdout": 5, "search_subset": 4, "labelled": False,
+                             "holdout_fraction": 0.5, "seed": 0, "points_per_holdout_image": 20.0}
+    assert cal["frontier"] and any(row["pareto"] for row in cal["frontier"])
+    assert {row["name"] for row in cal["references"]} == {"EViT 0.7 @3,6,9", "ToMe r=8", "ToMe r=13", "ToMe r=16"}
+    for row in cal["frontier"] + cal["references"]:
+        assert row["ms_per_image"] > 0 and row["holdout"]["n_images"] == 5
+    assert cal["search_seconds"] > 0
+    assert (calibrated / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Frontier (held-out images)" in (calibrated / "report.md").read_text()
+
+
+def test_output_loads_as_an_artifact(calibrated):
+    metadata = json.loads((calibrated / "vitprune.json").read_text())
+    model = vitprune.load(calibrated)
+    assert plan_of(model).to_dict()["reductions"] == metadata["plan"]["reductions"]
+    assert metadata["plan"]["notes"]["calibrated"]["budget"]["kind"] == "ratio"
+    size = metadata["model"]["img_size"]
+    assert model(torch.randn(2, 3, size, size)).shape == (2, 1000)
+
+
+def test_apply_takes_the_calibrated_plan(calibrated, image_dir, tmp_path, capsys):
+    report = json.loads((calibrated / "report.json").read_text())
+    out = tmp_path / "applied"
+    code = run(["apply", *TINY, "--plan", str(calibrated / "vitprune.json"), "--data", str(image_dir),
+                "-o", str(out), "--json"])
+    assert code == 0
+    applied = json.loads((out / "report.json").read_text())
+    # apply names the --img-size it was given; the reductions are the calibrated ones.
+    assert applied["plan"] == report["plan"] + "; 64px"
+    assert {k: v for k, v in applied["params"].items() if k != "img_size"} == report["params"]
+    assert applied["gmacs"] == pytest.approx(report["gmacs"], abs=1e-4)  # EViT/ToMe GMACs do not depend on weights
+    assert json.loads(capsys.readouterr().out)["gmacs"] == applied["gmacs"]
+
+
+def test_holdout_is_disjoint_from_calibration(image_dir):
+    torch.manual_seed(0)
+    result = run_calibrate(CalibrateRequest(
+        model="vit_tiny_patch16_224", data=image_dir, budget=make_budget(target_ratio=0.7), no_pretrained=True,
+        img_size=64, img_sizes=[64], holdout=0.3, search_images=3, refine_steps=1, bench_repeats=1, progress=False,
+    ))
+    calibration, holdout = set(result.calibration_files), set(result.holdout_files)
+    assert not calibration & holdout
+    assert len(calibration | holdout) == 10 and len(holdout) == 3
+    assert result.report["calibration"]["chosen"]["holdout"]["n_images"] == 3
+    assert result.report["gmacs"] <= 0.7 * result.report["gmacs_base"] + 1e-9
+
+
+@pytest.mark.parametrize("budget_args, message", [
+    ([], "give a budget"),
+    (["--target-ratio", "0.5", "--target-gmacs", "1"], "give one budget"),
+    (["--target-ratio", "0"], "must be in (0, 1)"),
+    (["--target-ratio", "1.2"], "must be in (0, 1)"),
+    (["--target-gmacs", "0.000001"], "out of reach"),
+    (["--max-drop", "-1"], "--max-drop"),
+])
+def test_bad_budgets_exit_2_and_write_nothing(budget_args, message, image_dir, tmp_path, capsys):
+    out = tmp_path / "never"
+    code = run(["calibrate", *TINY, "--data", str(image_dir), *budget_args, *FAST, "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_empty_image_folder_exits_2(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = run(["calibrate", *TINY, "--data", str(empty), "--target-ratio", "0.5", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no images found" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_force(calibrated, image_dir, capsys):
+    code = run(["calibrate", *TINY, "--data", str(image_dir), "--target-ratio", "0.6", *FAST, "-o", str(calibrated)])
+    assert code == 2 and "--force" in capsys.readouterr().err
+
+
+def test_shape_plan_respects_method_limits():
+    shape = Shape(224, ("tome", "evit", None, "tome"), (1.0, 1.0, 1.0, 1.0), "test")
+    plan = shape_plan(shape, scale=1000.0, num_tokens=197, num_prefix=1)
+    tome0, evit1, tome3 = plan.reductions
+    assert tome0.r == 98  # at most half the 196 patch tokens
+    assert evit1.keep == pytest.approx(0.2, abs=0.01)  # never below MIN_EVIT_KEEP
+    assert tome3.layer == 3 and tome3.r <= (1 + 20 + 1) // 2
+    plan.validate(4)
+    assert shape_plan(shape, scale=0.0, num_tokens=197, num_prefix=1).reductions == ()
+
+
+def test_pareto_mask_and_budget_checks():
+    assert pareto_mask([(1.0, (0.1,)), (0.8, (0.2,)), (0.9, (0.3,)), (0.8, (0.2,))]) == [True, True, False, True]
+    assert make_budget(target_latency_ms=12, batch=8).batch == 8
+    with pytest.raises(VitpruneError, match="--batch"):
+        make_budget(target_latency_ms=12, batch=0)

@@ -1,0 +1,76 @@
+"""`vitprune calibrate`: search the best reduction plan for a budget on the user's own images."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vitprune.cli import app
+from vitprune.cli.common import (
+    CheckpointOpt, ForceOpt, ImgSizeOpt, JsonOpt, LimitOpt, ModelArg, NoPretrainedOpt, OutOpt, ThreadsOpt,
+    WorkersOpt, console, emit_json, report_table, set_threads,
+)
+from vitprune.errors import VitpruneError
+
+
+@app.command()
+def calibrate(
+    model: ModelArg,
+    data: Annotated[Path, typer.Option("--data", "-d", help="Images to calibrate on (part is held out): ImageFolder, a folder with labels.csv, or plain images.")],
+    target_gmacs: Annotated[Optional[float], typer.Option("--target-gmacs", help="Budget: at most this many GMACs per image.")] = None,
+    target_ratio: Annotated[Optional[float], typer.Option("--target-ratio", help="Budget: at most this fraction of the base GMACs, in (0, 1).")] = None,
+    target_latency_ms: Annotated[Optional[float], typer.Option("--target-latency-ms", help="Budget: at most this many ms per image at --batch, measured here.")] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Budget: the cheapest plan within this many top-1 points (agreement points when unlabelled).")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Batch size the latency is measured at.")] = 32,
+    objective: Annotated[str, typer.Option("--objective", help="Search objective on the calibration images: kl, agreement or top1.")] = "kl",
+    holdout: Annotated[float, typer.Option("--holdout", help="Fraction of the images held out to report the figures on.")] = 0.5,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the split and of the search.")] = 0,
+    img_sizes: Annotated[Optional[str], typer.Option("--img-sizes", help="Input sizes to search, e.g. 224,208,192 (default: the model's size and up to 3 smaller, down to 3/4).")] = None,
+    search_images: Annotated[int, typer.Option("--search-images", help="Calibration images the inner search scores on (the finalists use all).")] = 128,
+    refine_steps: Annotated[int, typer.Option("--refine-steps", help="Evolutionary refinement steps at the budget.")] = 16,
+    bench_repeats: Annotated[int, typer.Option("--bench-repeats", help="Timed runs per model (median reported).")] = 5,
+    checkpoint: CheckpointOpt = None,
+    no_pretrained: NoPretrainedOpt = False,
+    img_size: ImgSizeOpt = None,
+    limit: LimitOpt = None,
+    workers: WorkersOpt = 2,
+    threads: ThreadsOpt = None,
+    output: OutOpt = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Find the reduction plan that fits a budget best on your images; report its frontier on held-out images."""
+    from vitprune.calibrate import CalibrateRequest, make_budget, run_calibrate
+
+    budget = make_budget(target_gmacs=target_gmacs, target_ratio=target_ratio, target_latency_ms=target_latency_ms,
+                         max_drop=max_drop, batch=batch)
+    request = CalibrateRequest(
+        model=model, data=data, budget=budget, checkpoint=checkpoint, no_pretrained=no_pretrained, img_size=img_size,
+        img_sizes=_parse_sizes(img_sizes), limit=limit, holdout=holdout, seed=seed, objective=objective,
+        search_images=search_images, refine_steps=refine_steps, bench_repeats=bench_repeats, workers=workers,
+        output=output, force=force, progress=not json_out,
+    )
+    set_threads(threads)
+    result = run_calibrate(request)
+    if json_out:
+        emit_json(result.report)
+        return
+    cal = result.report["calibration"]
+    console.print(report_table(result.report, f"{result.report['model']}: {result.report['plan']} "
+                                              f"(held-out {cal['images']['holdout']} images)"))
+    console.print(f"objective: {cal['objective_text']}; search took {cal['search_seconds']:.0f} s")
+    if output is not None:
+        console.print(f"wrote [bold]{output}[/] (model.safetensors, vitprune.json, report.json, report.md, pareto.png)")
+
+
+def _parse_sizes(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise VitpruneError(f"cannot read input sizes '{text}': use e.g. 224,208,192") from None
+    if not sizes:
+        raise VitpruneError("--img-sizes is empty")
+    return sizes
