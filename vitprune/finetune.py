@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from vitprune.data import ImageSet
 from vitprune.errors import VitpruneError
+from vitprune.pipeline import ReducedModelSpec
 from vitprune.plan import Plan
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -52,23 +53,14 @@ DIST_TIMEOUT = timedelta(minutes=60)
 RESUMABLE_FIELDS = ("output", "force", "resume", "keep_checkpoint", "progress", "workers", "eval_batch_size", "device")
 
 
-@dataclass
-class FinetuneRequest:
-    """Everything `vitprune finetune` takes; the same fields as its options."""
+@dataclass(kw_only=True)
+class FinetuneRequest(ReducedModelSpec):
+    """Everything `vitprune finetune` takes; the same fields as its options.
 
-    model: str  # an apply artifact folder, or a timm model name with method/keep/... as in `apply`
+    The model and reduction fields are `apply`'s (an apply artifact folder brings its own plan)."""
+
     data: Path
     output: Path | None = None
-    # the reduction, as `apply` takes it (an artifact brings its own plan)
-    method: str | None = None
-    keep: float | None = None
-    r: int | None = None
-    layers: list[int] | None = None
-    fuse: bool = True
-    plan_file: Path | None = None
-    checkpoint: Path | None = None
-    no_pretrained: bool = False
-    img_size: int | None = None
     # SuperViT: every size x keep rate trained at once
     supervit: bool = False
     sizes: tuple[int, ...] = ()
@@ -655,7 +647,7 @@ def _run(request: FinetuneRequest, distributed: Distributed, device: torch.devic
 
     from vitprune.data import find_images, split
     from vitprune.patch import apply_plan, model_img_size, set_dynamic_img_size
-    from vitprune.pipeline import ApplyRequest, load_base, resolve_plan
+    from vitprune.pipeline import load_base, resolve_plan
 
     # ---- everything that can be wrong with the input, before anything is written
     train_set = find_images(request.data, limit=request.limit, seed=request.seed)
@@ -673,9 +665,7 @@ def _run(request: FinetuneRequest, distributed: Distributed, device: torch.devic
     if request.supervit:
         variants = supervit_variants(depth, teacher_size, request.sizes, request.keeps, teacher.patch_embed.patch_size[0])
     else:
-        plan = resolve_plan(ApplyRequest(model=request.model, method=request.method, keep=request.keep, r=request.r,
-                                         layers=request.layers, fuse=request.fuse, plan_file=request.plan_file,
-                                         img_size=request.img_size), base)
+        plan = resolve_plan(request, base)
         variants = [Variant(key="val", label=plan.describe(), plan=plan, img_size=plan.img_size or teacher_size)]
     for image_set, what in ((train_set, "training"), (val_set, "validation")):
         if image_set is not None:
