@@ -152,3 +152,9 @@ def test_python_api_without_the_cli():
     assert same is model and vitprune.plan_of(model).method == "evit"
     with pytest.raises(VitpruneError):
         vitprune.apply(model)
+
+
+def test_missing_parent_folders_of_the_output_are_made(tmp_path):
+    out = tmp_path / "runs" / "nested" / "artifact"
+    assert run(apply_args("--method", "tome", "--r", "2", "-o", str(out))) == 0
+    assert (out / "vitprune.json").is_file()

@@ -18,7 +18,11 @@ def check_output_dir(path: str | Path, force: bool) -> Path:
         raise VitpruneError(f"output folder {path} already exists; pass --force to replace it")
     if path.exists() and not path.is_dir():
         raise VitpruneError(f"output path {path} exists and is not a folder")
-    _writable_parent(path)
+    ancestor = path.resolve().parent
+    while not ancestor.exists():  # missing parent folders are made when the artifact is written
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise VitpruneError(f"cannot write {path}: folder {ancestor} is not writable")
     return path
 
 
@@ -35,7 +39,9 @@ def _writable_parent(path: Path) -> Path:
 def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename."""
     path = check_output_dir(path, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent))
+    parent = path.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
     try:
         yield tmp
         if path.exists():
