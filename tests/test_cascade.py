@@ -20,7 +20,6 @@ from vitprune.cascade import (
 from vitprune.errors import VitpruneError
 from vitprune.flops import count_macs
 from vitprune.patch import model_img_size, plan_of
-from vitprune.plan import Plan
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SAMPLE_IMAGES = SHARED_DATA / "images" / "imagenet-sample-images"

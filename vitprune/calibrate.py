@@ -472,7 +472,7 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
     from vitprune.data import classification_metrics, find_images, load_images, predict, split, transform_for
     from vitprune.patch import apply_plan, check_plan_fits, model_img_size
     from vitprune.pipeline import load_base
-    from vitprune.report import make_report, render_markdown
+    from vitprune.report import make_report
 
     check_request(request)
     base = load_base(request.model, request.checkpoint, request.no_pretrained, request.img_size)
@@ -571,7 +571,7 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
                     loss = search_eval.score(plan).loss(objective)
                     ranked.append((loss, candidate, plan))
                     if loss < best_loss:
-                        best_loss, best_shape, best_plan = loss, candidate, plan
+                        best_loss, best_shape = loss, candidate
             bar.advance(task)
         ranked.sort(key=lambda item: item[0])
         top: list[tuple[tuple, Shape | AtsShape, Plan]] = []

@@ -907,7 +907,7 @@ def _single_models(cascade: CascadeModel, model: nn.Module, images: Tensor, hold
     `request.frontier`, the fixed EViT/ToMe schedules at the model's own size."""
     from vitprune.data import predict
     from vitprune.flops import count_macs
-    from vitprune.patch import apply_plan, model_img_size
+    from vitprune.patch import model_img_size
 
     rows = []
     hold_reference = reference[hold_idx]

@@ -301,7 +301,7 @@ def init_distributed(device: str) -> tuple[Distributed, torch.device]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Distributed(), torch.device(device)
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device.startswith("cuda")
     target = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
     if cuda:
