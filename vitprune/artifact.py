@@ -58,10 +58,10 @@ def artifact_metadata(model: nn.Module, info: dict, plan: Plan) -> dict:
     }
 
 
-def save_weights(model: nn.Module, path: Path, metadata: dict) -> None:
+def save_weights(model: nn.Module, path: Path, metadata: dict, metadata_key: str = METADATA_KEY) -> None:
     """Base weights (the plan adds none) with the metadata, so the one file is a full artifact."""
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    safetensors.torch.save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(metadata)})
+    safetensors.torch.save_file(tensors, str(path), metadata={metadata_key: json.dumps(metadata)})
 
 
 def write_artifact(out_dir: str | Path, model: nn.Module, info: dict, *, report: dict | None = None,
@@ -72,13 +72,20 @@ def write_artifact(out_dir: str | Path, model: nn.Module, info: dict, *, report:
     with atomic_output_dir(out_dir, force=force) as tmp:
         save_weights(model, tmp / WEIGHTS_FILE, metadata)
         (tmp / PLAN_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        if report is not None:
-            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if report_md is not None:
-            (tmp / "report.md").write_text(report_md)
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
+        write_report_files(tmp, report, report_md, extra_files)
     return Path(out_dir)
+
+
+def write_report_files(folder: Path, report: dict | None, report_md: str | None,
+                       extra_files: dict[str, bytes] | None) -> None:
+    """report.json, report.md and any extra files (plots, CSVs) into an artifact folder being written."""
+    if report is not None:
+        (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if report_md is not None:
+        (folder / "report.md").write_text(report_md)
+    for name, data in (extra_files or {}).items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -490,22 +490,14 @@ def save_cascade(out_dir: str | Path, cascade: CascadeModel, info: dict, *, repo
                  onnx: bool = False) -> Path:
     """The cascade folder, atomically: cascade.json, the base weights once, the report and extras;
     with `onnx`, also onnx/ (one graph per stage + cascade_onnx.json, see `OnnxCascade`)."""
-    import safetensors.torch
-
+    from vitprune.artifact import save_weights, write_report_files
     from vitprune.io import atomic_output_dir
 
     metadata = cascade_metadata(cascade, info)
     with atomic_output_dir(out_dir, force=force) as tmp:
-        tensors = {name: t.detach().contiguous().cpu() for name, t in cascade.base.state_dict().items()}
-        safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={METADATA_KEY: json.dumps(metadata)})
+        save_weights(cascade.base, tmp / WEIGHTS_FILE, metadata, metadata_key=METADATA_KEY)
         (tmp / CASCADE_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        if report is not None:
-            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if report_md is not None:
-            (tmp / "report.md").write_text(report_md)
-        for name, data in (extra_files or {}).items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_bytes(data)
+        write_report_files(tmp, report, report_md, extra_files)
         if onnx:
             _write_onnx(cascade, tmp / "onnx", opset=17, fp16=False)
     return Path(out_dir)
