@@ -104,21 +104,11 @@ class ReducedVisionTransformer:
         if method == "ats":
             # Sample first, then attend with the kept queries only: the output projection and
             # the MLP run on the kept tokens (ATS applies the selection to the attention rows).
-            cls_attn = cls_attention(q[:, :, :1], k, attn.scale, key_bias)
-            scores = ats_scores(cls_attn, v, num_prefix, state.valid)
-            samples = ats_cap(reduction.keep, num_input_tokens) - num_prefix
-            valid_patch = None if state.valid is None else state.valid[:, num_prefix:]
-            keep = ats_sample(scores, max(samples, 1), valid_patch)
-            index, valid = ats_select(keep, num_prefix, pad_to=getattr(self, "_vitprune_ats_pad_to", None))
-            q = q.gather(2, index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+            index, q, state = self._ats_selection(attn, q, k, v, state, key_bias, reduction, num_input_tokens,
+                                                  pad_to=getattr(self, "_vitprune_ats_pad_to", None))
             x, normed = gather_tokens(x, index), gather_tokens(normed, index)
-            size = gather_tokens(state.size, index) if state.size is not None else None
-            state = TokenState(size=size, valid=valid)
 
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if key_bias is None else key_bias.to(q.dtype),
-            dropout_p=attn.attn_drop.p if self.training else 0.0,
-        )
+        out = self._attend(attn, q, k, v, key_bias)
         out = attn.norm(out.transpose(1, 2).reshape(batch, q.shape[2], attn.attn_dim))
         gate = getattr(attn, "gate", None)
         if gate is not None:
@@ -151,7 +141,6 @@ class ReducedVisionTransformer:
         tokens alone, packed, so fewer tokens per image are real speed-up in a batch.
         """
         attn = block.attn
-        num_prefix = self.num_prefix_tokens
         batch, width, channels = x.shape
         rows = _real_rows(state.valid)
         flat = x.reshape(batch * width, channels)
@@ -163,19 +152,9 @@ class ReducedVisionTransformer:
         key_bias = state.key_bias()
         state_in = state
         if reduction is not None and reduction.method == "ats":
-            cls_attn = cls_attention(q[:, :, :1], k, attn.scale, key_bias)
-            scores = ats_scores(cls_attn, v, num_prefix, state.valid)
-            samples = ats_cap(reduction.keep, num_input_tokens) - num_prefix
-            valid_patch = None if state.valid is None else state.valid[:, num_prefix:]
-            index, valid = ats_select(ats_sample(scores, max(samples, 1), valid_patch), num_prefix)
-            q = q.gather(2, index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+            index, q, state = self._ats_selection(attn, q, k, v, state, key_bias, reduction, num_input_tokens)
             x = gather_tokens(x, index)
-            size = gather_tokens(state.size, index) if state.size is not None else None
-            state = TokenState(size=size, valid=valid)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if key_bias is None else key_bias.to(q.dtype),
-            dropout_p=attn.attn_drop.p if self.training else 0.0,
-        )
+        out = self._attend(attn, q, k, v, key_bias)
         queries = q.shape[2]
         out_rows = _real_rows(state.valid)
         out = out.transpose(1, 2).reshape(batch * queries, attn.attn_dim).index_select(0, out_rows)
@@ -189,6 +168,28 @@ class ReducedVisionTransformer:
         x = packed.new_zeros(batch * queries, channels).index_copy_(0, out_rows, packed).view(batch, queries, channels)
         self._record(layer, reduction.method if reduction is not None else None, width, state_in, state, queries, x)
         return x, state
+
+    def _ats_selection(
+        self, attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, state: TokenState, key_bias: Tensor | None,
+        reduction: Reduction, num_input_tokens: int, pad_to: int | None = None,
+    ) -> tuple[Tensor, Tensor, TokenState]:
+        """ATS sampling: (kept token indices, the kept queries, the state of the kept tokens)."""
+        num_prefix = self.num_prefix_tokens
+        cls_attn = cls_attention(q[:, :, :1], k, attn.scale, key_bias)
+        scores = ats_scores(cls_attn, v, num_prefix, state.valid)
+        samples = ats_cap(reduction.keep, num_input_tokens) - num_prefix
+        valid_patch = None if state.valid is None else state.valid[:, num_prefix:]
+        index, valid = ats_select(ats_sample(scores, max(samples, 1), valid_patch), num_prefix, pad_to=pad_to)
+        q = q.gather(2, index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+        size = gather_tokens(state.size, index) if state.size is not None else None
+        return index, q, TokenState(size=size, valid=valid)
+
+    def _attend(self, attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None) -> Tensor:
+        """timm's fused scaled-dot-product attention, with the token state's logit bias."""
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if key_bias is None else key_bias.to(q.dtype),
+            dropout_p=attn.attn_drop.p if self.training else 0.0,
+        )
 
     def _record(self, layer: int, method: str | None, tokens_in: int, state_in: TokenState,
                 state_out: TokenState, queries: int, x: Tensor) -> None:
