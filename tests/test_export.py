@@ -21,7 +21,7 @@ IMG = 64  # 16 patch tokens + CLS: exports and ORT runs stay well under a second
 SETTINGS = {"evit": {"keep": 0.7}, "tome": {"r": 4}, "ats": {"keep": 1.0}}
 # The ops that carry each reduction in the graph (EViT: top-k + gather; ToMe: the scatter-add
 # merge; ATS: inverse-transform sampling over the score CDF).
-REDUCTION_OPS = {"evit": {"TopK", "GatherElements"}, "tome": {"TopK", "ScatterElements"},
+REDUCTION_OPS = {"evit": {"TopK", "GatherElements"}, "tome": {"TopK", "GatherElements"},
                  "ats": {"CumSum", "ArgMin", "TopK"}}
 
 

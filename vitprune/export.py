@@ -1,7 +1,7 @@
 """ONNX export of reduced (and plain) ViTs, verified and timed on ONNX Runtime.
 
-The token reduction is part of the exported graph: EViT is a TopK + GatherElements, ToMe the
-bipartite matching and its ScatterElements merge, ATS the inverse-transform sampling and a TopK
+The token reduction is part of the exported graph: EViT is a TopK + Gather of whole token rows,
+ToMe the bipartite matching and its merge (row Gathers and a small MatMul), ATS the inverse-transform sampling and a TopK
 whose K is the batch's largest kept count (see `export_onnx`). The graph takes float32 images
 `images` (B, 3, H, W) and returns float32 `logits` (B, classes), also when the weights are fp16.
 
@@ -154,7 +154,7 @@ def export_onnx(
                 torch.onnx.export(graph, (example,), str(tmp), dynamo=False, opset_version=opset,
                                   input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                   dynamic_axes=dynamic_axes, do_constant_folding=True)
-                _finish_graph(tmp, fixed_batch, fp16)
+                _pin_batch(tmp, fixed_batch)
                 onnx.checker.check_model(str(tmp))
             except VitpruneError:
                 raise
@@ -165,42 +165,16 @@ def export_onnx(
         model.train(was_training)
 
 
-def _finish_graph(path: Path, fixed_batch: int | None, fp16: bool) -> None:
-    """Pin a fixed batch size into the graph's input and output; in an fp16 graph run the
-    scatter-adds in float32 (ONNX Runtime's CPU ScatterElements has no float16 'add', which ToMe's
-    merge uses) between two Casts, everything else staying float16."""
+def _pin_batch(path: Path, fixed_batch: int | None) -> None:
+    """Pin a fixed batch size into the graph's input and output."""
     import onnx
 
-    if fixed_batch is None and not fp16:
+    if fixed_batch is None:
         return
     model = onnx.load(str(path))
-    if fixed_batch is not None:
-        for value in [*model.graph.input, *model.graph.output]:
-            value.type.tensor_type.shape.dim[0].dim_value = fixed_batch
-    if fp16:
-        _scatter_add_in_float32(model)
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_value = fixed_batch
     onnx.save(model, str(path))
-
-
-def _scatter_add_in_float32(model) -> None:
-    from onnx import TensorProto, helper
-
-    nodes = []
-    for node in model.graph.node:
-        reduction = next((a.s for a in node.attribute if a.name == "reduction"), b"none")
-        if node.op_type != "ScatterElements" or reduction != b"add":
-            nodes.append(node)
-            continue
-        data, index, updates = node.input
-        casts = [helper.make_node("Cast", [name], [f"{name}__fp32"], to=TensorProto.FLOAT, name=f"{node.name}_in{i}")
-                 for i, name in ((0, data), (2, updates))]
-        result = node.output[0]
-        node.input[0], node.input[2] = f"{data}__fp32", f"{updates}__fp32"
-        node.output[0] = f"{result}__fp32"
-        back = helper.make_node("Cast", [node.output[0]], [result], to=TensorProto.FLOAT16, name=f"{node.name}_out")
-        nodes += [*casts, node, back]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
 
 
 def choose_provider(provider: str = "auto") -> str:

@@ -20,8 +20,14 @@ def cls_attention(q_cls: Tensor, k: Tensor, scale: float, key_bias: Tensor | Non
 
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """x[b, index[b, i]] for every b, i: (B, N, C) and (B, K) -> (B, K, C)."""
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """x[b, index[b, i]] for every b, i: (B, N, C) and (B, K) -> (B, K, C).
+
+    Whole rows are picked from the flattened tokens (an index_select, ONNX Gather): faster on
+    every runtime than an element-wise gather, whose index must be expanded over the channels.
+    """
+    batch, tokens, channels = x.shape
+    rows = index + torch.arange(batch, device=index.device).unsqueeze(1) * tokens
+    return x.reshape(batch * tokens, channels).index_select(0, rows.reshape(-1)).view(batch, index.shape[1], channels)
 
 
 def keep_prefix_and(index: Tensor, num_prefix: int) -> Tensor:

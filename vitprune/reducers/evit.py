@@ -41,8 +41,8 @@ def evit_reduce(
     out_size = gather_tokens(size, index) if size is not None else None
     dropped = order[:, keep_count:]
     if fuse and dropped.shape[1] > 0:
-        weights = patch_scores.gather(1, dropped).unsqueeze(-1)
-        fused = (gather_tokens(x[:, num_prefix:], dropped) * weights).sum(dim=1, keepdim=True)
+        weights = patch_scores.gather(1, dropped).unsqueeze(1)
+        fused = weights @ gather_tokens(x, dropped + num_prefix)
         out = torch.cat([out, fused], dim=1)
         if out_size is not None:
             # The fused token is a weighted sum, not an average of tokens: it counts as one.

@@ -9,6 +9,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from vitprune.reducers.common import gather_tokens
+
 
 class Matching(NamedTuple):
     """Which tokens of set A merge into which of set B (indices within each set)."""
@@ -35,28 +37,36 @@ def bipartite_matching(metric: Tensor, r: int) -> Matching:
     return Matching(unmerged=ranked[:, r:].sort(dim=-1).values, src=src, dst=best_partner.gather(1, src))
 
 
-def merge_tokens(x: Tensor, size: Tensor, matching: Matching, prefix: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """Merge by size-weighted average; sizes add. x: (B, M, C), size: (B, M, 1).
+def merge_tokens(x: Tensor, size: Tensor, matching: Matching, num_prefix: int = 0) -> tuple[Tensor, Tensor]:
+    """Merge by size-weighted average; sizes add. x: (B, N, C), size: (B, N, 1), with `num_prefix`
+    tokens first that `matching` (made on the tokens after them) leaves alone.
 
-    Output order: `prefix` tokens (x, size) if given, the unmerged A tokens, then all B tokens.
+    Output order: the prefix tokens, the unmerged A tokens, then all B tokens.
+    Every output row is one gathered input row, rescaled, plus (B rows only) a small matmul that
+    adds the A tokens merged into it: gathers and a matmul run fast on every runtime, where a
+    scatter-add does not (ONNX Runtime's ScatterElements) and strided A/B slices cost copies.
     """
-    channels = x.shape[-1]
-    weighted = x * size
-    set_a, set_b = weighted[:, ::2], weighted[:, 1::2]
-    size_a, size_b = size[:, ::2], size[:, 1::2]
-    set_b = set_b.scatter_add(1, _expand(matching.dst, channels), set_a.gather(1, _expand(matching.src, channels)))
-    size_b = size_b.scatter_add(1, _expand(matching.dst, 1), size_a.gather(1, _expand(matching.src, 1)))
-    tokens = [set_a.gather(1, _expand(matching.unmerged, channels)), set_b]
-    sizes = [size_a.gather(1, _expand(matching.unmerged, 1)), size_b]
-    if prefix is not None:
-        tokens.insert(0, prefix[0] * prefix[1])
-        sizes.insert(0, prefix[1])
-    new_size = torch.cat(sizes, dim=1)
-    return torch.cat(tokens, dim=1) / new_size, new_size
-
-
-def _expand(index: Tensor, channels: int) -> Tensor:
-    return index.unsqueeze(-1).expand(-1, -1, channels)
+    batch, tokens, _ = x.shape
+    device = x.device
+    num_b = (tokens - num_prefix) // 2
+    num_a = tokens - num_prefix - num_b
+    r = matching.src.shape[1]
+    b_rows = torch.arange(num_b, device=device) * 2 + (num_prefix + 1)
+    kept = torch.cat([
+        torch.arange(num_prefix, device=device).expand(batch, num_prefix),
+        matching.unmerged * 2 + num_prefix,
+        b_rows.expand(batch, num_b),
+    ], dim=1)
+    merged = matching.src * 2 + num_prefix
+    size = size.squeeze(-1)
+    kept_size, merged_size = size.gather(1, kept), size.gather(1, merged)
+    # into[b, i, j]: A token j merges into output row i (its B partner's row)
+    rows = torch.arange(tokens - r, device=device).view(1, -1, 1)
+    into = (rows == (matching.dst + (num_prefix + num_a - r)).unsqueeze(1)).to(x.dtype)
+    new_size = kept_size + (into @ merged_size.unsqueeze(-1)).squeeze(-1)
+    weights = into * (merged_size.unsqueeze(1) / new_size.unsqueeze(-1))
+    out = torch.baddbmm(gather_tokens(x, kept) * (kept_size / new_size).unsqueeze(-1), weights, gather_tokens(x, merged))
+    return out, new_size.unsqueeze(-1)
 
 
 def tome_reduce(x: Tensor, size: Tensor, metric: Tensor, num_prefix: int, r: int) -> tuple[Tensor, Tensor]:
@@ -69,5 +79,4 @@ def tome_reduce(x: Tensor, size: Tensor, metric: Tensor, num_prefix: int, r: int
     if r <= 0:
         return x, size
     matching = bipartite_matching(metric[:, num_prefix:], r)
-    return merge_tokens(x[:, num_prefix:], size[:, num_prefix:], matching,
-                        prefix=(x[:, :num_prefix], size[:, :num_prefix]))
+    return merge_tokens(x, size, matching, num_prefix)
