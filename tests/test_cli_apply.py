@@ -129,6 +129,10 @@ def _bad_inputs(tmp_path, image_folder, checkpoint):
         "bad bench batch": (apply_args("--method", "tome", "--r", "2", "--bench", "--bench-batch", "0"), "batch sizes"),
         "no gpu": (apply_args("--method", "tome", "--r", "2", "--device", "cuda"), "CUDA"),
         "not an artifact": ([ "apply", str(image_folder), "--method", "tome", "--r", "2"], "not a vitprune artifact"),
+        # usage errors the option parser raises itself
+        "keep not a number": (apply_args("--method", "evit", "--keep", "abc"), "Invalid value for '--keep'"),
+        "unknown option": (apply_args("--method", "evit", "--keep", "0.7", "--no-such-option"), "No such option"),
+        "no model": (["apply", "--method", "evit", "--keep", "0.7"], "Missing argument"),
     }
 
 

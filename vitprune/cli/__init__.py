@@ -36,20 +36,27 @@ def run(argv: list[str] | None = None) -> int:
     except VitpruneError as error:
         _error(str(error))
         return EXIT_BAD_INPUT
-    except click.exceptions.Exit as done:
+    except (click.exceptions.Exit, typer.Exit) as done:
         return done.exit_code
-    except click.ClickException as error:
-        _error(error.format_message())
-        return error.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         _error("interrupted")
         return 130
-    except Exception as error:  # a bug, not bad input: still one line unless debugging
-        if os.environ.get("VITPRUNE_DEBUG"):
+    except Exception as error:
+        if _is_usage_error(error):
+            _error(error.format_message())
+            return error.exit_code
+        if os.environ.get("VITPRUNE_DEBUG"):  # a bug, not bad input: still one line unless debugging
             raise
         _error(f"internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
                "(set VITPRUNE_DEBUG=1 for the traceback)")
         return EXIT_INTERNAL
+
+
+def _is_usage_error(error: Exception) -> bool:
+    """A click usage error (unknown option, bad value, missing argument). Recent typer releases
+    vendor their own copy of click, whose exception classes are not click's: recognise both."""
+    return isinstance(error, click.ClickException) or (
+        callable(getattr(error, "format_message", None)) and isinstance(getattr(error, "exit_code", None), int))
 
 
 def _error(message: str) -> None:
