@@ -17,7 +17,10 @@ import vitprune.finetune as finetune
 from vitprune.cli import run
 from vitprune.data import find_images
 from vitprune.errors import VitpruneError
-from vitprune.finetune import FinetuneRequest, distill_loss, hard_distill_loss, run_finetune, work_dir_for
+from vitprune.finetune import (
+    FinetuneRequest, distill_loss, feature_distill_loss, forward_with_features, hard_distill_loss, run_finetune,
+    work_dir_for,
+)
 from vitprune.patch import apply_plan, plan_of, set_dynamic_img_size
 from vitprune.plan import make_plan
 
@@ -81,6 +84,32 @@ def test_hard_distillation_alone_trains(images: Path) -> None:
     trained = [row["train_loss"] for row in result.metrics[1:]]
     assert trained[-1] < trained[0]
     assert result.report["finetune"]["settings"]["hard_distill"] == 1.0
+
+
+def test_feature_distill_loss_is_relative_squared_error() -> None:
+    teacher = torch.randn(4, 8) * 3
+    assert feature_distill_loss(teacher, teacher) == 0
+    student = teacher + torch.randn(4, 8)
+    expected = ((student - teacher) ** 2).mean() / (teacher ** 2).mean()
+    assert torch.allclose(feature_distill_loss(student, teacher), expected)
+    # relative: scaling both by the same factor leaves it unchanged
+    assert torch.allclose(feature_distill_loss(student * 10, teacher * 10), expected)
+
+
+def test_forward_with_features_returns_the_head_input() -> None:
+    model, _ = vitprune.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32)
+    images = torch.randn(2, 3, 32, 32)
+    logits, features = forward_with_features(model.eval(), model, images)
+    torch.testing.assert_close(model.head(features), logits)
+    assert features.shape == (2, model.num_features) and not model.head._forward_pre_hooks
+
+
+def test_feature_distillation_alone_trains(images: Path) -> None:
+    request = FinetuneRequest(**TINY, data=images, method="evit", keep=0.5, epochs=4, lr=1e-4, min_lr=1e-4,
+                              distill_weight=0.0, label_weight=0.0, feature_distill=1.0, augment=False)
+    result = run_finetune(request)
+    trained = [row["train_feature"] for row in result.metrics[1:]]
+    assert trained[-1] < trained[0] and all(row["train_loss"] == row["train_feature"] for row in result.metrics[1:])
 
 
 def test_auto_augment_adds_the_policy_to_the_training_transform() -> None:

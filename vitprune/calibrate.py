@@ -47,6 +47,7 @@ PROBE_FRACTION = 0.25  # sensitivity probe: a quarter of the patch tokens remove
 MIN_EVIT_KEEP = 0.2  # shapes never keep fewer than this fraction of a block's patch tokens
 GAMMAS = (0.0, 1.0, 2.0)  # 0: the same amount everywhere (ToMe's schedule); 2: strongly by efficiency
 SHAPES_KEPT = 3  # best shapes carried to the frontier ladder and to the final re-ranking
+LADDER_FINALISTS = 3  # per frontier budget: the best plans on the search subset, re-ranked on all calibration images
 ATS_COUNT_IMAGES = 32  # ATS GMACs depend on the image: counted on this many images
 EVAL_BATCH = 50
 
@@ -581,34 +582,44 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
             if len(top) == SHAPES_KEPT:
                 break
 
-        # The frontier: the best shapes, and the best shape of each input size (a size that wins at the
-        # target can lose at milder budgets), scaled to every budget of the ladder, on the search images.
+        # The frontier: the best shapes, the best shape of each input size (a size that wins at the
+        # target can lose at milder budgets) and ToMe's own constant-r schedule, scaled to every budget
+        # of the ladder. At each budget the few best on the search subset are re-ranked on all
+        # calibration images: the subset alone is too small to choose between close plans.
         ladder_shapes = [shape for _, shape, _ in top]
         for size in sizes:
             best_of_size = next((shape for _, shape, _ in ranked if shape.img_size == size), None)
             if best_of_size is not None and best_of_size not in ladder_shapes:
                 ladder_shapes.append(best_of_size)
+        constant_tome = next((shape for shape in shapes if isinstance(shape, Shape) and shape.img_size == base_size
+                              and shape.label == "tome gamma=0"), None)
+        if constant_tome is not None and constant_tome not in ladder_shapes:
+            ladder_shapes.append(constant_tome)
         task = bar.add_task("Frontier ladder", total=len(ladder_targets) * len(ladder_shapes))
-        ladder_plans: list[Plan] = []
+        ladder_options: list[list[Plan]] = []
         for ladder_target in ladder_targets:
             options = []
             for shape in ladder_shapes:
                 plan = fit_to_budget(shape, ladder_target, geometry, macs, count_images)
                 if plan is not None:
-                    options.append((search_eval.score(plan).loss(objective), plan))
+                    options.append((search_eval.score(plan).loss(objective), plan, shape is constant_tome))
                 bar.advance(task)
             if ladder_target == target:
-                options += [(loss, plan) for loss, _, plan in top]
-            if options:
-                ladder_plans.append(min(options, key=lambda item: item[0])[1])
+                options += [(loss, plan, False) for loss, _, plan in top]
+            options.sort(key=lambda item: item[0])
+            kept = _distinct([plan for _, plan, _ in options])[:LADDER_FINALISTS]
+            kept += [plan for _, plan, is_tome in options if is_tome]
+            if kept:
+                ladder_options.append(_distinct(kept))
 
-        # Every frontier point and the top shapes at the target, on all calibration images.
-        finalists = _distinct(ladder_plans + [plan for _, _, plan in top])
+        # Every ladder option and the top shapes at the target, on all calibration images.
+        finalists = _distinct([plan for options in ladder_options for plan in options] + [plan for _, _, plan in top])
         finalists.sort(key=lambda plan: plan.img_size or 0)
         task = bar.add_task("Scoring on all calibration images", total=len(finalists))
         for plan in finalists:
             calib_eval.score(plan)
             bar.advance(task)
+        ladder_plans = [min(options, key=lambda plan: calib_eval.score(plan).loss(objective)) for options in ladder_options]
 
         def full(plan: Plan) -> Score:
             return calib_eval.score(plan)

@@ -83,6 +83,7 @@ class FinetuneRequest(ReducedModelSpec):
     distill_weight: float = 1.0
     label_weight: float = 1.0
     hard_distill: float = 0.0  # weight of cross-entropy with the teacher's top-1 (DeiT's hard distillation)
+    feature_distill: float = 0.0  # weight of the relative MSE to the teacher's pre-logits features
     crop_scale: float = 0.08  # smallest random-resized-crop area (timm's default)
     augment: bool = True  # False: timm's un-augmented train transform (resize + centre crop)
     auto_augment: str | None = None  # a timm AutoAugment/RandAugment policy, e.g. "rand-m9-mstd0.5"
@@ -213,6 +214,25 @@ def hard_distill_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     return F.cross_entropy(student_logits.float(), teacher_logits.argmax(dim=-1))
 
 
+def feature_distill_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
+    """Squared error to the teacher's pre-logits features (the classifier's input), relative to
+    their mean square. Unlike the logits it asks nothing about classes, so what it teaches carries
+    over to classes the training images do not show."""
+    teacher = teacher_features.float()
+    return F.mse_loss(student_features.float(), teacher) / teacher.pow(2).mean().clamp_min(1e-12)
+
+
+def forward_with_features(model: nn.Module, runner: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """runner(images) (the model, or its DDP wrapper) and the input of `model.head` during that call."""
+    captured: list[Tensor] = []
+    handle = model.head.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    try:
+        logits = runner(images)
+    finally:
+        handle.remove()
+    return logits, captured[-1]
+
+
 def distill_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """KL(teacher || student) of the temperature-softened predictions, times T^2 so that the
     gradient scale does not depend on T (Hinton et al.)."""
@@ -330,10 +350,10 @@ def check_request(request: FinetuneRequest) -> None:
          f"--warmup-epochs must be at least 0 and less than --epochs ({request.epochs}), got {request.warmup_epochs}"),
         (request.clip_grad >= 0, f"--clip-grad must not be negative (0 turns it off), got {request.clip_grad}"),
         (request.temperature > 0, f"--temperature must be positive, got {request.temperature}"),
-        (request.distill_weight >= 0 and request.label_weight >= 0 and request.hard_distill >= 0,
+        (min(request.distill_weight, request.label_weight, request.hard_distill, request.feature_distill) >= 0,
          "loss weights must not be negative"),
-        (request.distill_weight + request.label_weight + request.hard_distill > 0,
-         "the distillation, hard-distillation and label weights cannot all be 0"),
+        (request.distill_weight + request.label_weight + request.hard_distill + request.feature_distill > 0,
+         "the distillation, hard-distillation, feature and label weights cannot all be 0"),
         (0 < request.crop_scale <= 1, f"--crop-scale must be in (0, 1], got {request.crop_scale}"),
         (request.workers >= 0, f"--workers must not be negative, got {request.workers}"),
         (request.ema is None or 0 < request.ema < 1, f"--ema is a decay in (0, 1), e.g. 0.999, got {request.ema}"),
@@ -562,20 +582,32 @@ class Trainer:
 
         request = self.request
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        features = request.feature_distill > 0
         with torch.no_grad(), self.autocast():
-            teacher_logits = self.teacher(images).float()
-        total, parts = 0.0, {"distill": 0.0, "label": 0.0}
+            if features:
+                teacher_logits, teacher_features = forward_with_features(self.teacher, self.teacher, images)
+            else:
+                teacher_logits = self.teacher(images)
+        teacher_logits = teacher_logits.float()
+        total, parts = 0.0, {"distill": 0.0, "label": 0.0, "feature": 0.0}
         supervit = request.supervit
         for index, variant in enumerate(self.variants):
             last = index == len(self.variants) - 1
             if supervit:
                 apply_plan(self.student, replace(variant.plan, img_size=None))  # the size comes from the input
             with self.autocast():
-                logits = self.runner(resized(images, variant.img_size))
+                if index == 0 and features:
+                    logits, student_features = forward_with_features(self.student, self.runner, resized(images, variant.img_size))
+                else:
+                    logits = self.runner(resized(images, variant.img_size))
             if index == 0:
                 loss, distill, label = self.objective(logits, teacher_logits, labels)
                 parts["distill"] += distill
                 parts["label"] += label
+                if features:
+                    feature_loss = feature_distill_loss(student_features, teacher_features)
+                    loss = loss + request.feature_distill * feature_loss
+                    parts["feature"] += feature_loss.item()
                 soft_targets = logits.detach()
             else:
                 # In-place distillation: the smaller variants learn the largest one's predictions.
@@ -743,7 +775,7 @@ def _run(request: FinetuneRequest, distributed: Distributed, device: torch.devic
         _seed(request.seed + 1000 * (epoch + 1) + distributed.rank)  # different crops per rank, reproducible on resume
         sampler.set_epoch(epoch)
         student.train()
-        totals = {"loss": 0.0, "distill": 0.0, "label": 0.0}
+        totals = {"loss": 0.0, "distill": 0.0, "label": 0.0, "feature": 0.0}
         seen = 0
         epoch_start = time.perf_counter()
         with _train_progress(request.progress and distributed.is_main) as bar:
@@ -769,6 +801,8 @@ def _run(request: FinetuneRequest, distributed: Distributed, device: torch.devic
                    "train_loss": totals["loss"] / seen, "train_distill": totals["distill"] / seen}
             if labelled and request.label_weight > 0:
                 row["train_label"] = totals["label"] / seen
+            if request.feature_distill > 0:
+                row["train_feature"] = totals["feature"] / seen
             row.update({"images_per_s": seen * distributed.world_size / seconds, "epoch_seconds": seconds})
             row.update(_flat(evaluate(evaluated(), variants, validation, request.eval_batch_size)))
             rows.append(row)

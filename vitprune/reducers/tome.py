@@ -58,15 +58,14 @@ def merge_tokens(x: Tensor, size: Tensor, matching: Matching, num_prefix: int = 
         b_rows.expand(batch, num_b),
     ], dim=1)
     merged = matching.src * 2 + num_prefix
-    size = size.squeeze(-1)
-    kept_size, merged_size = size.gather(1, kept), size.gather(1, merged)
+    kept_size, merged_size = gather_tokens(size, kept), gather_tokens(size, merged)  # (B, N - r, 1), (B, r, 1)
     # into[b, i, j]: A token j merges into output row i (its B partner's row)
     rows = torch.arange(tokens - r, device=device).view(1, -1, 1)
     into = (rows == (matching.dst + (num_prefix + num_a - r)).unsqueeze(1)).to(x.dtype)
-    new_size = kept_size + (into @ merged_size.unsqueeze(-1)).squeeze(-1)
-    weights = into * (merged_size.unsqueeze(1) / new_size.unsqueeze(-1))
-    out = torch.baddbmm(gather_tokens(x, kept) * (kept_size / new_size).unsqueeze(-1), weights, gather_tokens(x, merged))
-    return out, new_size.unsqueeze(-1)
+    new_size = kept_size + into @ merged_size
+    weights = into * (merged_size.transpose(1, 2) / new_size)
+    out = torch.baddbmm(gather_tokens(x, kept) * (kept_size / new_size), weights, gather_tokens(x, merged))
+    return out, new_size
 
 
 def tome_reduce(x: Tensor, size: Tensor, metric: Tensor, num_prefix: int, r: int) -> tuple[Tensor, Tensor]:
