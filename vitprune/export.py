@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from vitprune.errors import VitpruneError
 from vitprune.pipeline import ReducedModelSpec
-from vitprune.io import atomic_output_file
+from vitprune.io import atomic_output_file, writable_parent
 
 MIN_OPSET = 17  # LayerNormalization is one op from 17 on; older opsets are refused
 MAX_OPSET = 20  # the newest the TorchScript exporter writes
@@ -414,18 +414,7 @@ def _check_outputs(request: ExportRequest) -> None:
             raise VitpruneError(f"output {path} is a folder; give a file name")
         if path.exists() and not request.force:
             raise VitpruneError(f"output file {path} already exists; pass --force to replace it")
-        _check_writable(path)
-
-
-def _check_writable(path: Path) -> None:
-    """The checks `atomic_output_file` makes, without creating anything."""
-    import os
-
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise VitpruneError(f"cannot write {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise VitpruneError(f"cannot write {path}: folder {parent} is not writable")
+        writable_parent(path)
 
 
 def _existing_report(report_path: Path, model_name: str, plan_text: str, force: bool) -> dict | None:

@@ -26,7 +26,8 @@ def check_output_dir(path: str | Path, force: bool) -> Path:
     return path
 
 
-def _writable_parent(path: Path) -> Path:
+def writable_parent(path: Path) -> Path:
+    """The folder `path` will be written in, checked to exist and be writable."""
     parent = path.resolve().parent
     if not parent.is_dir():
         raise VitpruneError(f"cannot write {path}: folder {parent} does not exist")
@@ -62,7 +63,7 @@ def atomic_output_file(path: str | Path, force: bool = True) -> Iterator[Path]:
     path = Path(path)
     if path.exists() and not force:
         raise VitpruneError(f"output file {path} already exists; pass --force to replace it")
-    parent = _writable_parent(path)
+    parent = writable_parent(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     tmp = Path(name)
