@@ -82,20 +82,17 @@ def main() -> None:
             # Each graph is timed in its own interleaved run with the base: timing all six in turn
             # let the others' sessions evict its weights and buffers from the CPU caches, which cost
             # the reduced graphs (another shape in every block) up to 10% in an earlier version.
-            timing, base_ms = {}, {b: [] for b in batches}
+            timing, paired_base = {}, {}
             for label in rows:
                 pair = bench_onnx({"base": paths["base"], label: paths[label]}, images[:max(batches)], batches,
                                   repeats=args.repeats, provider=args.provider, threads=args.threads)["ms_per_image"]
-                timing[label] = pair[label]
-                timing[label + " base"] = pair["base"]
-                for b in batches:
-                    base_ms[b].append(pair["base"][b])
-            timing["base"] = {b: statistics.median(base_ms[b]) for b in batches}
+                timing[label], paired_base[label] = pair[label], pair["base"]
+            timing["base"] = {b: statistics.median(ms[b] for ms in paired_base.values()) for b in batches}
         table.add_row(name, "base", f"{gmacs_base:.3f}", "1.00", "", "", "",
                       *[f"{timing['base'][b]:.2f}" for b in batches], "1.00", "", "")
         for label, (gmacs, parity) in rows.items():
             ratio = gmacs_base / gmacs
-            speedup = timing[label + " base"][batches[-1]] / timing[label][batches[-1]]
+            speedup = paired_base[label][batches[-1]] / timing[label][batches[-1]]
             target = TARGET_FRACTION * ratio if not label.startswith("ATS") else 1.0
             table.add_row(name, label, f"{gmacs:.3f}", f"{ratio:.2f}", f"{parity['agreement']:.1f}", f"{parity['within_tolerance']:.1f}",
                           f"{parity['max_abs_diff']:.2g}", *[f"{timing[label][b]:.2f}" for b in batches],

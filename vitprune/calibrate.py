@@ -598,17 +598,18 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
         task = bar.add_task("Frontier ladder", total=len(ladder_targets) * len(ladder_shapes))
         ladder_options: list[list[Plan]] = []
         for ladder_target in ladder_targets:
-            options = []
+            options, tome_plan = [], None
             for shape in ladder_shapes:
                 plan = fit_to_budget(shape, ladder_target, geometry, macs, count_images)
                 if plan is not None:
-                    options.append((search_eval.score(plan).loss(objective), plan, shape is constant_tome))
+                    options.append((search_eval.score(plan).loss(objective), plan))
+                    if shape is constant_tome:
+                        tome_plan = plan
                 bar.advance(task)
             if ladder_target == target:
-                options += [(loss, plan, False) for loss, _, plan in top]
+                options += [(loss, plan) for loss, _, plan in top]
             options.sort(key=lambda item: item[0])
-            kept = _distinct([plan for _, plan, _ in options])[:LADDER_FINALISTS]
-            kept += [plan for _, plan, is_tome in options if is_tome]
+            kept = _distinct([plan for _, plan in options])[:LADDER_FINALISTS] + ([tome_plan] if tome_plan is not None else [])
             if kept:
                 ladder_options.append(_distinct(kept))
 
@@ -619,10 +620,11 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
         for plan in finalists:
             calib_eval.score(plan)
             bar.advance(task)
-        ladder_plans = [min(options, key=lambda plan: calib_eval.score(plan).loss(objective)) for options in ladder_options]
 
         def full(plan: Plan) -> Score:
             return calib_eval.score(plan)
+
+        ladder_plans = [min(options, key=lambda plan: full(plan).loss(objective)) for options in ladder_options]
 
         if budget.kind in ("gmacs", "ratio"):
             at_target = [plan for _, _, plan in top] + [p for p in ladder_plans if full(p).gmacs <= target]

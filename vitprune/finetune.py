@@ -582,12 +582,8 @@ class Trainer:
 
         request = self.request
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        features = request.feature_distill > 0
         with torch.no_grad(), self.autocast():
-            if features:
-                teacher_logits, teacher_features = forward_with_features(self.teacher, self.teacher, images)
-            else:
-                teacher_logits = self.teacher(images)
+            teacher_logits, teacher_features = forward_with_features(self.teacher, self.teacher, images)
         teacher_logits = teacher_logits.float()
         total, parts = 0.0, {"distill": 0.0, "label": 0.0, "feature": 0.0}
         supervit = request.supervit
@@ -596,15 +592,12 @@ class Trainer:
             if supervit:
                 apply_plan(self.student, replace(variant.plan, img_size=None))  # the size comes from the input
             with self.autocast():
-                if index == 0 and features:
-                    logits, student_features = forward_with_features(self.student, self.runner, resized(images, variant.img_size))
-                else:
-                    logits = self.runner(resized(images, variant.img_size))
+                logits, student_features = forward_with_features(self.student, self.runner, resized(images, variant.img_size))
             if index == 0:
                 loss, distill, label = self.objective(logits, teacher_logits, labels)
                 parts["distill"] += distill
                 parts["label"] += label
-                if features:
+                if request.feature_distill > 0:
                     feature_loss = feature_distill_loss(student_features, teacher_features)
                     loss = loss + request.feature_distill * feature_loss
                     parts["feature"] += feature_loss.item()
