@@ -27,7 +27,7 @@ from vitprune.data import ImageSet, classification_metrics, find_images, load_im
 from vitprune.finetune import FinetuneRequest, run_finetune
 from vitprune.models import create_model
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def write_folder(image_set: ImageSet, folder: Path) -> Path:
@@ -113,8 +113,8 @@ def row(name: str, logits: dict[str, torch.Tensor], labels: torch.Tensor, second
     z, p = mcnemar(gained, lost)
     metrics = {when: classification_metrics(logits[when], labels, logits["teacher"]) for when in ("before", "after")}
     train = f"{seconds:7.0f}" if seconds is not None else f"{'':7s}"
-    return (f"{name:>4s} {len(target):8d} {100 * agrees['before'].float().mean():12.1f} "
-            f"{100 * agrees['after'].float().mean():11.1f} {gained:7d} {lost:5d} {z:5.2f} {p:7.4f} "
+    return (f"{name:>4s} {len(target):8d} {metrics['before']['agreement']:12.1f} "
+            f"{metrics['after']['agreement']:11.1f} {gained:7d} {lost:5d} {z:5.2f} {p:7.4f} "
             f"{metrics['before']['top1']:12.1f} {metrics['after']['top1']:11.1f} "
             f"{metrics['before']['kl']:9.4f} {metrics['after']['kl']:8.4f} {train}")
 
