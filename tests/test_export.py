@@ -57,6 +57,18 @@ def test_export_keeps_the_reduction_and_matches_pytorch_at_any_batch(tmp_path, m
     assert not hasattr(model, "_vitprune_ats_pad_to")  # the export leaves the model as it was
 
 
+@pytest.mark.parametrize("method", ["tome", "ats"])
+def test_head_only_last_block_exports_and_matches(tmp_path, method):
+    model = tiny()
+    vitprune.apply(model, method=method, layers=[0, 1], head_only=True, **SETTINGS[method])
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path)
+    x = images(3)
+    with torch.inference_mode():
+        expected = model(x)
+    assert (onnx_predict(onnx_session(path, "cpu"), x, batch_size=3) - expected).abs().max() < 1e-3
+
+
 def test_exported_graph_really_drops_tokens(tmp_path):
     # EViT at keep 0.5 in block 0 must run every MLP on 1 CLS + 8 kept + 1 fused = 10 tokens instead
     # of 17: expose the MLP inputs (fc1 MatMul outputs) of the graph and look at their shapes.

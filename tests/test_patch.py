@@ -172,3 +172,44 @@ def test_ats_static_padding_mode_gives_the_same_logits():
     static = run(model, x)
     del model._vitprune_ats_pad_to
     torch.testing.assert_close(static, packed, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", CLS_FAMILIES)
+def test_head_only_last_block_is_exact_and_cheaper(family):
+    model = build_family(family)
+    x = images_for(model)
+    expected = run(model, x)
+    base_macs = vitprune.count_macs(model).gmacs
+    vitprune.apply(model, Plan(head_only=True))
+    torch.testing.assert_close(run(model, x), expected, rtol=1e-4, atol=1e-5)
+    assert vitprune.count_macs(model).gmacs < base_macs
+    # only the prefix tokens leave the last block
+    assert model.forward_features(x).shape[1] == model.num_prefix_tokens
+
+
+@pytest.mark.parametrize("method,kwargs", [("evit", {"keep": 0.5}), ("ats", {"keep": 0.6}), ("tome", {"r": 3})])
+def test_head_only_after_a_reduction_changes_nothing_but_the_cost(method, kwargs):
+    model = build_family("vit")
+    x = images_for(model, batch=4)
+    layers = [2, 5, 8]
+    vitprune.apply(model, method=method, layers=layers, **kwargs)
+    expected, macs = run(model, x), vitprune.count_macs(model, x).gmacs
+    vitprune.apply(model, method=method, layers=layers, head_only=True, **kwargs)
+    torch.testing.assert_close(run(model, x), expected, rtol=1e-4, atol=1e-5)
+    assert vitprune.count_macs(model, x).gmacs < macs
+    # the cached-tokens path (calibrate) starts at the head-only block at the latest
+    tokens = tokens_before(model, x, 2)
+    with torch.inference_mode():
+        torch.testing.assert_close(logits_from(model, tokens, 2, tokens.shape[1]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_head_only_plans_are_checked():
+    assert make_plan("tome", 12, r=4, head_only=True).layers == list(range(11))
+    with pytest.raises(VitpruneError, match="head-only last block already"):
+        make_plan("tome", 12, r=4, layers=[3, 11], head_only=True)
+    with pytest.raises(VitpruneError, match="class-token pooling"):
+        vitprune.apply(build_family("gap_no_cls"), method="tome", r=2, head_only=True)
+    plan = make_plan("evit", 12, keep=0.7, head_only=True)
+    assert Plan.from_dict(plan.to_dict()) == plan
+    assert "head-only last block" in plan.describe()
+    assert Plan.from_dict({"reductions": []}).head_only is False  # plans written before the option

@@ -26,8 +26,12 @@ def apply(
     layers: list[int] | None = None,
     fuse: bool = True,
     img_size: int | None = None,
+    head_only: bool = False,
 ) -> nn.Module:
     """Patch a timm ViT in place to reduce tokens, by a `plan` or by one method's settings.
+
+    `head_only`: the last block computes only the class (and distillation/register) tokens, the
+    only ones the head reads with class-token pooling: exact, about 7% fewer MACs unreduced.
 
     Returns the same model object, now running the reduction (its class becomes a subclass of
     its timm class). `vitprune.remove(model)` undoes it.
@@ -37,7 +41,8 @@ def apply(
     if plan is None:
         if method is None:
             raise VitpruneError("give a plan or a method")
-        plan = make_plan(method, len(model.blocks), keep=keep, r=r, layers=layers, fuse=fuse, img_size=img_size)
+        plan = make_plan(method, len(model.blocks), keep=keep, r=r, layers=layers, fuse=fuse, img_size=img_size,
+                         head_only=head_only)
     elif method is not None:
         raise VitpruneError("give a plan or a method, not both")
     return apply_plan(model, plan)

@@ -50,6 +50,10 @@ SHAPES_KEPT = 3  # best shapes carried to the frontier ladder and to the final r
 LADDER_FINALISTS = 3  # per frontier budget: the best plans on the search subset, re-ranked on all calibration images
 ATS_COUNT_IMAGES = 32  # ATS GMACs depend on the image: counted on this many images
 EVAL_BATCH = 50
+# A searched plan replaces ToMe's constant schedule only when it beats it on the calibration images by
+# this many standard errors of the paired per-image difference: among dozens of plans compared, the
+# best on a few hundred images is partly the luckiest on them (the winner's curse).
+GUARD_Z = 2.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,8 @@ class Score:
     agreement: float
     top1: float | None
     n_images: int
+    # per image, lower is better: KL, and 0/1 misses (against the base model, against the labels)
+    per_image: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def loss(self, objective: str) -> tuple[float, ...]:
         if objective == "kl":
@@ -120,6 +126,13 @@ class Score:
         if objective == "agreement":
             return (-self.agreement, self.kl)
         return (-(self.top1 if self.top1 is not None else self.agreement), self.kl)
+
+    def paired_gain(self, other: "Score", objective: str) -> tuple[float, float]:
+        """How much better this plan is than `other` on the same images: (mean, standard error) of
+        the per-image difference in the objective's term (KL, or a miss), positive when better."""
+        term = {"kl": "kl", "agreement": "disagree", "top1": "miss" if "miss" in self.per_image else "disagree"}[objective]
+        diff = other.per_image[term] - self.per_image[term]
+        return float(diff.mean()), float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
 
     def to_dict(self) -> dict:
         out = {"gmacs": round(self.gmacs, 4), "agreement": round(self.agreement, 2), "kl": round(self.kl, 5),
@@ -133,10 +146,6 @@ def plan_key(plan: Plan) -> str:
     data = plan.to_dict()
     data.pop("notes", None)
     return json.dumps(data, sort_keys=True)
-
-
-def first_layer(plan: Plan, depth: int) -> int:
-    return min(plan.layers) if plan.reductions else depth
 
 
 def uses_ats(plan: Plan) -> bool:
@@ -188,7 +197,7 @@ class Evaluator:
 
         model = apply_plan(self.models[plan.img_size], plan)
         depth = len(model.blocks)
-        start = min(first_layer(plan, depth), depth - 1)
+        start = min(plan.first_reduced_layer(depth), depth - 1)
         tokens = self.cache(plan.img_size).get(start)
         num_input = self.cache(plan.img_size).get(0).shape[1]
         with torch.inference_mode():
@@ -196,14 +205,20 @@ class Evaluator:
                               for i in range(0, len(tokens), EVAL_BATCH)])
 
     def score(self, plan: Plan) -> Score:
-        from vitprune.data import classification_metrics
+        from vitprune.data import classification_metrics, kl_per_image
 
         key = plan_key(plan)
         if key not in self.scores:
-            metrics = classification_metrics(self.logits(plan), self.labels, self.base_logits)
+            logits = self.logits(plan)
+            metrics = classification_metrics(logits, self.labels, self.base_logits)
             gmacs = self.macs.gmacs(plan, self.images[plan.img_size])
+            predicted = logits.argmax(dim=1)
+            per_image = {"kl": kl_per_image(logits, self.base_logits),
+                         "disagree": (predicted != self.base_logits.argmax(dim=1)).double()}
+            if self.labels is not None:
+                per_image["miss"] = (predicted != self.labels).double()
             self.scores[key] = Score(gmacs=gmacs, kl=metrics["kl"], agreement=metrics["agreement"],
-                                     top1=metrics.get("top1"), n_images=len(self.base_logits))
+                                     top1=metrics.get("top1"), n_images=len(self.base_logits), per_image=per_image)
             self.evaluations += 1
         return self.scores[key]
 
@@ -254,14 +269,16 @@ class AtsShape:
     label: str = "ats"
 
 
-def shape_plan(shape: Shape, scale: float, num_tokens: int, num_prefix: int) -> Plan:
-    """Remove about `scale * weight` tokens in each block (within each method's limits)."""
+def shape_plan(shape: Shape, scale: float, num_tokens: int, num_prefix: int, head_only: bool = False) -> Plan:
+    """Remove about `scale * weight` tokens in each block (within each method's limits). With
+    `head_only` the last block keeps only the prefix tokens, so it reduces nothing else."""
     from vitprune.reducers import evit_keep_count
 
     reductions = []
     tokens = num_tokens
+    last = len(shape.methods) - 1
     for layer, (method, weight) in enumerate(zip(shape.methods, shape.weights)):
-        if method is None or weight <= 0:
+        if method is None or weight <= 0 or (head_only and layer == last):
             continue
         want = round(scale * weight)
         patch = tokens - num_prefix
@@ -276,12 +293,13 @@ def shape_plan(shape: Shape, scale: float, num_tokens: int, num_prefix: int) -> 
                 keep = round((patch - removed) / patch, 4)
                 reductions.append(Reduction(layer=layer, method="evit", keep=keep, fuse=True))
                 tokens = num_prefix + evit_keep_count(patch, keep) + 1  # + the fused token
-    return Plan(reductions=tuple(reductions), img_size=shape.img_size)
+    return Plan(reductions=tuple(reductions), img_size=shape.img_size, head_only=head_only)
 
 
-def ats_plan(shape: AtsShape, keep: float, depth: int) -> Plan:
+def ats_plan(shape: AtsShape, keep: float, depth: int, head_only: bool = False) -> Plan:
     return Plan(reductions=tuple(Reduction(layer=layer, method="ats", keep=round(keep, 4))
-                                 for layer in range(shape.start, depth)), img_size=shape.img_size)
+                                 for layer in range(shape.start, depth - 1 if head_only else depth)),
+                img_size=shape.img_size, head_only=head_only)
 
 
 @dataclass
@@ -291,6 +309,7 @@ class Geometry:
     tokens_at: dict[int, int]  # input size -> tokens entering block 0
     base_size: int
     base_gmacs: float
+    head_only: bool = False  # every plan computes only the prefix tokens in the last block
 
 
 def fit_to_budget(shape: Shape | AtsShape, target: float, geometry: Geometry, macs: MacsCounter,
@@ -300,11 +319,11 @@ def fit_to_budget(shape: Shape | AtsShape, target: float, geometry: Geometry, ma
     images = count_images[size]
     if isinstance(shape, AtsShape):
         def build(amount: float) -> Plan:  # amount 0 -> cap 1.0 (no explicit cap), 1 -> cap 0.05
-            return ats_plan(shape, 1.0 - 0.95 * amount, geometry.depth)
+            return ats_plan(shape, 1.0 - 0.95 * amount, geometry.depth, geometry.head_only)
         high = 1.0
     else:
         def build(amount: float) -> Plan:
-            return shape_plan(shape, amount, geometry.tokens_at[size], geometry.num_prefix)
+            return shape_plan(shape, amount, geometry.tokens_at[size], geometry.num_prefix, geometry.head_only)
         high = float(geometry.tokens_at[size])
     if macs.gmacs(build(0.0), images) <= target:
         return build(0.0)
@@ -423,7 +442,9 @@ class CalibrateRequest:
     limit: int | None = None
     holdout: float = 0.5
     seed: int = 0
+    swap_split: bool = False  # calibrate on the held-out part and hold out the rest (2-fold cross-checks)
     objective: str = "kl"
+    head_only: bool = True  # the head-only last block, where the model pools by class token
     search_images: int = 128
     refine_steps: int = 16
     bench_repeats: int = 5
@@ -494,9 +515,10 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
     models = {size: apply_plan(copy.deepcopy(base_model), Plan(img_size=size)) for size in sizes}
     macs = MacsCounter(models)
     base_gmacs = macs.gmacs(Plan(img_size=base_size))
+    head_only = request.head_only and _fits(check_plan_fits, base_model, Plan(head_only=True))
     geometry = Geometry(depth=depth, num_prefix=base_model.num_prefix_tokens,
                         tokens_at={s: _input_tokens(models[s], s) for s in sizes},
-                        base_size=base_size, base_gmacs=base_gmacs)
+                        base_size=base_size, base_gmacs=base_gmacs, head_only=head_only)
     budget = request.budget
     if budget.kind in ("gmacs", "ratio"):
         target = budget.value if budget.kind == "gmacs" else budget.value * base_gmacs
@@ -510,7 +532,7 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
         raise VitpruneError("this model supports no token reduction method vitprune can calibrate")
     most = Shape(sizes[-1], ("tome",) * depth, (1.0,) * depth, "most")
     floor_gmacs = macs.gmacs(shape_plan(most, float(geometry.tokens_at[sizes[-1]]), geometry.tokens_at[sizes[-1]],
-                                        geometry.num_prefix))
+                                        geometry.num_prefix, head_only))
     if target < floor_gmacs:
         raise VitpruneError(f"the budget of {target:.3f} GMACs is out of reach: the most reduced plan searched "
                             f"(ToMe at every block, {sizes[-1]}px) needs {floor_gmacs:.3f} GMACs")
@@ -518,6 +540,8 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
 
     image_set = find_images(request.data, limit=request.limit, seed=request.seed)
     calibration_set, holdout_set = split(image_set, request.holdout, request.seed)
+    if request.swap_split:
+        calibration_set, holdout_set = holdout_set, calibration_set
     labelled = image_set.labels is not None
     objective = request.objective
     if objective == "top1" and not labelled:
@@ -597,6 +621,8 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
             ladder_shapes.append(constant_tome)
         task = bar.add_task("Frontier ladder", total=len(ladder_targets) * len(ladder_shapes))
         ladder_options: list[list[Plan]] = []
+        ladder_tome: list[Plan | None] = []  # ToMe's constant schedule at each budget, for the guard
+        tome_at_target = None
         for ladder_target in ladder_targets:
             options, tome_plan = [], None
             for shape in ladder_shapes:
@@ -608,10 +634,12 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
                 bar.advance(task)
             if ladder_target == target:
                 options += [(loss, plan) for loss, _, plan in top]
+                tome_at_target = tome_plan
             options.sort(key=lambda item: item[0])
             kept = _distinct([plan for _, plan in options])[:LADDER_FINALISTS] + ([tome_plan] if tome_plan is not None else [])
             if kept:
                 ladder_options.append(_distinct(kept))
+                ladder_tome.append(tome_plan)
 
         # Every ladder option and the top shapes at the target, on all calibration images.
         finalists = _distinct([plan for options in ladder_options for plan in options] + [plan for _, _, plan in top])
@@ -624,11 +652,20 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
         def full(plan: Plan) -> Score:
             return calib_eval.score(plan)
 
-        ladder_plans = [min(options, key=lambda plan: full(plan).loss(objective)) for options in ladder_options]
+        def guarded(best: Plan, tome_plan: Plan | None) -> Plan:
+            """ToMe's constant schedule unless `best` beats it clearly (GUARD_Z standard errors)."""
+            if tome_plan is None or plan_key(best) == plan_key(tome_plan):
+                return best
+            gain, error = full(best).paired_gain(full(tome_plan), objective)
+            return best if gain > GUARD_Z * error else tome_plan
+
+        ladder_plans = [guarded(min(options, key=lambda plan: full(plan).loss(objective)), tome)
+                        for options, tome in zip(ladder_options, ladder_tome)]
 
         if budget.kind in ("gmacs", "ratio"):
             at_target = [plan for _, _, plan in top] + [p for p in ladder_plans if full(p).gmacs <= target]
             chosen = min(at_target, key=lambda plan: (full(plan).loss(objective), full(plan).gmacs))
+            chosen = guarded(chosen, tome_at_target)
         frontier = _distinct(ladder_plans)
         search_seconds = time.perf_counter() - started
 
@@ -679,15 +716,15 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
     holdout_base = classification_metrics(base_holdout_logits, holdout_labels, None)
     chosen_holdout = holdout_eval.score(chosen)
     # The plan written names no input size when it keeps the model's own.
-    written = Plan(reductions=chosen.reductions, img_size=None if chosen.img_size == base_size else chosen.img_size)
+    written = replace(chosen, img_size=None if chosen.img_size == base_size else chosen.img_size, notes={})
     reduced = apply_plan(copy.deepcopy(base_model), written)
     written.notes = {"calibrated": {"objective": objective, "budget": budget.to_dict(),
                                    "calibration_images": len(calibration_set), "holdout_images": len(holdout_set),
-                                   "seed": request.seed, "data": str(request.data)}}
+                                   "seed": request.seed, "swap_split": request.swap_split, "data": str(request.data)}}
 
     def row(plan: Plan) -> dict:
         sized = _sized(plan, base_size)
-        public = Plan(reductions=sized.reductions, img_size=None if sized.img_size == base_size else sized.img_size)
+        public = replace(sized, img_size=None if sized.img_size == base_size else sized.img_size, notes={})
         out = {"plan": public.describe(), "method": public.method, "params": public.params(),
                "gmacs": round(holdout_eval.score(sized).gmacs, 4),
                "gmacs_reduction": round(1 - holdout_eval.score(sized).gmacs / base_gmacs, 4),
@@ -725,9 +762,11 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
         "target_gmacs": round(target, 4) if budget.kind in ("gmacs", "ratio") else None,
         "images": {"total": len(image_set), "calibration": len(calibration_set), "holdout": len(holdout_set),
                    "search_subset": len(search_index), "labelled": labelled, "holdout_fraction": request.holdout,
-                   "seed": request.seed, "points_per_holdout_image": round(100 / len(holdout_set), 3)},
+                   "seed": request.seed, "swap_split": request.swap_split, "points_per_holdout_image": round(100 / len(holdout_set), 3)},
         "img_sizes": sizes,
         "methods": list(methods),
+        "head_only": head_only,
+        "guard_z": GUARD_Z,
         "search_seconds": round(search_seconds, 1),
         "evaluations": {"search_subset": search_eval.evaluations, "calibration": calib_eval.evaluations,
                         "holdout": holdout_eval.evaluations},
@@ -765,7 +804,7 @@ def _fits(check, model: nn.Module, plan: Plan) -> bool:
 
 def _sized(plan: Plan, base_size: int) -> Plan:
     """Plans are evaluated with their input size named (the published schedules name none)."""
-    return plan if plan.img_size is not None else Plan(reductions=plan.reductions, img_size=base_size)
+    return plan if plan.img_size is not None else replace(plan, img_size=base_size)
 
 
 def _distinct(plans: list[Plan]) -> list[Plan]:
@@ -793,7 +832,11 @@ def render_calibration_markdown(report: dict) -> str:
              f"(search on a subset of {images['search_subset']})",
              f"- every figure below is measured on the {images['holdout']} held-out images the search never saw "
              f"(1 image = {images['points_per_holdout_image']:g} points)",
-             f"- input sizes searched: {', '.join(map(str, cal['img_sizes']))}; methods: {', '.join(cal['methods'])}",
+             f"- input sizes searched: {', '.join(map(str, cal['img_sizes']))}; methods: {', '.join(cal['methods'])}"
+             + ("; every plan computes only the class token in the last block (exact with class-token pooling)"
+                if cal.get("head_only") else ""),
+             f"- a searched plan replaces ToMe's constant schedule at a budget only when it beats it by more than "
+             f"{cal['guard_z']:g} standard errors (paired, per image) on the calibration images",
              f"- search time: {cal['search_seconds']:.0f} s ({sum(cal['evaluations'].values())} plan evaluations)",
              "", "## Frontier (held-out images)", ""]
     labelled = images["labelled"]

@@ -328,11 +328,14 @@ def _accuracy(logits: Tensor, labels: Tensor) -> dict[str, float]:
 
 def _agreement_and_kl(logits: Tensor, reference_logits: Tensor) -> dict[str, float]:
     agreement = (logits.argmax(dim=1) == reference_logits.argmax(dim=1)).double().mean().item() * 100.0
+    return {"agreement": agreement, "kl": kl_per_image(logits, reference_logits).mean().item()}
+
+
+def kl_per_image(logits: Tensor, reference_logits: Tensor) -> Tensor:
+    """KL(reference || model) of each image's predicted distribution: (N,) float64."""
     model_log_probs = F.log_softmax(logits.double(), dim=1)
     reference_log_probs = F.log_softmax(reference_logits.double(), dim=1)
-    # kl_div(input, target) sums target_p * (log target_p - input); batchmean averages over images.
-    kl = F.kl_div(model_log_probs, reference_log_probs, log_target=True, reduction="batchmean").item()
-    return {"agreement": agreement, "kl": kl}
+    return F.kl_div(model_log_probs, reference_log_probs, log_target=True, reduction="none").sum(dim=1)
 
 
 def _is_positive_int(value: object) -> bool:

@@ -28,12 +28,14 @@ class MacsReport:
 
 def block_macs(block: nn.Module, n_in: Tensor, n_query: Tensor, n_out: Tensor, method: str | None, num_prefix: int) -> Tensor:
     """MACs of one timm Block: qkv on the tokens in, attention of the queries over them, output
-    projection on the queries, MLP on the tokens out, plus the reducer's own matmuls."""
+    projection on the queries, MLP on the tokens out, plus the reducer's own matmuls.
+    method: the block's reducer, or "head" for the head-only last block."""
     attn = block.attn
     dim, attn_dim = attn.qkv.in_features, attn.attn_dim
     hidden = block.mlp.fc1.out_features
     n_in, n_query, n_out = n_in.double(), n_query.double(), n_out.double()
-    macs = 3 * n_in * dim * attn_dim  # qkv
+    # qkv; the head-only last block computes queries for the prefix tokens alone
+    macs = (2 * n_in + n_query if method == "head" else 3 * n_in) * dim * attn_dim
     macs = macs + 2 * n_query * n_in * attn_dim  # q k^T and attn v
     macs = macs + n_query * attn_dim * dim  # proj
     if getattr(attn, "gate", None) is not None:

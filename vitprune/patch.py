@@ -74,10 +74,13 @@ class ReducedVisionTransformer:
         final norm. `num_input_tokens`: the tokens that entered the model (ATS caps are ratios of it)."""
         num_input_tokens = x.shape[1] if num_input_tokens is None else num_input_tokens
         state = TokenState()
+        last = len(self.blocks) - 1
         for layer in range(start, len(self.blocks)):
             block = self.blocks[layer]
             reduction = self.vitprune_plan.at(layer)
-            if reduction is None and state.is_plain:
+            if layer == last and self.vitprune_plan.head_only:
+                x = self._head_only_block(block, x, state, layer)
+            elif reduction is None and state.is_plain:
                 x = block(x)
                 self._record(layer, None, x.shape[1], state, state, x.shape[1], x)
             else:
@@ -129,6 +132,36 @@ class ReducedVisionTransformer:
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         self._record(layer, method, tokens_in, state_in, state, q.shape[2], x)
         return x, state
+
+    def _head_only_block(self, block: nn.Module, x: Tensor, state: TokenState, layer: int) -> Tensor:
+        """The last block, computed for the prefix tokens only (class, distillation, registers).
+
+        With class-token pooling the head reads nothing else, so the patch tokens' queries,
+        projection and MLP are wasted there: only their keys and values are needed. Exact.
+        """
+        attn = block.attn
+        num_prefix = self.num_prefix_tokens
+        batch, tokens_in, _ = x.shape
+        normed = block.norm1(x)
+        # keys and values for every token, queries for the prefix tokens only
+        weight, bias = attn.qkv.weight, attn.qkv.bias
+        q_weight, kv_weight = weight[: attn.attn_dim], weight[attn.attn_dim:]
+        q_bias, kv_bias = (None, None) if bias is None else (bias[: attn.attn_dim], bias[attn.attn_dim:])
+        q = F.linear(normed[:, :num_prefix], q_weight, q_bias)
+        q = q.reshape(batch, num_prefix, attn.num_heads, attn.head_dim).transpose(1, 2)
+        kv = F.linear(normed, kv_weight, kv_bias).reshape(batch, tokens_in, 2, attn.num_heads, attn.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        out = self._attend(attn, q, k, v, state.key_bias())
+        out = attn.norm(out.transpose(1, 2).reshape(batch, num_prefix, attn.attn_dim))
+        gate = getattr(attn, "gate", None)
+        if gate is not None:
+            out = out * gate(normed[:, :num_prefix]).sigmoid()
+        x_prefix = x[:, :num_prefix] + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
+        x_prefix = x_prefix + block.drop_path2(block.ls2(block.mlp(block.norm2(x_prefix))))
+        head_state = TokenState(size=None if state.size is None else state.size[:, :num_prefix])
+        self._record(layer, "head", tokens_in, state, head_state, num_prefix, x_prefix)
+        return x_prefix
 
     def _packed_block(
         self, block: nn.Module, x: Tensor, state: TokenState, reduction: Reduction | None,
@@ -199,7 +232,7 @@ class ReducedVisionTransformer:
         batch, device = x.shape[0], x.device
         n_in = state_in.counts(tokens_in, batch, device)
         n_out = state_out.counts(x.shape[1], batch, device)
-        n_query = n_out if method == "ats" else state_in.counts(queries, batch, device)
+        n_query = n_out if method in ("ats", "head") else state_in.counts(queries, batch, device)
         self._vitprune_trace.append(
             {"layer": layer, "method": method, "n_in": n_in.cpu(), "n_query": n_query.cpu(), "n_out": n_out.cpu()}
         )
@@ -246,6 +279,11 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
             "evit and ats score tokens by the CLS token's attention, and this model has no class token "
             "(it pools by average); use --method tome"
         )
+    if plan.head_only and (getattr(model, "global_pool", "token") != "token" or getattr(model, "attn_pool", None) is not None):
+        raise VitpruneError(
+            "head-only last block needs class-token pooling (the head must read only the class token); "
+            f"this model pools by '{model.global_pool}'"
+        )
     if "ats" in methods and getattr(model, "global_pool", "token") != "token":
         raise VitpruneError(f"ats pads the batch per image and needs CLS-token pooling; this model pools by '{model.global_pool}'")
 
@@ -281,7 +319,7 @@ def model_img_size(model: nn.Module) -> int:
 def first_reduced_layer(model: nn.Module) -> int:
     """Blocks before this one run unreduced: their outputs can be cached across plans."""
     plan = plan_of(model)
-    return min(plan.layers) if plan is not None and plan.reductions else len(model.blocks)
+    return len(model.blocks) if plan is None else plan.first_reduced_layer(len(model.blocks))
 
 
 @torch.inference_mode()

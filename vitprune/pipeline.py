@@ -73,6 +73,7 @@ class ReducedModelSpec:
     r: int | None = None
     layers: list[int] | None = None
     fuse: bool = True
+    head_only: bool = False
     plan_file: Path | None = None
     checkpoint: Path | None = None
     no_pretrained: bool = False
@@ -117,6 +118,7 @@ def resolve_plan(request: ReducedModelSpec, base: BaseModel) -> Plan:
         plan, _ = read_plan_file(request.plan_file)
         if request.img_size is not None:
             plan.img_size = request.img_size
+        plan.head_only = plan.head_only or request.head_only
         plan.validate(depth)
         return plan
     if request.method is None:
@@ -128,7 +130,7 @@ def resolve_plan(request: ReducedModelSpec, base: BaseModel) -> Plan:
     if request.method == "tome" and request.keep is not None:
         raise VitpruneError("--keep is for evit/ats; tome takes --r")
     return make_plan(request.method, depth, keep=request.keep, r=request.r, layers=request.layers,
-                     fuse=request.fuse, img_size=None)
+                     fuse=request.fuse, img_size=None, head_only=request.head_only)
 
 
 def build_reduced(spec: ReducedModelSpec) -> tuple[BaseModel, Plan, nn.Module]:

@@ -32,6 +32,10 @@ class Reduction:
     r: int | None = None
     fuse: bool = True
 
+    def first_reduced_layer(self, depth: int) -> int:
+        """Blocks before this one run unreduced (`depth` when none is reduced)."""
+        return min(self.layers + ([depth - 1] if self.head_only else []), default=depth)
+
     def validate(self, depth: int) -> None:
         if self.method not in METHODS:
             raise VitpruneError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
@@ -61,6 +65,8 @@ class Plan:
 
     reductions: tuple[Reduction, ...] = ()
     img_size: int | None = None  # None: the model's own input size
+    # The last block computes only the prefix tokens the head reads (exact with class-token pooling).
+    head_only: bool = False
     notes: dict = field(default_factory=dict)  # free-form provenance (e.g. how a plan was calibrated)
 
     def __post_init__(self) -> None:
@@ -79,6 +85,10 @@ class Plan:
     def at(self, layer: int) -> Reduction | None:
         return next((red for red in self.reductions if red.layer == layer), None)
 
+    def first_reduced_layer(self, depth: int) -> int:
+        """Blocks before this one run unreduced (`depth` when none is reduced)."""
+        return min(self.layers + ([depth - 1] if self.head_only else []), default=depth)
+
     def validate(self, depth: int) -> None:
         layers = self.layers
         if len(set(layers)) != len(layers):
@@ -89,6 +99,11 @@ class Plan:
         first_ats = next((red.layer for red in self.reductions if red.method == "ats"), None)
         if first_ats is not None and any(r.method != "ats" for r in self.reductions if r.layer > first_ats):
             raise VitpruneError("ats must be the last method in a plan: evit/tome cannot follow an ats layer")
+        if self.head_only and depth - 1 in layers:
+            raise VitpruneError(
+                f"the head-only last block already keeps only the class token in block {depth - 1}; "
+                "a reduction there has nothing to reduce"
+            )
         if self.img_size is not None and self.img_size <= 0:
             raise VitpruneError(f"image size must be positive, got {self.img_size}")
 
@@ -103,21 +118,25 @@ class Plan:
                 out[key] = [getattr(red, key) for red in self.reductions if _uses(red, key)]
         if self.img_size is not None:
             out["img_size"] = self.img_size
+        if self.head_only:
+            out["head_only"] = True
         return out
 
     def describe(self) -> str:
+        head = "; head-only last block" if self.head_only else ""
         if not self.reductions:
-            return "no reduction" + (f" @ {self.img_size}px" if self.img_size else "")
+            return ("no reduction" if not head else head[2:]) + (f" @ {self.img_size}px" if self.img_size else "")
         groups: dict[str, list[int]] = {}
         for red in self.reductions:
             groups.setdefault(red.describe(), []).append(red.layer)
         text = "; ".join(f"{what} @ {','.join(map(str, layers))}" for what, layers in groups.items())
-        return text + (f"; {self.img_size}px" if self.img_size else "")
+        return text + head + (f"; {self.img_size}px" if self.img_size else "")
 
     def to_dict(self) -> dict:
         return {
             "format": PLAN_FORMAT,
             "img_size": self.img_size,
+            "head_only": self.head_only,
             "reductions": [asdict(red) for red in self.reductions],
             "notes": self.notes,
         }
@@ -126,7 +145,8 @@ class Plan:
     def from_dict(cls, data: dict) -> "Plan":
         try:
             reductions = tuple(Reduction(**red) for red in data["reductions"])
-            return cls(reductions=reductions, img_size=data.get("img_size"), notes=data.get("notes") or {})
+            return cls(reductions=reductions, img_size=data.get("img_size"), head_only=bool(data.get("head_only", False)),
+                       notes=data.get("notes") or {})
         except (KeyError, TypeError) as exc:
             raise VitpruneError(f"malformed plan: {exc}") from None
 
@@ -154,6 +174,7 @@ def make_plan(
     layers: list[int] | None = None,
     fuse: bool = True,
     img_size: int | None = None,
+    head_only: bool = False,
 ) -> Plan:
     """The plan for one method with one setting at several layers, validated against `depth`."""
     if method not in METHODS:
@@ -162,7 +183,8 @@ def make_plan(
         raise VitpruneError(f"--method {method} needs --keep")
     if method == "tome" and r is None:
         raise VitpruneError("--method tome needs --r (tokens merged per layer)")
-    layers = default_layers(method, depth) if layers is None else layers
+    if layers is None:  # the head-only last block already reduces the last block to its class token
+        layers = [layer for layer in default_layers(method, depth) if not (head_only and layer == depth - 1)]
     if not layers:
         raise VitpruneError("no layers given")
     plan = Plan(
@@ -172,6 +194,7 @@ def make_plan(
             for layer in layers
         ),
         img_size=img_size,
+        head_only=head_only,
     )
     plan.validate(depth)
     return plan

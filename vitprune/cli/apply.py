@@ -8,7 +8,7 @@ import typer
 
 from vitprune.cli import app
 from vitprune.cli.common import (
-    BatchSizeOpt, CheckpointOpt, DataOpt, DeviceOpt, ForceOpt, ImgSizeOpt, JsonOpt, LimitOpt, ModelArg,
+    BatchSizeOpt, CheckpointOpt, DataOpt, DeviceOpt, ForceOpt, HeadOnlyOpt, ImgSizeOpt, JsonOpt, LimitOpt, ModelArg,
     NoPretrainedOpt, OutOpt, ThreadsOpt, WorkersOpt, check_device, console, emit_json, parse_batches,
     report_table, set_threads,
 )
@@ -22,6 +22,7 @@ def apply(
     r: Annotated[Optional[int], typer.Option("--r", help="tome: tokens merged per layer.")] = None,
     layers: Annotated[Optional[str], typer.Option("--layers", "-l", help="Blocks to reduce in, e.g. 3,6,9 or 3-11 (default: per method and depth).")] = None,
     no_fuse: Annotated[bool, typer.Option("--no-fuse", help="evit: drop inattentive tokens instead of fusing them.")] = False,
+    head_only: HeadOnlyOpt = False,
     plan_file: Annotated[Optional[Path], typer.Option("--plan", help="A plan (vitprune.json from apply/calibrate) instead of --method.")] = None,
     checkpoint: CheckpointOpt = None,
     no_pretrained: NoPretrainedOpt = False,
@@ -45,7 +46,7 @@ def apply(
 
     request = ApplyRequest(
         model=model, method=method, keep=keep, r=r, layers=parse_layers(layers) if layers else None,
-        fuse=not no_fuse, plan_file=plan_file, checkpoint=checkpoint, no_pretrained=no_pretrained,
+        fuse=not no_fuse, head_only=head_only, plan_file=plan_file, checkpoint=checkpoint, no_pretrained=no_pretrained,
         img_size=img_size, data=data, limit=limit, batch_size=batch_size, workers=workers,
         bench_batches=parse_batches(bench_batch) if bench else (), bench_repeats=bench_repeats,
         device=check_device(device), output=output, force=force, progress=not json_out,

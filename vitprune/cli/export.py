@@ -8,7 +8,7 @@ import typer
 
 from vitprune.cli import app
 from vitprune.cli.common import (
-    CheckpointOpt, DataOpt, ForceOpt, ImgSizeOpt, JsonOpt, LimitOpt, ModelArg, NoPretrainedOpt, ThreadsOpt,
+    CheckpointOpt, DataOpt, ForceOpt, HeadOnlyOpt, ImgSizeOpt, JsonOpt, LimitOpt, ModelArg, NoPretrainedOpt, ThreadsOpt,
     WorkersOpt, console, emit_json, parse_batches, report_table, set_threads,
 )
 
@@ -23,6 +23,7 @@ def export(
     r: Annotated[Optional[int], typer.Option("--r", help="tome: tokens merged per layer.")] = None,
     layers: Annotated[Optional[str], typer.Option("--layers", "-l", help="Blocks to reduce in, e.g. 3,6,9 or 3-11.")] = None,
     no_fuse: Annotated[bool, typer.Option("--no-fuse", help="evit: drop inattentive tokens instead of fusing them.")] = False,
+    head_only: HeadOnlyOpt = False,
     plan_file: Annotated[Optional[Path], typer.Option("--plan", help="A plan (vitprune.json) instead of --method.")] = None,
     checkpoint: CheckpointOpt = None,
     no_pretrained: NoPretrainedOpt = False,
@@ -48,7 +49,7 @@ def export(
 
     request = ExportRequest(
         model=model, onnx=onnx, safetensors=safetensors, method=method, keep=keep, r=r,
-        layers=parse_layers(layers) if layers else None, fuse=not no_fuse, plan_file=plan_file,
+        layers=parse_layers(layers) if layers else None, fuse=not no_fuse, head_only=head_only, plan_file=plan_file,
         checkpoint=checkpoint, no_pretrained=no_pretrained, img_size=img_size, batch=batch, opset=opset,
         fp16=fp16, ats_padding=ats_padding, data=data, limit=limit, workers=workers, bench=bench,
         bench_batches=parse_batches(bench_batch), bench_repeats=bench_repeats, provider=provider,
