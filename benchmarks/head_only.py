@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=200)  # the whole table, also when piped
     table = Table(title=f"head-only last block — {platform.machine()}, {torch.get_num_threads()} threads, "
                         f"eager PyTorch {torch.__version__}, batch {args.batch}")
     for column in ["model", "setting", "max |Δlogit|", "top-1 agree %", "GMACs", "GMACs head-only", "fewer",
