@@ -11,7 +11,7 @@ from PIL import Image
 
 import vitprune
 from vitprune.calibrate import (
-    CalibrateRequest, Score, Shape, make_budget, pareto_mask, run_calibrate, shape_plan,
+    PROTECT_WEIGHTS, CalibrateRequest, Score, Shape, make_budget, pareto_mask, run_calibrate, shape_plan,
 )
 from vitprune.cli import run
 from vitprune.errors import VitpruneError
@@ -71,6 +71,27 @@ def test_output_loads_as_an_artifact(calibrated):
     assert json.loads((calibrated / "report.json").read_text())["calibration"]["head_only"] is True
 
 
+def test_protect_weight_is_chosen_on_the_calibration_images_and_used_by_every_tome_block(calibrated):
+    report = json.loads((calibrated / "report.json").read_text())
+    protect = report["calibration"]["tome_protect"]
+    assert protect["given"] is False and [t["protect"] for t in protect["tried"]] == list(PROTECT_WEIGHTS)
+    assert protect["chosen"] == min(protect["tried"], key=lambda t: t["kl"])["protect"]  # objective: KL
+    tome_rows = [red for row in report["calibration"]["frontier"] for red in row["reductions"] if red["method"] == "tome"]
+    # every searched ToMe block carries the chosen weight, except ToMe as published (the guard's reference)
+    assert {red["protect"] for red in tome_rows} <= {protect["chosen"], 0.0}
+    assert "protect weight" in (calibrated / "report.md").read_text()
+
+
+def test_a_given_protect_weight_is_used_as_is(image_dir):
+    torch.manual_seed(0)
+    result = run_calibrate(CalibrateRequest(
+        model="vit_tiny_patch16_224", data=image_dir, budget=make_budget(target_ratio=0.7), no_pretrained=True,
+        img_size=64, img_sizes=[64], protect=0.0, search_images=3, refine_steps=1, bench_repeats=1, progress=False,
+    ))
+    assert result.report["calibration"]["tome_protect"] == {"chosen": 0.0, "given": True, "tried": []}
+    assert all(red.protect == 0.0 for red in result.plan.reductions)
+
+
 def test_apply_takes_the_calibrated_plan(calibrated, image_dir, tmp_path, capsys):
     report = json.loads((calibrated / "report.json").read_text())
     out = tmp_path / "applied"
@@ -111,6 +132,7 @@ def test_holdout_is_disjoint_from_calibration(image_dir):
     (["--target-ratio", "1.2"], "must be in (0, 1)"),
     (["--target-gmacs", "0.000001"], "out of reach"),
     (["--max-drop", "-1"], "--max-drop"),
+    (["--target-ratio", "0.5", "--protect", "-0.1"], "--protect must be a finite weight"),
 ])
 def test_bad_budgets_exit_2_and_write_nothing(budget_args, message, image_dir, tmp_path, capsys):
     out = tmp_path / "never"

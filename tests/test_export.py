@@ -252,3 +252,14 @@ def test_cli_refuses_missing_folder_and_same_file(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert cli(*base, "--onnx", tmp_path / "m.x", "--safetensors", tmp_path / "m.x") == 2
     assert "same file" in capsys.readouterr().err
+
+
+def test_tome_protect_exports_and_matches(tmp_path):
+    model = tiny()
+    vitprune.apply(model, method="tome", r=4, protect=0.3)
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path)
+    x = images(3)
+    with torch.inference_mode():
+        expected = model(x)
+    assert (onnx_predict(onnx_session(path, "cpu"), x, batch_size=3) - expected).abs().max() < 1e-3

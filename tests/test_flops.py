@@ -17,7 +17,7 @@ def torch_counted_gmacs(model, x):
 
 
 @pytest.mark.parametrize("family", ["vit", "deit_distilled", "registers"])
-@pytest.mark.parametrize("kwargs", [None, {"method": "evit", "keep": 0.7}, {"method": "tome", "r": 5},
+@pytest.mark.parametrize("kwargs", [None, {"method": "evit", "keep": 0.7}, {"method": "tome", "r": 5}, {"method": "tome", "r": 5, "protect": 0.2},
                                     {"method": "tome", "r": 5, "head_only": True}, {"method": "ats", "keep": 0.6, "layers": [1], "head_only": True},
                                     {"method": "evit", "keep": 0.5, "fuse": False}])
 def test_counted_macs_match_torch_flop_counter(family, kwargs):

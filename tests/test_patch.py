@@ -112,6 +112,9 @@ def test_mixed_plan_tome_then_evit_then_ats():
     (Plan(reductions=(Reduction(3, "tome", r=-1),)), "tome needs r"),
     (Plan(reductions=(Reduction(3, "ats", keep=0.5), Reduction(5, "tome", r=2))), "ats must be the last"),
     (Plan(reductions=(Reduction(3, "magic", keep=0.5),)), "unknown method"),
+    (Plan(reductions=(Reduction(3, "tome", r=2, protect=-0.1),)), "protect must be a finite weight"),
+    (Plan(reductions=(Reduction(3, "tome", r=2, protect=float("nan")),)), "protect must be a finite weight"),
+    (Plan(reductions=(Reduction(3, "evit", keep=0.5, protect=0.2),)), "protect applies to tome only"),
 ])
 def test_bad_plans_are_refused(plan, message):
     with pytest.raises(VitpruneError, match=message):
@@ -213,3 +216,36 @@ def test_head_only_plans_are_checked():
     assert Plan.from_dict(plan.to_dict()) == plan
     assert "head-only last block" in plan.describe()
     assert Plan.from_dict({"reductions": []}).head_only is False  # plans written before the option
+
+
+@pytest.mark.parametrize("family", CLS_FAMILIES)
+def test_tome_protect_runs_keeps_the_token_count_and_zero_is_plain_tome(family):
+    model = build_family(family)
+    x = images_for(model)
+    plain = run(vitprune.apply(model, method="tome", r=3), x)
+    assert torch.equal(run(vitprune.apply(model, method="tome", r=3, protect=0.0), x), plain)
+    # random weights attend almost evenly: a large weight makes the attention, not similarity, decide
+    vitprune.apply(model, method="tome", r=3, protect=50.0)
+    with torch.inference_mode(), record_tokens(model) as trace:
+        protected = model(x)
+    assert torch.isfinite(protected).all()
+    if family in ("vit", "deit_distilled"):  # layer-scale families start near the identity: nothing to see
+        assert (protected - plain).abs().max() > 1e-3
+    vitprune.apply(model, method="tome", r=3)
+    with torch.inference_mode(), record_tokens(model) as plain_trace:
+        model(x)
+    assert [e["n_out"].tolist() for e in trace] == [e["n_out"].tolist() for e in plain_trace]
+
+
+def test_tome_protect_needs_a_class_token_and_round_trips():
+    with pytest.raises(VitpruneError, match="no class token"):
+        vitprune.apply(build_family("gap_no_cls"), method="tome", r=2, protect=0.2)
+    with pytest.raises(VitpruneError, match="tome only"):
+        make_plan("evit", 12, keep=0.7, protect=0.2)
+    plan = make_plan("tome", 12, r=8, protect=0.2)
+    assert Plan.from_dict(plan.to_dict()) == plan
+    assert plan.params()["protect"] == 0.2 and "protect=0.2" in plan.describe()
+    old = plan.to_dict()  # plans written before protect existed read as plain ToMe
+    for red in old["reductions"]:
+        del red["protect"]
+    assert Plan.from_dict(old) == make_plan("tome", 12, r=8) and "protect" not in make_plan("tome", 12, r=8).params()

@@ -5,7 +5,7 @@ import torch
 
 from vitprune.reducers import (
     ats_cap, ats_sample, ats_scores, ats_select, bipartite_matching, cls_attention, evit_keep_count,
-    evit_reduce, merge_tokens, tome_reduce,
+    evit_reduce, merge_tokens, protect_penalty, tome_reduce,
 )
 
 
@@ -125,3 +125,19 @@ def test_tome_r_is_capped_at_half_the_tokens():
     x = torch.randn(1, 1 + 5, 4)
     out, _ = tome_reduce(x, torch.ones(1, 6, 1), x, num_prefix=1, r=100)
     assert out.shape[1] == 1 + 3
+
+
+def test_tome_protect_keeps_the_attended_token_and_zero_is_plain_tome():
+    x = torch.eye(6).unsqueeze(0)
+    x[0, 4] = x[0, 1] * 2  # token 4 (A) is the only one parallel to a B token: ToMe merges it first
+    x[0, 2] = x[0, 3] + 0.5 * x[0, 5]  # token 2 (A) is the next most similar, to token 3 (B)
+    uniform = torch.full((1, 6), 1 / 6)
+    torch.testing.assert_close(protect_penalty(uniform, 0.2), torch.full((1, 6), 0.2))  # an even share costs `weight`
+    plain = bipartite_matching(x, r=1)
+    even = bipartite_matching(x, r=1, penalty=protect_penalty(uniform, 0.3))
+    assert all(torch.equal(a, b) for a, b in zip(even, plain))  # an even penalty changes nothing
+    attended = torch.tensor([[0.05, 0.05, 0.05, 0.05, 0.75, 0.05]])  # the class token reads token 4
+    protected = bipartite_matching(x, r=1, penalty=protect_penalty(attended, 0.2))
+    assert plain.src.tolist() == [[2]] and protected.src.tolist() == [[1]]  # token 2 merges instead of token 4
+    out, size = tome_reduce(x, torch.ones(1, 6, 1), x, 0, 1, penalty=protect_penalty(attended, 0.2))
+    assert out.shape == (1, 5, 6) and any(torch.equal(row, x[0, 4]) for row in out[0])  # token 4 is intact

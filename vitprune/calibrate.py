@@ -3,6 +3,9 @@
 The search never trains anything; it scores candidate plans by how closely the reduced model
 follows the unreduced one on calibration images, and reports every figure on held-out images:
 
+0. ToMe's protect weight (the class token's attention against merging a token, 0 = plain ToMe):
+   each of PROTECT_WEIGHTS on ToMe's constant schedule at the budget, on all calibration images;
+   the best is used by every ToMe block searched after.
 1. Sensitivity: reduce a quarter of the patch tokens at one block only, per block and per method
    (evit, tome), and measure the KL divergence to the base model and the GMACs saved.
 2. Shapes: spread the reduction over the blocks in proportion to (GMACs saved / KL)^gamma, with the
@@ -54,6 +57,7 @@ EVAL_BATCH = 50
 # this many standard errors of the paired per-image difference: among dozens of plans compared, the
 # best on a few hundred images is partly the luckiest on them (the winner's curse).
 GUARD_Z = 2.0
+PROTECT_WEIGHTS = (0.0, 0.1, 0.2, 0.3)  # tome protect weights tried (0.1-0.3 won on both shared models)
 
 
 @dataclass(frozen=True)
@@ -272,9 +276,11 @@ class AtsShape:
     label: str = "ats"
 
 
-def shape_plan(shape: Shape, scale: float, num_tokens: int, num_prefix: int, head_only: bool = False) -> Plan:
-    """Remove about `scale * weight` tokens in each block (within each method's limits). With
-    `head_only` the last block keeps only the prefix tokens, so it reduces nothing else."""
+def shape_plan(shape: Shape, scale: float, num_tokens: int, num_prefix: int, head_only: bool = False,
+               protect: float = 0.0) -> Plan:
+    """Remove about `scale * weight` tokens in each block (within each method's limits), ToMe blocks
+    with the `protect` weight. With `head_only` the last block keeps only the prefix tokens, so it
+    reduces nothing else."""
     from vitprune.reducers import evit_keep_count
 
     reductions = []
@@ -288,7 +294,7 @@ def shape_plan(shape: Shape, scale: float, num_tokens: int, num_prefix: int, hea
         if method == "tome":
             r = min(want, patch // 2)
             if r > 0:
-                reductions.append(Reduction(layer=layer, method="tome", r=r))
+                reductions.append(Reduction(layer=layer, method="tome", r=r, protect=protect))
                 tokens -= r
         else:
             removed = min(want, patch - max(1, math.ceil(MIN_EVIT_KEEP * patch)))
@@ -313,6 +319,7 @@ class Geometry:
     base_size: int
     base_gmacs: float
     head_only: bool = False  # every plan computes only the prefix tokens in the last block
+    tome_protect: float = 0.0  # the protect weight of every ToMe block
 
 
 def fit_to_budget(shape: Shape | AtsShape, target: float, geometry: Geometry, macs: MacsCounter,
@@ -326,7 +333,8 @@ def fit_to_budget(shape: Shape | AtsShape, target: float, geometry: Geometry, ma
         high = 1.0
     else:
         def build(amount: float) -> Plan:
-            return shape_plan(shape, amount, geometry.tokens_at[size], geometry.num_prefix, geometry.head_only)
+            return shape_plan(shape, amount, geometry.tokens_at[size], geometry.num_prefix, geometry.head_only,
+                              geometry.tome_protect)
         high = float(geometry.tokens_at[size])
     if macs.gmacs(build(0.0), images) <= target:
         return build(0.0)
@@ -351,7 +359,8 @@ def sensitivity_probe(evaluator: Evaluator, geometry: Geometry, methods: tuple[s
     for layer in range(geometry.depth):
         row: dict = {"layer": layer}
         for method in methods:
-            reduction = (Reduction(layer=layer, method="tome", r=min(unit, patch // 2)) if method == "tome"
+            reduction = (Reduction(layer=layer, method="tome", r=min(unit, patch // 2), protect=geometry.tome_protect)
+                         if method == "tome"
                          else Reduction(layer=layer, method="evit", keep=round(1 - unit / patch, 4)))
             score = evaluator.score(Plan(reductions=(reduction,), img_size=size))
             row[method] = {"kl": score.kl, "saved_gmacs": geometry.base_gmacs - score.gmacs,
@@ -359,6 +368,28 @@ def sensitivity_probe(evaluator: Evaluator, geometry: Geometry, methods: tuple[s
             bar.advance(task)
         rows.append(row)
     return rows
+
+
+def choose_protect(evaluator: "Evaluator", geometry: Geometry, target: float, macs: "MacsCounter",
+                   count_images: dict[int, Tensor], objective: str, bar, task) -> tuple[float, list[dict]]:
+    """The protect weight whose ToMe constant schedule at the budget scores best (all calibration images)."""
+    constant = Shape(geometry.base_size, ("tome",) * geometry.depth, (1.0,) * geometry.depth, "tome constant")
+    tried = []
+    for weight in PROTECT_WEIGHTS:
+        plan = fit_to_budget(constant, target, replace(geometry, tome_protect=weight), macs, count_images)
+        if plan is not None:
+            score = evaluator.score(plan)
+            tried.append({"protect": weight, "loss": score.loss(objective), **score.to_dict()})
+        bar.advance(task)
+    if not tried:
+        return 0.0, []
+    best = min(tried, key=lambda entry: entry["loss"])
+    return best["protect"], [{k: v for k, v in entry.items() if k != "loss"} for entry in tried]
+
+
+def plain_tome(plan: Plan) -> Plan:
+    """The plan with every ToMe block unprotected: ToMe as published."""
+    return replace(plan, reductions=tuple(replace(red, protect=0.0) for red in plan.reductions))
 
 
 def make_shapes(sensitivity: list[dict], geometry: Geometry, methods: tuple[str, ...], sizes: list[int]) -> list:
@@ -448,6 +479,7 @@ class CalibrateRequest:
     swap_split: bool = False  # calibrate on the held-out part and hold out the rest (2-fold cross-checks)
     objective: str = "kl"
     head_only: bool = True  # the head-only last block, where the model pools by class token
+    protect: float | None = None  # tome protect weight; None: chosen among PROTECT_WEIGHTS
     search_images: int = 128
     refine_steps: int = 16
     bench_repeats: int = 5
@@ -479,6 +511,8 @@ def check_request(request: CalibrateRequest) -> None:
         raise VitpruneError(f"--refine-steps must be zero or more, got {request.refine_steps}")
     if request.bench_repeats < 1:
         raise VitpruneError(f"--bench-repeats must be at least 1, got {request.bench_repeats}")
+    if request.protect is not None and not 0 <= request.protect < math.inf:
+        raise VitpruneError(f"--protect must be a finite weight >= 0, got {request.protect:g}")
     if request.img_sizes is not None and any(size <= 0 for size in request.img_sizes):
         raise VitpruneError(f"input sizes must be positive, got {request.img_sizes}")
     if request.output is not None:
@@ -572,7 +606,19 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
     count_images = search_eval.images
 
     rng = random.Random(request.seed)
+    # protect weighs the class token's attention: only for models with one (the same test as evit's)
+    can_protect = "tome" in methods and _fits(check_plan_fits, base_model, make_plan("tome", depth, r=1, protect=0.1))
     with _progress(request.progress) as bar:
+        protect_trials: list[dict] = []
+        if request.protect is not None or not can_protect:
+            if request.protect and not can_protect:
+                raise VitpruneError("--protect weighs the class token's attention, and this model has no class token "
+                                    "(or cannot run tome)")
+            geometry.tome_protect = request.protect or 0.0
+        else:
+            task = bar.add_task("ToMe protect weight", total=len(PROTECT_WEIGHTS))
+            geometry.tome_protect, protect_trials = choose_protect(calib_eval, geometry, target, macs, count_images,
+                                                                   objective, bar, task)
         probe_methods = tuple(m for m in block_methods)
         task = bar.add_task("Sensitivity per block", total=depth * len(probe_methods))
         sensitivity = sensitivity_probe(search_eval, geometry, probe_methods, bar, task)
@@ -633,7 +679,7 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
                 if plan is not None:
                     options.append((search_eval.score(plan).loss(objective), plan))
                     if shape is constant_tome:
-                        tome_plan = plan
+                        tome_plan = plain_tome(plan)  # the guard's reference: ToMe as published
                 bar.advance(task)
             if ladder_target == target:
                 options += [(loss, plan) for loss, _, plan in top]
@@ -770,6 +816,7 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
         "methods": list(methods),
         "head_only": head_only,
         "guard_z": GUARD_Z,
+        "tome_protect": {"chosen": geometry.tome_protect, "given": request.protect is not None, "tried": protect_trials},
         "search_seconds": round(search_seconds, 1),
         "evaluations": {"search_subset": search_eval.evaluations, "calibration": calib_eval.evaluations,
                         "holdout": holdout_eval.evaluations},
@@ -838,6 +885,7 @@ def render_calibration_markdown(report: dict) -> str:
              f"- input sizes searched: {', '.join(map(str, cal['img_sizes']))}; methods: {', '.join(cal['methods'])}"
              + ("; every plan computes only the class token in the last block (exact with class-token pooling)"
                 if cal.get("head_only") else ""),
+             _protect_line(cal.get("tome_protect")),
              f"- a searched plan replaces ToMe's constant schedule at a budget only when it beats it by more than "
              f"{cal['guard_z']:g} standard errors (paired, per image) on the calibration images",
              f"- search time: {cal['search_seconds']:.0f} s ({sum(cal['evaluations'].values())} plan evaluations)",
@@ -858,6 +906,16 @@ def render_calibration_markdown(report: dict) -> str:
               f"median of {report['latency_setup']['repeats']} runs at batch {cal['budget'].get('batch', 32)}, "
               "all models interleaved.", ""]
     return "\n".join(lines)
+
+
+def _protect_line(protect: dict | None) -> str:
+    if not protect:
+        return "- ToMe blocks: plain ToMe"
+    if protect["given"]:
+        return f"- ToMe blocks: protect weight {protect['chosen']:g} (given)"
+    tried = ", ".join(f"{entry['protect']:g}: KL {entry['kl']:.4f}" for entry in protect["tried"])
+    return (f"- ToMe blocks: protect weight {protect['chosen']:g}, the best on the calibration images of "
+            f"ToMe's constant schedule at the budget ({tried})")
 
 
 def render_markdown_head(report: dict) -> str:

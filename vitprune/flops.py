@@ -26,10 +26,12 @@ class MacsReport:
         return {"gmacs": self.gmacs, "tokens_per_block": [round(t, 2) for t in self.tokens_per_block]}
 
 
-def block_macs(block: nn.Module, n_in: Tensor, n_query: Tensor, n_out: Tensor, method: str | None, num_prefix: int) -> Tensor:
+def block_macs(block: nn.Module, n_in: Tensor, n_query: Tensor, n_out: Tensor, method: str | None, num_prefix: int,
+               scores_cls: bool = False) -> Tensor:
     """MACs of one timm Block: qkv on the tokens in, attention of the queries over them, output
     projection on the queries, MLP on the tokens out, plus the reducer's own matmuls.
-    method: the block's reducer, or "head" for the head-only last block."""
+    method: the block's reducer, or "head" for the head-only last block; scores_cls: the block
+    computes the CLS row of the attention again to score tokens (evit, ats, tome with protect)."""
     attn = block.attn
     dim, attn_dim = attn.qkv.in_features, attn.attn_dim
     hidden = block.mlp.fc1.out_features
@@ -41,9 +43,9 @@ def block_macs(block: nn.Module, n_in: Tensor, n_query: Tensor, n_out: Tensor, m
     if getattr(attn, "gate", None) is not None:
         macs = macs + n_query * dim * attn_dim
     macs = macs + 2 * n_out * dim * hidden  # fc1, fc2
-    if method in ("evit", "ats"):
+    if method in ("evit", "ats") or scores_cls:
         macs = macs + n_in * attn_dim  # the CLS row of the attention, for scoring
-    elif method == "tome":
+    if method == "tome":
         mergeable = n_in - num_prefix
         similarity = torch.ceil(mergeable / 2) * torch.floor(mergeable / 2) * attn.head_dim
         macs = macs + torch.where(n_out < n_in, similarity, 0.0)  # ToMe skips matching when r = 0
@@ -78,7 +80,7 @@ def count_macs(model: nn.Module, images: Tensor | None = None) -> MacsReport:
     per_image = torch.full((images.shape[0],), float(embed + head), dtype=torch.float64)
     for entry in trace:
         per_image += block_macs(model.blocks[entry["layer"]], entry["n_in"], entry["n_query"],
-                                entry["n_out"], entry["method"], num_prefix)
+                                entry["n_out"], entry["method"], num_prefix, entry.get("scores_cls", False))
     model.train(was_training)
     return MacsReport(
         gmacs=float(per_image.mean()) / 1e9,

@@ -18,7 +18,7 @@ from vitprune.errors import VitpruneError
 from vitprune.plan import Plan, Reduction
 from vitprune.reducers import (
     ats_cap, ats_sample, ats_scores, ats_select, cls_attention, evit_keep_count, evit_reduce,
-    gather_tokens, tome_reduce,
+    gather_tokens, protect_penalty, tome_reduce,
 )
 
 
@@ -126,11 +126,16 @@ class ReducedVisionTransformer:
             state = replace(state, size=size)
         elif method == "tome":
             size = state.size if state.size is not None else x.new_ones(batch, tokens_in, 1)
-            x, size = tome_reduce(x, size, k.mean(dim=1), num_prefix, reduction.r)
+            penalty = None
+            if reduction.protect:
+                cls_attn = cls_attention(q[:, :, :1], k, attn.scale, key_bias).mean(dim=1)
+                penalty = protect_penalty(cls_attn[:, num_prefix:], reduction.protect)
+            x, size = tome_reduce(x, size, k.mean(dim=1), num_prefix, reduction.r, penalty)
             state = replace(state, size=size)
 
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-        self._record(layer, method, tokens_in, state_in, state, q.shape[2], x)
+        self._record(layer, method, tokens_in, state_in, state, q.shape[2], x,
+                     scores_cls=method == "tome" and bool(reduction.protect))
         return x, state
 
     def _head_only_block(self, block: nn.Module, x: Tensor, state: TokenState, layer: int) -> Tensor:
@@ -225,7 +230,7 @@ class ReducedVisionTransformer:
         )
 
     def _record(self, layer: int, method: str | None, tokens_in: int, state_in: TokenState,
-                state_out: TokenState, queries: int, x: Tensor) -> None:
+                state_out: TokenState, queries: int, x: Tensor, scores_cls: bool = False) -> None:
         """Per-image token counts of this block, for exact FLOPs (only inside `record_tokens`)."""
         if self._vitprune_trace is None:
             return
@@ -234,7 +239,8 @@ class ReducedVisionTransformer:
         n_out = state_out.counts(x.shape[1], batch, device)
         n_query = n_out if method in ("ats", "head") else state_in.counts(queries, batch, device)
         self._vitprune_trace.append(
-            {"layer": layer, "method": method, "n_in": n_in.cpu(), "n_query": n_query.cpu(), "n_out": n_out.cpu()}
+            {"layer": layer, "method": method, "n_in": n_in.cpu(), "n_query": n_query.cpu(), "n_out": n_out.cpu(),
+             "scores_cls": scores_cls}
         )
 
 
@@ -274,6 +280,10 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
         raise VitpruneError(problem)
     plan.validate(len(model.blocks))
     methods = {red.method for red in plan.reductions}
+    if any(red.protect for red in plan.reductions) and getattr(model, "cls_token", None) is None:
+        raise VitpruneError(
+            "tome protect weighs the class token's attention, and this model has no class token; use protect 0"
+        )
     if methods & {"evit", "ats"} and getattr(model, "cls_token", None) is None:
         raise VitpruneError(
             "evit and ats score tokens by the CLS token's attention, and this model has no class token "

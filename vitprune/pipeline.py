@@ -71,6 +71,7 @@ class ReducedModelSpec:
     method: str | None = None
     keep: float | None = None
     r: int | None = None
+    protect: float = 0.0
     layers: list[int] | None = None
     fuse: bool = True
     head_only: bool = False
@@ -115,6 +116,8 @@ def resolve_plan(request: ReducedModelSpec, base: BaseModel) -> Plan:
     if request.plan_file is not None:
         if request.method is not None:
             raise VitpruneError("give --plan or --method, not both")
+        if request.protect:
+            raise VitpruneError("--protect goes with --method tome; a plan file carries its own")
         plan, _ = read_plan_file(request.plan_file)
         if request.img_size is not None:
             plan.img_size = request.img_size
@@ -122,6 +125,8 @@ def resolve_plan(request: ReducedModelSpec, base: BaseModel) -> Plan:
         plan.validate(depth)
         return plan
     if request.method is None:
+        if request.protect:
+            raise VitpruneError("--protect goes with --method tome")
         if base.artifact_plan is not None:
             return base.artifact_plan
         raise VitpruneError("choose a reduction: --method evit|ats|tome (with --keep or --r), or --plan FILE")
@@ -130,7 +135,7 @@ def resolve_plan(request: ReducedModelSpec, base: BaseModel) -> Plan:
     if request.method == "tome" and request.keep is not None:
         raise VitpruneError("--keep is for evit/ats; tome takes --r")
     return make_plan(request.method, depth, keep=request.keep, r=request.r, layers=request.layers,
-                     fuse=request.fuse, img_size=None, head_only=request.head_only)
+                     fuse=request.fuse, img_size=None, head_only=request.head_only, protect=request.protect)
 
 
 def build_reduced(spec: ReducedModelSpec) -> tuple[BaseModel, Plan, nn.Module]:

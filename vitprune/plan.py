@@ -6,6 +6,7 @@ holds weights. `vitprune.json` stores it next to the base model's identity.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,7 +24,8 @@ class Reduction:
 
     evit: `keep` in (0, 1] of the patch tokens entering the block, `fuse` the dropped ones.
     ats: `keep` is the cap K, a ratio in (0, 1] of the tokens entering the model or a count > 1.
-    tome: `r` token pairs merged in the block.
+    tome: `r` token pairs merged in the block; `protect` > 0 weighs the class token's attention
+    against merging a token (0: plain ToMe).
     """
 
     layer: int
@@ -31,6 +33,7 @@ class Reduction:
     keep: float | None = None
     r: int | None = None
     fuse: bool = True
+    protect: float = 0.0
 
     def first_reduced_layer(self, depth: int) -> int:
         """Blocks before this one run unreduced (`depth` when none is reduced)."""
@@ -44,6 +47,10 @@ class Reduction:
         if self.method == "tome":
             if self.r is None or self.r < 0 or int(self.r) != self.r:
                 raise VitpruneError(f"tome needs r, a whole number >= 0 of tokens merged per layer (got {self.r})")
+            if not (isinstance(self.protect, (int, float)) and 0 <= self.protect < math.inf):
+                raise VitpruneError(f"tome protect must be a finite weight >= 0, got {self.protect}")
+        elif self.protect:
+            raise VitpruneError(f"protect applies to tome only, not {self.method}")
         elif self.keep is None:
             raise VitpruneError(f"{self.method} needs a keep rate")
         elif self.method == "evit" and not 0 < self.keep <= 1:
@@ -53,7 +60,7 @@ class Reduction:
 
     def describe(self) -> str:
         if self.method == "tome":
-            return f"tome r={self.r}"
+            return f"tome r={self.r}" + (f" protect={self.protect:g}" if self.protect else "")
         if self.method == "evit":
             return f"evit keep={self.keep:g}" + ("" if self.fuse else " no-fuse")
         return f"ats K={self.keep:g}"
@@ -110,7 +117,7 @@ class Plan:
     def params(self) -> dict:
         """The plan in the compact form reports show: method, layers and the shared parameters."""
         out: dict = {"layers": self.layers}
-        for key in ("keep", "r", "fuse"):
+        for key in ("keep", "r", "fuse", "protect"):
             values = {getattr(red, key) for red in self.reductions if _uses(red, key)}
             if len(values) == 1:
                 out[key] = values.pop()
@@ -152,7 +159,8 @@ class Plan:
 
 
 def _uses(red: Reduction, key: str) -> bool:
-    return {"keep": red.method in ("evit", "ats"), "r": red.method == "tome", "fuse": red.method == "evit"}[key]
+    return {"keep": red.method in ("evit", "ats"), "r": red.method == "tome", "fuse": red.method == "evit",
+            "protect": red.method == "tome" and bool(red.protect)}[key]
 
 
 def default_layers(method: str, depth: int) -> list[int]:
@@ -175,6 +183,7 @@ def make_plan(
     fuse: bool = True,
     img_size: int | None = None,
     head_only: bool = False,
+    protect: float = 0.0,
 ) -> Plan:
     """The plan for one method with one setting at several layers, validated against `depth`."""
     if method not in METHODS:
@@ -183,6 +192,8 @@ def make_plan(
         raise VitpruneError(f"--method {method} needs --keep")
     if method == "tome" and r is None:
         raise VitpruneError("--method tome needs --r (tokens merged per layer)")
+    if protect and method != "tome":
+        raise VitpruneError(f"--protect applies to --method tome only, not {method}")
     if layers is None:  # the head-only last block already reduces the last block to its class token
         layers = [layer for layer in default_layers(method, depth) if not (head_only and layer == depth - 1)]
     if not layers:
@@ -190,7 +201,8 @@ def make_plan(
     plan = Plan(
         reductions=tuple(
             Reduction(layer=layer, method=method, keep=keep if method != "tome" else None,
-                      r=r if method == "tome" else None, fuse=fuse if method == "evit" else True)
+                      r=r if method == "tome" else None, fuse=fuse if method == "evit" else True,
+                      protect=protect if method == "tome" else 0.0)
             for layer in layers
         ),
         img_size=img_size,

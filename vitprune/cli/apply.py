@@ -8,7 +8,7 @@ import typer
 
 from vitprune.cli import app
 from vitprune.cli.common import (
-    BatchSizeOpt, CheckpointOpt, DataOpt, DeviceOpt, ForceOpt, HeadOnlyOpt, ImgSizeOpt, JsonOpt, LimitOpt, ModelArg,
+    BatchSizeOpt, CheckpointOpt, DataOpt, DeviceOpt, ForceOpt, HeadOnlyOpt, ProtectOpt, ImgSizeOpt, JsonOpt, LimitOpt, ModelArg,
     NoPretrainedOpt, OutOpt, ThreadsOpt, WorkersOpt, check_device, console, emit_json, parse_batches,
     report_table, set_threads,
 )
@@ -20,6 +20,7 @@ def apply(
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="evit, ats or tome.")] = None,
     keep: Annotated[Optional[float], typer.Option("--keep", "-k", help="evit: keep rate in (0, 1]; ats: cap K as a ratio of the input tokens or a count.")] = None,
     r: Annotated[Optional[int], typer.Option("--r", help="tome: tokens merged per layer.")] = None,
+    protect: ProtectOpt = 0.0,
     layers: Annotated[Optional[str], typer.Option("--layers", "-l", help="Blocks to reduce in, e.g. 3,6,9 or 3-11 (default: per method and depth).")] = None,
     no_fuse: Annotated[bool, typer.Option("--no-fuse", help="evit: drop inattentive tokens instead of fusing them.")] = False,
     head_only: HeadOnlyOpt = False,
@@ -45,7 +46,7 @@ def apply(
     from vitprune.plan import parse_layers
 
     request = ApplyRequest(
-        model=model, method=method, keep=keep, r=r, layers=parse_layers(layers) if layers else None,
+        model=model, method=method, keep=keep, r=r, protect=protect, layers=parse_layers(layers) if layers else None,
         fuse=not no_fuse, head_only=head_only, plan_file=plan_file, checkpoint=checkpoint, no_pretrained=no_pretrained,
         img_size=img_size, data=data, limit=limit, batch_size=batch_size, workers=workers,
         bench_batches=parse_batches(bench_batch) if bench else (), bench_repeats=bench_repeats,

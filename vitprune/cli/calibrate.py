@@ -27,6 +27,7 @@ def calibrate(
     no_head_only: Annotated[bool, typer.Option("--no-head-only", help="Keep every token in the last block (by default plans compute only the class token there, exact with class-token pooling).")] = False,
     holdout: Annotated[float, typer.Option("--holdout", help="Fraction of the images held out to report the figures on.")] = 0.5,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split and of the search.")] = 0,
+    protect: Annotated[Optional[float], typer.Option("--protect", help="Fix ToMe's protect weight (the class token's attention against merging a token; 0: plain ToMe). Default: the best of 0, 0.1, 0.2, 0.3 on the calibration images.")] = None,
     swap_split: Annotated[bool, typer.Option("--swap-split", help="Calibrate on the part that is otherwise held out, and hold out the rest: with --holdout 0.5, the second fold of a 2-fold cross-check.")] = False,
     img_sizes: Annotated[Optional[str], typer.Option("--img-sizes", help="Input sizes to search, e.g. 224,208,192 (default: the model's size and up to 3 smaller, down to 3/4).")] = None,
     search_images: Annotated[int, typer.Option("--search-images", help="Calibration images the inner search scores on (the finalists use all).")] = 128,
@@ -50,7 +51,7 @@ def calibrate(
     request = CalibrateRequest(
         model=model, data=data, budget=budget, checkpoint=checkpoint, no_pretrained=no_pretrained, img_size=img_size,
         img_sizes=_parse_sizes(img_sizes), limit=limit, holdout=holdout, seed=seed, swap_split=swap_split, objective=objective,
-        head_only=not no_head_only, search_images=search_images, refine_steps=refine_steps, bench_repeats=bench_repeats, workers=workers,
+        head_only=not no_head_only, protect=protect, search_images=search_images, refine_steps=refine_steps, bench_repeats=bench_repeats, workers=workers,
         output=output, force=force, progress=not json_out,
     )
     set_threads(threads)

@@ -26,6 +26,7 @@ ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch CPU 
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the artifact folder here.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
+ProtectOpt = Annotated[float, typer.Option("--protect", help="tome: weight of the class token's attention against merging a token (0: plain ToMe; 0.2 is a good start).")]
 HeadOnlyOpt = Annotated[bool, typer.Option("--head-only", help="The last block computes only the class token the head reads: exact with class-token pooling, about 7% fewer GMACs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
 

@@ -8,7 +8,7 @@ import typer
 
 from vitprune.cli import app
 from vitprune.cli.common import (
-    CheckpointOpt, DataOpt, ForceOpt, HeadOnlyOpt, ImgSizeOpt, JsonOpt, LimitOpt, ModelArg, NoPretrainedOpt, ThreadsOpt,
+    CheckpointOpt, DataOpt, ForceOpt, HeadOnlyOpt, ProtectOpt, ImgSizeOpt, JsonOpt, LimitOpt, ModelArg, NoPretrainedOpt, ThreadsOpt,
     WorkersOpt, console, emit_json, parse_batches, report_table, set_threads,
 )
 
@@ -21,6 +21,7 @@ def export(
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="evit, ats or tome (for a model name; an artifact carries its plan).")] = None,
     keep: Annotated[Optional[float], typer.Option("--keep", "-k", help="evit: keep rate in (0, 1]; ats: cap K as a ratio or a count.")] = None,
     r: Annotated[Optional[int], typer.Option("--r", help="tome: tokens merged per layer.")] = None,
+    protect: ProtectOpt = 0.0,
     layers: Annotated[Optional[str], typer.Option("--layers", "-l", help="Blocks to reduce in, e.g. 3,6,9 or 3-11.")] = None,
     no_fuse: Annotated[bool, typer.Option("--no-fuse", help="evit: drop inattentive tokens instead of fusing them.")] = False,
     head_only: HeadOnlyOpt = False,
@@ -48,7 +49,7 @@ def export(
     from vitprune.plan import parse_layers
 
     request = ExportRequest(
-        model=model, onnx=onnx, safetensors=safetensors, method=method, keep=keep, r=r,
+        model=model, onnx=onnx, safetensors=safetensors, method=method, keep=keep, r=r, protect=protect,
         layers=parse_layers(layers) if layers else None, fuse=not no_fuse, head_only=head_only, plan_file=plan_file,
         checkpoint=checkpoint, no_pretrained=no_pretrained, img_size=img_size, batch=batch, opset=opset,
         fp16=fp16, ats_padding=ats_padding, data=data, limit=limit, workers=workers, bench=bench,

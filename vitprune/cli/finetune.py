@@ -9,7 +9,7 @@ from rich.table import Table
 
 from vitprune.cli import app
 from vitprune.cli.common import (
-    CheckpointOpt, DeviceOpt, ForceOpt, HeadOnlyOpt, ImgSizeOpt, JsonOpt, LimitOpt, ModelArg, NoPretrainedOpt, ThreadsOpt,
+    CheckpointOpt, DeviceOpt, ForceOpt, HeadOnlyOpt, ProtectOpt, ImgSizeOpt, JsonOpt, LimitOpt, ModelArg, NoPretrainedOpt, ThreadsOpt,
     WorkersOpt, check_device, console, emit_json, report_table, set_threads,
 )
 from vitprune.errors import VitpruneError
@@ -33,6 +33,7 @@ def finetune(
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="evit, ats or tome (not needed for an apply artifact).")] = None,
     keep: Annotated[Optional[float], typer.Option("--keep", "-k", help="evit/ats keep rate, as in apply.")] = None,
     r: Annotated[Optional[int], typer.Option("--r", help="tome: tokens merged per layer.")] = None,
+    protect: ProtectOpt = 0.0,
     layers: Annotated[Optional[str], typer.Option("--layers", "-l", help="Blocks to reduce in, e.g. 3,6,9.")] = None,
     no_fuse: Annotated[bool, typer.Option("--no-fuse", help="evit: drop inattentive tokens instead of fusing them.")] = False,
     head_only: HeadOnlyOpt = False,
@@ -81,7 +82,7 @@ def finetune(
     if output is None:
         raise VitpruneError("give --output/-o: the folder to write the fine-tuned artifact to")
     request = FinetuneRequest(
-        model=model, data=data, output=output, method=method, keep=keep, r=r,
+        model=model, data=data, output=output, method=method, keep=keep, r=r, protect=protect,
         layers=parse_layers(layers) if layers else None, fuse=not no_fuse, head_only=head_only, plan_file=plan_file,
         checkpoint=checkpoint, no_pretrained=no_pretrained, img_size=img_size, supervit=supervit,
         sizes=_numbers(sizes, int, "--sizes"), keeps=_numbers(keeps, float, "--keeps"), val=val,

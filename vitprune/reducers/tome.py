@@ -1,6 +1,8 @@
 """ToMe: merge the most similar tokens by bipartite soft matching, tracking token sizes.
 
 Bolya et al., "Token Merging: Your ViT but Faster" (ICLR 2023); see METHODS.md.
+Optionally the class token's attention protects informative tokens from being merged away
+(MCTF's informativeness criterion, Lee et al., CVPR 2024, in an additive form): see `protect_penalty`.
 """
 from __future__ import annotations
 
@@ -20,16 +22,29 @@ class Matching(NamedTuple):
     dst: Tensor  # (B, r) their B partners
 
 
-def bipartite_matching(metric: Tensor, r: int) -> Matching:
-    """Split tokens alternately into A (even) and B (odd), pair each A with its most similar B
-    (cosine similarity of `metric`), and choose the r most similar pairs to merge.
+def protect_penalty(cls_attn: Tensor, weight: float) -> Tensor:
+    """`weight` times each token's share of the class token's attention relative to an even share
+    (1 = average): subtracted from a token's merge score, it keeps the tokens the class token reads
+    from being averaged away, at no cost in tokens.
 
-    metric: (B, M, C) of the mergeable (non-prefix) tokens.
+    cls_attn: (B, M) class-token attention over the mergeable tokens (averaged over heads).
+    """
+    return weight * cls_attn * cls_attn.shape[1]
+
+
+def bipartite_matching(metric: Tensor, r: int, penalty: Tensor | None = None) -> Matching:
+    """Split tokens alternately into A (even) and B (odd), pair each A with its most similar B
+    (cosine similarity of `metric`), and choose the r best pairs to merge: the most similar, less
+    the A token's `penalty` when given.
+
+    metric: (B, M, C) of the mergeable (non-prefix) tokens; penalty: (B, M) or None.
     """
     metric = metric / metric.norm(dim=-1, keepdim=True)
     set_a, set_b = metric[:, ::2], metric[:, 1::2]
     similarity = set_a @ set_b.transpose(-1, -2)
     best_score, best_partner = similarity.max(dim=-1)
+    if penalty is not None:
+        best_score = best_score - penalty[:, ::2]
     ranked = best_score.argsort(dim=-1, descending=True)
     src = ranked[:, :r]
     # Unmerged tokens keep their spatial order: the next split into A and B then does not hinge on
@@ -68,14 +83,16 @@ def merge_tokens(x: Tensor, size: Tensor, matching: Matching, num_prefix: int = 
     return out, new_size
 
 
-def tome_reduce(x: Tensor, size: Tensor, metric: Tensor, num_prefix: int, r: int) -> tuple[Tensor, Tensor]:
+def tome_reduce(x: Tensor, size: Tensor, metric: Tensor, num_prefix: int, r: int,
+                penalty: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Merge r pairs of non-prefix tokens; prefix tokens are never merged.
 
-    x: (B, N, C), size: (B, N, 1), metric: (B, N, Cm) (keys averaged over heads).
+    x: (B, N, C), size: (B, N, 1), metric: (B, N, Cm) (keys averaged over heads),
+    penalty: (B, N - num_prefix) per mergeable token (see `protect_penalty`) or None.
     r is capped at half the mergeable tokens.
     """
     r = min(r, (x.shape[1] - num_prefix) // 2)
     if r <= 0:
         return x, size
-    matching = bipartite_matching(metric[:, num_prefix:], r)
+    matching = bipartite_matching(metric[:, num_prefix:], r, penalty)
     return merge_tokens(x, size, matching, num_prefix)
