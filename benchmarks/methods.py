@@ -43,6 +43,7 @@ SETTINGS = [
     ("ats", {"keep": 0.7}),
     ("tome", {"r": 8}),
     ("tome", {"r": 13}),
+    ("tome", {"r": 13, "protect": 0.2}),
     ("tome", {"r": 16}),
 ]
 
@@ -52,7 +53,7 @@ def label(method: str, setting: dict) -> str:
 
 
 def benchmark_model(name: str, images_dir: Path, limit: int | None, batches: tuple[int, ...], repeats: int,
-                    console: Console) -> list[dict]:
+                    console: Console, only: str | None = None) -> list[dict]:
     base, _ = create_model(name, checkpoint=WEIGHTS[name])
     images, labels = load_images(find_images(images_dir, limit=limit), transform_for(base), progress=True)
     base_logits = predict(base, images, description=f"{name} base")
@@ -61,6 +62,8 @@ def benchmark_model(name: str, images_dir: Path, limit: int | None, batches: tup
     rows = [{"model": name, "setting": "base", "top1": base_metrics["top1"], "agreement": 100.0,
              "gmacs": count_gmacs(base, images)}]
     for method, setting in SETTINGS:
+        if only is not None and only not in label(method, setting):
+            continue
         reduced = vitprune.apply(copy.deepcopy(base), method=method, **setting)
         metrics = classification_metrics(predict(reduced, images, description=label(method, setting)), labels, base_logits)
         rows.append({"model": name, "setting": label(method, setting), "top1": metrics["top1"],
@@ -91,12 +94,13 @@ def main() -> None:
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--only", help="run only the settings whose label contains this text, e.g. 'tome r=13'")
     args = parser.parse_args()
     batches = tuple(int(b) for b in args.batches.split(","))
     console = Console()
     rows = []
     for name in args.models:
-        rows += benchmark_model(name, args.data, args.limit, batches, args.repeats, console)
+        rows += benchmark_model(name, args.data, args.limit, batches, args.repeats, console, args.only)
     table = Table(title=f"vitprune methods — {platform.machine()}, {torch.get_num_threads()} threads, eager PyTorch {torch.__version__}")
     for column in ["model", "setting", "top-1 %", "agree %", "GMACs", "GMACs ratio",
                    *[f"ms/img b{b}" for b in batches], *[f"speed-up b{b}" for b in batches], "speed-up / GMACs ratio"]:

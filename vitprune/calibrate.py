@@ -5,7 +5,8 @@ follows the unreduced one on calibration images, and reports every figure on hel
 
 0. ToMe's protect weight (the class token's attention against merging a token, 0 = plain ToMe):
    each of PROTECT_WEIGHTS on ToMe's constant schedule at the budget, on all calibration images;
-   the best is used by every ToMe block searched after.
+   the best is used by every ToMe block searched after, and by the guard's ToMe schedule (a weight
+   is one number chosen among four: it cannot overfit the way a searched shape can).
 1. Sensitivity: reduce a quarter of the patch tokens at one block only, per block and per method
    (evit, tome), and measure the KL divergence to the base model and the GMACs saved.
 2. Shapes: spread the reduction over the blocks in proportion to (GMACs saved / KL)^gamma, with the
@@ -387,11 +388,6 @@ def choose_protect(evaluator: "Evaluator", geometry: Geometry, target: float, ma
     return best["protect"], [{k: v for k, v in entry.items() if k != "loss"} for entry in tried]
 
 
-def plain_tome(plan: Plan) -> Plan:
-    """The plan with every ToMe block unprotected: ToMe as published."""
-    return replace(plan, reductions=tuple(replace(red, protect=0.0) for red in plan.reductions))
-
-
 def make_shapes(sensitivity: list[dict], geometry: Geometry, methods: tuple[str, ...], sizes: list[int]) -> list:
     """Candidate shapes from the sensitivity of each block (see the module docstring)."""
     depth = geometry.depth
@@ -679,7 +675,7 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
                 if plan is not None:
                     options.append((search_eval.score(plan).loss(objective), plan))
                     if shape is constant_tome:
-                        tome_plan = plain_tome(plan)  # the guard's reference: ToMe as published
+                        tome_plan = plan
                 bar.advance(task)
             if ladder_target == target:
                 options += [(loss, plan) for loss, _, plan in top]
