@@ -39,7 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from vitprune.errors import VitpruneError
-from vitprune.plan import Plan, Reduction, default_layers, make_plan
+from vitprune.plan import Plan, Reduction, check_protect, default_layers, make_plan
 
 OBJECTIVES = ("kl", "agreement", "top1")
 OBJECTIVE_TEXT = {
@@ -507,8 +507,8 @@ def check_request(request: CalibrateRequest) -> None:
         raise VitpruneError(f"--refine-steps must be zero or more, got {request.refine_steps}")
     if request.bench_repeats < 1:
         raise VitpruneError(f"--bench-repeats must be at least 1, got {request.bench_repeats}")
-    if request.protect is not None and not 0 <= request.protect < math.inf:
-        raise VitpruneError(f"--protect must be a finite weight >= 0, got {request.protect:g}")
+    if request.protect is not None:
+        check_protect(request.protect, "--protect")
     if request.img_sizes is not None and any(size <= 0 for size in request.img_sizes):
         raise VitpruneError(f"input sizes must be positive, got {request.img_sizes}")
     if request.output is not None:

@@ -18,6 +18,12 @@ METHODS: tuple[str, ...] = ("evit", "ats", "tome")
 PLAN_FORMAT = 1
 
 
+def check_protect(weight: float, name: str) -> None:
+    """ToMe's protect weight is finite and >= 0 (0: plain ToMe)."""
+    if not (isinstance(weight, (int, float)) and 0 <= weight < math.inf):
+        raise VitpruneError(f"{name} must be a finite weight >= 0, got {weight}")
+
+
 @dataclass(frozen=True)
 class Reduction:
     """One reduction inside block `layer` (0-based).
@@ -35,10 +41,6 @@ class Reduction:
     fuse: bool = True
     protect: float = 0.0
 
-    def first_reduced_layer(self, depth: int) -> int:
-        """Blocks before this one run unreduced (`depth` when none is reduced)."""
-        return min(self.layers + ([depth - 1] if self.head_only else []), default=depth)
-
     def validate(self, depth: int) -> None:
         if self.method not in METHODS:
             raise VitpruneError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
@@ -47,8 +49,7 @@ class Reduction:
         if self.method == "tome":
             if self.r is None or self.r < 0 or int(self.r) != self.r:
                 raise VitpruneError(f"tome needs r, a whole number >= 0 of tokens merged per layer (got {self.r})")
-            if not (isinstance(self.protect, (int, float)) and 0 <= self.protect < math.inf):
-                raise VitpruneError(f"tome protect must be a finite weight >= 0, got {self.protect}")
+            check_protect(self.protect, "tome protect")
         elif self.protect:
             raise VitpruneError(f"protect applies to tome only, not {self.method}")
         elif self.keep is None:
@@ -202,7 +203,7 @@ def make_plan(
         reductions=tuple(
             Reduction(layer=layer, method=method, keep=keep if method != "tome" else None,
                       r=r if method == "tome" else None, fuse=fuse if method == "evit" else True,
-                      protect=protect if method == "tome" else 0.0)
+                      protect=protect)
             for layer in layers
         ),
         img_size=img_size,
