@@ -48,8 +48,8 @@ def test_search_meets_the_budget_and_writes_everything(calibrated):
     assert report["gmacs"] <= 0.6 * report["gmacs_base"] + 1e-9
     assert report["gmacs_reduction"] >= 0.4 - 1e-6
     assert cal["objective"] == "kl" and cal["budget"]["kind"] == "ratio"
-    assert cal["images"] == {"total": 10, "calibration": 5, "holdout": 5, "search_subset": 4, "labelled": False,
-                             "holdout_fraction": 0.5, "seed": 0, "swap_split": False, "points_per_holdout_image": 20.0}
+    assert cal["images"] == {"total": 10, "calibration": 5, "holdout": 5, "search_subset": 4, "validation": 5,
+                             "validation_disjoint": False, "labelled": False, "holdout_fraction": 0.5, "seed": 0, "swap_split": False, "points_per_holdout_image": 20.0}
     assert cal["frontier"] and any(row["pareto"] for row in cal["frontier"])
     assert {row["name"] for row in cal["references"]} == {"EViT 0.7 @3,6,9", "ToMe r=8", "ToMe r=13", "ToMe r=16"}
     for row in cal["frontier"] + cal["references"]:
@@ -105,7 +105,10 @@ def test_apply_takes_the_calibrated_plan(calibrated, image_dir, tmp_path, capsys
     assert json.loads(capsys.readouterr().out)["gmacs"] == applied["gmacs"]
 
 
-def test_holdout_is_disjoint_from_calibration(image_dir):
+def test_holdout_is_disjoint_from_calibration(image_dir, monkeypatch):
+    import vitprune.calibrate as calibrate
+
+    monkeypatch.setattr(calibrate, "MIN_VALIDATION_IMAGES", 4)  # the 7 calibration images leave 4 beside the search
     torch.manual_seed(0)
     result = run_calibrate(CalibrateRequest(
         model="vit_tiny_patch16_224", data=image_dir, budget=make_budget(target_ratio=0.7), no_pretrained=True,
@@ -121,6 +124,12 @@ def test_holdout_is_disjoint_from_calibration(image_dir):
     ))
     assert set(swapped.calibration_files) == holdout and set(swapped.holdout_files) == calibration
     assert result.report["calibration"]["chosen"]["holdout"]["n_images"] == 3
+    # Finalists are re-ranked on the calibration images the search did not run on, when enough are left.
+    images = result.report["calibration"]["images"]
+    assert (images["search_subset"], images["validation"], images["validation_disjoint"]) == (3, 4, True)
+    assert all(row["validation"]["n_images"] == 4 for row in result.report["calibration"]["frontier"])
+    images = swapped.report["calibration"]["images"]
+    assert (images["search_subset"], images["validation"], images["validation_disjoint"]) == (3, 3, False)
     assert result.report["gmacs"] <= 0.7 * result.report["gmacs_base"] + 5e-5  # the report rounds to 4 decimals
 
 

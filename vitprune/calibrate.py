@@ -1,10 +1,12 @@
 """Calibrate: find the reduction plan that fits a budget best, on the user's own images.
 
 The search never trains anything; it scores candidate plans by how closely the reduced model
-follows the unreduced one on calibration images, and reports every figure on held-out images:
+follows the unreduced one on calibration images, and reports every figure on held-out images.
+The calibration images are split once more: the search runs on a subset of them, and its finalists
+are re-ranked and guarded on the rest (the validation images), which it did not select them on.
 
 0. ToMe's protect weight (the class token's attention against merging a token, 0 = plain ToMe):
-   each of PROTECT_WEIGHTS on ToMe's constant schedule at the budget, on all calibration images;
+   each of PROTECT_WEIGHTS on ToMe's constant schedule at the budget, on the validation images;
    the best is used by every ToMe block searched after, and by the guard's ToMe schedule (a weight
    is one number chosen among four: it cannot overfit the way a searched shape can).
 1. Sensitivity: reduce a quarter of the patch tokens at one block only, per block and per method
@@ -51,10 +53,14 @@ PROBE_FRACTION = 0.25  # sensitivity probe: a quarter of the patch tokens remove
 MIN_EVIT_KEEP = 0.2  # shapes never keep fewer than this fraction of a block's patch tokens
 GAMMAS = (0.0, 1.0, 2.0)  # 0: the same amount everywhere (ToMe's schedule); 2: strongly by efficiency
 SHAPES_KEPT = 3  # best shapes carried to the frontier ladder and to the final re-ranking
-LADDER_FINALISTS = 3  # per frontier budget: the best plans on the search subset, re-ranked on all calibration images
+LADDER_FINALISTS = 3  # per frontier budget: the best plans on the search subset, re-ranked on the validation images
+# Finalists are re-ranked, and guarded, on the calibration images outside the search subset: plans
+# the search selected on its subset look better there than they are. With fewer left than this,
+# all calibration images are used (small image sets).
+MIN_VALIDATION_IMAGES = 100
 ATS_COUNT_IMAGES = 32  # ATS GMACs depend on the image: counted on this many images
 EVAL_BATCH = 50
-# A searched plan replaces ToMe's constant schedule only when it beats it on the calibration images by
+# A searched plan replaces ToMe's constant schedule only when it beats it on the validation images by
 # this many standard errors of the paired per-image difference: among dozens of plans compared, the
 # best on a few hundred images is partly the luckiest on them (the winner's curse).
 GUARD_Z = 2.0
@@ -373,7 +379,7 @@ def sensitivity_probe(evaluator: Evaluator, geometry: Geometry, methods: tuple[s
 
 def choose_protect(evaluator: "Evaluator", geometry: Geometry, target: float, macs: "MacsCounter",
                    count_images: dict[int, Tensor], objective: str, bar, task) -> tuple[float, list[dict]]:
-    """The protect weight whose ToMe constant schedule at the budget scores best (all calibration images)."""
+    """The protect weight whose ToMe constant schedule at the budget scores best (on `evaluator`'s images)."""
     constant = Shape(geometry.base_size, ("tome",) * geometry.depth, (1.0,) * geometry.depth, "tome constant")
     tried = []
     for weight in PROTECT_WEIGHTS:
@@ -597,7 +603,13 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
                                                              min(request.search_images, len(calibration_set))))
     search_eval = Evaluator(models, {s: t[search_index] for s, t in calib_images.items()},
                             None if labels is None else labels[search_index], base_calib_logits[search_index], macs)
-    calib_eval = Evaluator(models, calib_images, labels, base_calib_logits, macs, keep_all_sizes=False)
+    searched = set(search_index)
+    validation_index = [i for i in range(len(calibration_set)) if i not in searched]
+    if len(validation_index) < MIN_VALIDATION_IMAGES:
+        validation_index = list(range(len(calibration_set)))
+    validation_eval = Evaluator(models, {s: t[validation_index] for s, t in calib_images.items()},
+                                None if labels is None else labels[validation_index],
+                                base_calib_logits[validation_index], macs, keep_all_sizes=False)
     holdout_eval = Evaluator(models, holdout_images, holdout_labels, base_holdout_logits, macs, keep_all_sizes=False)
     count_images = search_eval.images
 
@@ -613,7 +625,7 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
             geometry.tome_protect = request.protect or 0.0
         else:
             task = bar.add_task("ToMe protect weight", total=len(PROTECT_WEIGHTS))
-            geometry.tome_protect, protect_trials = choose_protect(calib_eval, geometry, target, macs, count_images,
+            geometry.tome_protect, protect_trials = choose_protect(validation_eval, geometry, target, macs, count_images,
                                                                    objective, bar, task)
         probe_methods = tuple(m for m in block_methods)
         task = bar.add_task("Sensitivity per block", total=depth * len(probe_methods))
@@ -653,8 +665,8 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
 
         # The frontier: the best shapes, the best shape of each input size (a size that wins at the
         # target can lose at milder budgets) and ToMe's own constant-r schedule, scaled to every budget
-        # of the ladder. At each budget the few best on the search subset are re-ranked on all
-        # calibration images: the subset alone is too small to choose between close plans.
+        # of the ladder. At each budget the few best on the search subset are re-ranked on the
+        # validation images: the subset alone is too small to choose between close plans, and biased.
         ladder_shapes = [shape for _, shape, _ in top]
         for size in sizes:
             best_of_size = next((shape for _, shape, _ in ranked if shape.img_size == size), None)
@@ -686,16 +698,16 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
                 ladder_options.append(_distinct(kept))
                 ladder_tome.append(tome_plan)
 
-        # Every ladder option and the top shapes at the target, on all calibration images.
+        # Every ladder option and the top shapes at the target, on the validation images.
         finalists = _distinct([plan for options in ladder_options for plan in options] + [plan for _, _, plan in top])
         finalists.sort(key=lambda plan: plan.img_size or 0)
-        task = bar.add_task("Scoring on all calibration images", total=len(finalists))
+        task = bar.add_task("Scoring on the validation images", total=len(finalists))
         for plan in finalists:
-            calib_eval.score(plan)
+            validation_eval.score(plan)
             bar.advance(task)
 
         def full(plan: Plan) -> Score:
-            return calib_eval.score(plan)
+            return validation_eval.score(plan)
 
         def guarded(best: Plan, tome_plan: Plan | None) -> Plan:
             """ToMe's constant schedule unless `best` beats it clearly (GUARD_Z standard errors)."""
@@ -746,7 +758,7 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
                                 f"the fastest measured {ms(fastest):.2f} ms ({full(fastest).gmacs:.3f} GMACs)")
         chosen = min(fits, key=lambda plan: (full(plan).loss(objective), full(plan).gmacs))
     elif budget.kind == "max_drop":
-        base_calib = classification_metrics(base_calib_logits, labels, None)
+        base_calib = classification_metrics(validation_eval.base_logits, validation_eval.labels, None)
         def drop(plan: Plan) -> float:
             score = full(plan)
             return base_calib["top1"] - score.top1 if labelled else 100.0 - score.agreement
@@ -776,8 +788,8 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
                "ms_per_image": round(ms(plan), 3),
                "holdout": holdout_eval.score(sized).to_dict(), "reductions": sized.to_dict()["reductions"],
                "img_size": sized.img_size or base_size}
-        if plan_key(sized) in calib_eval.scores:
-            out["calibration"] = calib_eval.scores[plan_key(sized)].to_dict()
+        if plan_key(sized) in validation_eval.scores:
+            out["validation"] = validation_eval.scores[plan_key(sized)].to_dict()
         if holdout_labels is not None:
             out["holdout"]["top1_drop"] = round(holdout_base["top1"] - holdout_eval.score(sized).top1, 2)
         return out
@@ -806,7 +818,9 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
         "budget": budget.to_dict(),
         "target_gmacs": round(target, 4) if budget.kind in ("gmacs", "ratio") else None,
         "images": {"total": len(image_set), "calibration": len(calibration_set), "holdout": len(holdout_set),
-                   "search_subset": len(search_index), "labelled": labelled, "holdout_fraction": request.holdout,
+                   "search_subset": len(search_index),
+                   "validation": len(validation_index), "validation_disjoint": len(validation_index) < len(calibration_set),
+                   "labelled": labelled, "holdout_fraction": request.holdout,
                    "seed": request.seed, "swap_split": request.swap_split, "points_per_holdout_image": round(100 / len(holdout_set), 3)},
         "img_sizes": sizes,
         "methods": list(methods),
@@ -814,7 +828,7 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
         "guard_z": GUARD_Z,
         "tome_protect": {"chosen": geometry.tome_protect, "given": request.protect is not None, "tried": protect_trials},
         "search_seconds": round(search_seconds, 1),
-        "evaluations": {"search_subset": search_eval.evaluations, "calibration": calib_eval.evaluations,
+        "evaluations": {"search_subset": search_eval.evaluations, "validation": validation_eval.evaluations,
                         "holdout": holdout_eval.evaluations},
         "sensitivity": [{"layer": r["layer"], **{m: {k: round(v, 5) for k, v in r[m].items()} for m in probe_methods}}
                         for r in sensitivity],
@@ -875,7 +889,9 @@ def render_calibration_markdown(report: dict) -> str:
     lines = [render_markdown_head(report), "## Calibration", "",
              f"- budget: {cal['budget']['text']}",
              f"- objective: {cal['objective_text']}, on {images['calibration']} calibration images "
-             f"(search on a subset of {images['search_subset']})",
+             f"(search on a subset of {images['search_subset']}; its finalists are re-ranked on "
+             + (f"the other {images['validation']}, the validation images)" if images.get("validation_disjoint")
+                else "all of them, the validation images: too few to set some apart)"),
              f"- every figure below is measured on the {images['holdout']} held-out images the search never saw "
              f"(1 image = {images['points_per_holdout_image']:g} points)",
              f"- input sizes searched: {', '.join(map(str, cal['img_sizes']))}; methods: {', '.join(cal['methods'])}"
@@ -883,7 +899,7 @@ def render_calibration_markdown(report: dict) -> str:
                 if cal.get("head_only") else ""),
              _protect_line(cal.get("tome_protect")),
              f"- a searched plan replaces ToMe's constant schedule at a budget only when it beats it by more than "
-             f"{cal['guard_z']:g} standard errors (paired, per image) on the calibration images",
+             f"{cal['guard_z']:g} standard errors (paired, per image) on the validation images",
              f"- search time: {cal['search_seconds']:.0f} s ({sum(cal['evaluations'].values())} plan evaluations)",
              "", "## Frontier (held-out images)", ""]
     labelled = images["labelled"]
@@ -910,7 +926,7 @@ def _protect_line(protect: dict | None) -> str:
     if protect["given"]:
         return f"- ToMe blocks: protect weight {protect['chosen']:g} (given)"
     tried = ", ".join(f"{entry['protect']:g}: KL {entry['kl']:.4f}" for entry in protect["tried"])
-    return (f"- ToMe blocks: protect weight {protect['chosen']:g}, the best on the calibration images of "
+    return (f"- ToMe blocks: protect weight {protect['chosen']:g}, the best on the validation images of "
             f"ToMe's constant schedule at the budget ({tried})")
 
 
