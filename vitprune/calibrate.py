@@ -706,22 +706,22 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
             validation_eval.score(plan)
             bar.advance(task)
 
-        def full(plan: Plan) -> Score:
+        def validated(plan: Plan) -> Score:
             return validation_eval.score(plan)
 
         def guarded(best: Plan, tome_plan: Plan | None) -> Plan:
             """ToMe's constant schedule unless `best` beats it clearly (GUARD_Z standard errors)."""
             if tome_plan is None or plan_key(best) == plan_key(tome_plan):
                 return best
-            gain, error = full(best).paired_gain(full(tome_plan), objective)
+            gain, error = validated(best).paired_gain(validated(tome_plan), objective)
             return best if gain > GUARD_Z * error else tome_plan
 
-        ladder_plans = [guarded(min(options, key=lambda plan: full(plan).loss(objective)), tome)
+        ladder_plans = [guarded(min(options, key=lambda plan: validated(plan).loss(objective)), tome)
                         for options, tome in zip(ladder_options, ladder_tome)]
 
         if budget.kind in ("gmacs", "ratio"):
-            at_target = [plan for _, _, plan in top] + [p for p in ladder_plans if full(p).gmacs <= target]
-            chosen = min(at_target, key=lambda plan: (full(plan).loss(objective), full(plan).gmacs))
+            at_target = [plan for _, _, plan in top] + [p for p in ladder_plans if validated(p).gmacs <= target]
+            chosen = min(at_target, key=lambda plan: (validated(plan).loss(objective), validated(plan).gmacs))
             chosen = guarded(chosen, tome_at_target)
         frontier = _distinct(ladder_plans)
         search_seconds = time.perf_counter() - started
@@ -755,19 +755,19 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
         if not fits:
             fastest = min(frontier, key=ms)
             raise VitpruneError(f"no plan searched runs within {budget.value:g} ms / image at batch {budget.batch}: "
-                                f"the fastest measured {ms(fastest):.2f} ms ({full(fastest).gmacs:.3f} GMACs)")
-        chosen = min(fits, key=lambda plan: (full(plan).loss(objective), full(plan).gmacs))
+                                f"the fastest measured {ms(fastest):.2f} ms ({validated(fastest).gmacs:.3f} GMACs)")
+        chosen = min(fits, key=lambda plan: (validated(plan).loss(objective), validated(plan).gmacs))
     elif budget.kind == "max_drop":
         base_calib = classification_metrics(validation_eval.base_logits, validation_eval.labels, None)
         def drop(plan: Plan) -> float:
-            score = full(plan)
+            score = validated(plan)
             return base_calib["top1"] - score.top1 if labelled else 100.0 - score.agreement
         fits = [plan for plan in frontier if drop(plan) <= budget.value]
         if not fits:
             raise VitpruneError(f"no plan searched stays within {budget.value:g} points of the base on the calibration "
                                 f"images (the least reduced, {ladder_targets[0] / base_gmacs:.0%} of the base GMACs, "
                                 f"loses {drop(frontier[0]):.2f})")
-        chosen = min(fits, key=lambda plan: (full(plan).gmacs, full(plan).loss(objective)))
+        chosen = min(fits, key=lambda plan: (validated(plan).gmacs, validated(plan).loss(objective)))
 
     chosen = _sized(chosen, base_size)
     holdout_base = classification_metrics(base_holdout_logits, holdout_labels, None)
@@ -794,7 +794,7 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
             out["holdout"]["top1_drop"] = round(holdout_base["top1"] - holdout_eval.score(sized).top1, 2)
         return out
 
-    frontier_losses = [(full(plan).gmacs, full(plan).loss(objective)) for plan in frontier]
+    frontier_losses = [(validated(plan).gmacs, validated(plan).loss(objective)) for plan in frontier]
     frontier_rows = [dict(row(plan), pareto=flag) for plan, flag in zip(frontier, pareto_mask(frontier_losses))]
     measured = {"gmacs_base": round(base_gmacs, 4), "gmacs": round(chosen_holdout.gmacs, 4),
                 "gmacs_reduction": round(1 - chosen_holdout.gmacs / base_gmacs, 4),
