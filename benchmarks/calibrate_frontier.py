@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+from vitprune.budget import Budget
+from vitprune.commands.calibrate import CalibrateRequest, run_calibrate
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 WEIGHTS = {
@@ -35,7 +38,7 @@ IMAGES = SHARED / "images" / "imagenet-sample-images"
 def tome_top1_at(gmacs: float, references: list[dict]) -> float | None:
     """ToMe's held-out top-1 at `gmacs`, linear between its measured r values (None outside them)."""
     points = sorted((row["gmacs"], row["holdout"]["top1"]) for row in references if row["name"].startswith("ToMe"))
-    for (g0, a0), (g1, a1) in zip(points, points[1:]):
+    for (g0, a0), (g1, a1) in zip(points, points[1:], strict=False):
         if g0 <= gmacs <= g1:
             return a0 + (a1 - a0) * (gmacs - g0) / (g1 - g0) if g1 > g0 else a0
     return None
@@ -128,22 +131,20 @@ def main() -> int:
             print_table(report)
             print("\n".join(check_figures(report)))
         if args.cross_fit:
-            for first, second in zip(reports[::2], reports[1::2]):
+            for first, second in zip(reports[::2], reports[1::2], strict=False):
                 print_pooled(pooled_report(first, second))
         return 0
     if not IMAGES.exists():
         print(f"shared images not found at {IMAGES}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    from vitprune.calibrate import CalibrateRequest, make_budget, run_calibrate
-
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
         folds = []
         for swap in (False, True) if args.cross_fit else (False,):
             out = args.out / f"{name}-ratio{args.target_ratio:g}{'-swapped' if swap else ''}"
             result = run_calibrate(CalibrateRequest(model=name, checkpoint=WEIGHTS[name], data=IMAGES,
-                                                    budget=make_budget(target_ratio=args.target_ratio),
+                                                    budget=Budget("ratio", args.target_ratio),
                                                     swap_split=swap, output=out, force=True))
             print_table(result.report)
             print("\n".join(check_figures(result.report)))

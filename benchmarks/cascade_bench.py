@@ -5,8 +5,9 @@
 CASCADE_DIR is a folder written by `vitprune cascade ... -o CASCADE_DIR`. The base model (its
 own weights, unreduced, at its own size) and the cascade each process the same images in batches
 of --batch, whole sweeps timed and interleaved (base, cascade, base, ...) so drift in the machine's
-speed hits both alike; the median sweep gives ms/image. Eager PyTorch, then ONNX Runtime (the base
-exported with vitprune.export.export_onnx, the cascade as one graph per stage run by OnnxCascade).
+speed hits both alike (vitprune.bench.interleaved_timing); the median sweep gives ms/image. Eager
+PyTorch, then ONNX Runtime (the base exported with vitprune.onnx_runtime.export_onnx, the cascade as
+one graph per stage run by OnnxCascade).
 
 The cascade's cost depends on which images are in a batch (easy ones leave early), so the images
 are a fixed random subset (--limit, --seed) and the GMACs are those the cascade really spent on
@@ -16,35 +17,35 @@ Run it on an idle machine: other load distorts the timings.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import vitprune
-from vitprune.cascade import CascadeModel, OnnxCascade, export_cascade_onnx, resize_to
-from vitprune.export import export_onnx, onnx_session
+from vitprune.bench import interleaved_timing
+from vitprune.cascade import CascadeModel, OnnxCascade, export_cascade_onnx
+from vitprune.data import predict, resize_images
 from vitprune.flops import count_macs
+from vitprune.metrics import classification_metrics
+from vitprune.onnx_runtime import export_onnx, onnx_session, run_session
 from vitprune.patch import model_img_size
-from vitprune.pipeline import load_images_for
+from vitprune.source import load_images_for
 
 TOLERANCE = 0.15
 
 
-def sweeps(runners: dict, images: torch.Tensor, batch: int, repeats: int, warmup: int) -> dict[str, float]:
+def sweeps(runners: dict, images, batch: int, repeats: int, warmup: int) -> dict[str, float]:
     """Median ms/image of each runner over whole sweeps of `images` in batches, interleaved."""
     batches = [images[i:i + batch] for i in range(0, len(images), batch)]
-    timings: dict[str, list[float]] = {name: [] for name in runners}
-    for round_index in range(warmup + repeats):
-        for name, runner in runners.items():
-            start = time.perf_counter()
-            for chunk in batches:
-                runner(chunk)
-            if round_index >= warmup:
-                timings[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) * 1000 / len(images) for name, values in timings.items()}
+
+    def sweep(runner):
+        return lambda: [runner(chunk) for chunk in batches]
+
+    # One "batch size": the whole sweep, so interleaved_timing's ms / batch is ms / image.
+    timed = interleaved_timing(lambda _: {name: sweep(runner) for name, runner in runners.items()}, (len(images),),
+                               warmup=warmup, repeats=repeats)
+    return {name: timed[name][len(images)] for name in runners}
 
 
 def main() -> None:
@@ -83,7 +84,7 @@ def main() -> None:
 
     rows = []
     with torch.inference_mode():
-        eager = sweeps({"base": lambda x: base(resize_to(x, base_size)), "cascade": cascade}, images, args.batch,
+        eager = sweeps({"base": lambda x: base(resize_images(x, base_size)), "cascade": cascade}, images, args.batch,
                        args.repeats, args.warmup)
     rows.append(("eager PyTorch", eager["base"], eager["cascade"]))
     if not args.no_onnx:
@@ -93,8 +94,7 @@ def main() -> None:
             threads = args.threads or torch.get_num_threads()
             base_session = onnx_session(Path(tmp) / "base.onnx", provider="cpu", threads=threads)
             runner = OnnxCascade(Path(tmp) / "cascade", provider="cpu", threads=threads)
-            feed_name = base_session.get_inputs()[0].name
-            onnx = sweeps({"base": lambda x: base_session.run(None, {feed_name: _resize_np(x, base_size)}),
+            onnx = sweeps({"base": lambda x: run_session(base_session, resize_images(torch.from_numpy(x), base_size)),
                            "cascade": runner}, images.numpy(), args.batch, args.repeats, args.warmup)
         rows.append(("ONNX Runtime (CPU)", onnx["base"], onnx["cascade"]))
 
@@ -114,8 +114,6 @@ def main() -> None:
 
 def resize_check(args: argparse.Namespace) -> None:
     """Accuracy is what matters here, not time: the figures hold on a busy machine too."""
-    from vitprune.data import predict
-
     cascade = vitprune.load(args.cascade_dir)
     full, labels, _ = load_images_for(cascade.base, args.data, limit=args.limit, workers=2,
                                       img_size=cascade.input_size, progress=False)
@@ -124,21 +122,15 @@ def resize_check(args: argparse.Namespace) -> None:
     print()
     print("| stage | top-1 per-size % | top-1 in-cascade % | agreement of the two % | max |logit diff| |")
     print("|---|---|---|---|---|")
-    for index, (stage, size) in enumerate(zip(cascade.stages, cascade.stage_sizes)):
+    for index, (stage, size) in enumerate(zip(cascade.stages, cascade.stage_sizes, strict=True)):
         own, _, _ = load_images_for(stage, args.data, limit=args.limit, workers=2, img_size=size, progress=False)
         with torch.inference_mode():
             per_size = predict(stage, own, batch_size=args.batch, progress=False)
-            resized = predict(stage, resize_to(full, size), batch_size=args.batch, progress=False)
-        top1 = [100 * float((logits.argmax(1) == labels).double().mean()) for logits in (per_size, resized)]
-        agree = 100 * float((per_size.argmax(1) == resized.argmax(1)).double().mean())
+            resized = predict(stage, resize_images(full, size), batch_size=args.batch, progress=False)
+        top1 = [classification_metrics(logits, labels, None)["top1"] for logits in (per_size, resized)]
+        agree = classification_metrics(resized, None, per_size)["agreement"]
         print(f"| {index + 1}: {size}px | {top1[0]:.2f} | {top1[1]:.2f} | {agree:.2f} | "
               f"{float((per_size - resized).abs().max()):.3f} |")
-
-
-def _resize_np(images, size: int):
-    if images.shape[-2:] == (size, size):
-        return images
-    return resize_to(torch.from_numpy(images), size).numpy()
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 import vitprune
-from vitprune.data import ImageSet, classification_metrics, find_images, load_images, predict, transform_for
-from vitprune.finetune import FinetuneRequest, run_finetune
+from vitprune.commands.finetune import FinetuneRequest, run_finetune
+from vitprune.data import ImageSet, find_images, load_images, predict, transform_for
+from vitprune.metrics import classification_metrics, per_image_terms
 from vitprune.models import create_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -36,7 +37,7 @@ def write_folder(image_set: ImageSet, folder: Path) -> Path:
     with open(folder / "labels.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["file", "class_index"])
-        for file, label in zip(image_set.files, image_set.labels):
+        for file, label in zip(image_set.files, image_set.labels, strict=True):
             (folder / file.name).symlink_to(file.resolve())
             writer.writerow([file.name, label])
     return folder
@@ -54,7 +55,8 @@ def mcnemar(gained: int, lost: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_tiny_patch16_224")
-    parser.add_argument("--checkpoint", type=Path, default=SHARED / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.pth")
+    parser.add_argument("--checkpoint", type=Path,
+                        default=SHARED / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.pth")
     parser.add_argument("--data", type=Path, default=SHARED / "images" / "imagenet-sample-images")
     parser.add_argument("--method", default="evit")
     parser.add_argument("--keep", type=float, default=0.5)
@@ -80,7 +82,8 @@ def main() -> None:
               f"{args.feature_distill:g}, trainable {args.trainable}")
     print(f"{args.model}: {recipe}; {len(images)} images in {args.folds} folds, {torch.get_num_threads()} threads")
     print(f"{'fold':>4s} {'held out':>8s} {'agree before':>12s} {'agree after':>11s} {'+gained':>7s} {'-lost':>5s} "
-          f"{'z':>5s} {'p':>7s} {'top-1 before':>12s} {'top-1 after':>11s} {'KL before':>9s} {'KL after':>8s} {'train s':>7s}")
+          f"{'z':>5s} {'p':>7s} {'top-1 before':>12s} {'top-1 after':>11s} {'KL before':>9s} {'KL after':>8s} "
+          f"{'train s':>7s}")
     pooled = {"teacher": [], "before": [], "after": [], "labels": []}
     with tempfile.TemporaryDirectory() as tmp:
         for k, held_out in enumerate(folds):
@@ -106,14 +109,14 @@ def main() -> None:
 
 
 def row(name: str, logits: dict[str, torch.Tensor], labels: torch.Tensor, seconds: float | None) -> str:
-    target = logits["teacher"].argmax(-1)
-    agrees = {when: logits[when].argmax(-1) == target for when in ("before", "after")}
+    agrees = {when: per_image_terms(logits[when], logits["teacher"], None)["disagree"] == 0
+              for when in ("before", "after")}
     gained = int((agrees["after"] & ~agrees["before"]).sum())
     lost = int((~agrees["after"] & agrees["before"]).sum())
     z, p = mcnemar(gained, lost)
     metrics = {when: classification_metrics(logits[when], labels, logits["teacher"]) for when in ("before", "after")}
     train = f"{seconds:7.0f}" if seconds is not None else f"{'':7s}"
-    return (f"{name:>4s} {len(target):8d} {metrics['before']['agreement']:12.1f} "
+    return (f"{name:>4s} {len(logits['teacher']):8d} {metrics['before']['agreement']:12.1f} "
             f"{metrics['after']['agreement']:11.1f} {gained:7d} {lost:5d} {z:5.2f} {p:7.4f} "
             f"{metrics['before']['top1']:12.1f} {metrics['after']['top1']:11.1f} "
             f"{metrics['before']['kl']:9.4f} {metrics['after']['kl']:8.4f} {train}")

@@ -10,32 +10,29 @@ not depend on them. Prints one table row per mode.
 from __future__ import annotations
 
 import argparse
-import copy
 import time
-from pathlib import Path
 
 import torch
 from timm.optim import create_optimizer_v2
 
-from vitprune.finetune import Distributed, FinetuneRequest, Trainer, Variant, supervit_variants
+from vitprune.finetune import Trainer, Variant, supervit_variants
+from vitprune.finetune.supervit import make_student
+from vitprune.finetune.train import make_scaler
 from vitprune.models import create_model
-from vitprune.patch import apply_plan, model_img_size, set_dynamic_img_size
+from vitprune.patch import model_img_size
 from vitprune.plan import Plan, make_plan
 
 
 def images_per_second(name: str, variants: list[Variant], supervit: bool, args: argparse.Namespace) -> float:
     device = torch.device(args.device)
     teacher, _ = create_model(name, pretrained=False)
-    student = apply_plan(copy.deepcopy(teacher), variants[0].plan)
-    if supervit:
-        set_dynamic_img_size(student, True)
+    student = make_student(teacher, variants[0].plan, supervit)
     teacher.eval().requires_grad_(False).to(device)
     student.to(device).train()
     optimizer = create_optimizer_v2(student, opt="adamw", lr=1e-5, weight_decay=0.05)
-    request = FinetuneRequest(model=name, data=Path("."), supervit=supervit, amp=args.amp, device=args.device)
-    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
-    trainer = Trainer(request, teacher, student, student, variants, optimizer, scaler, device, Distributed(), True,
-                      [p for p in student.parameters() if p.requires_grad])
+    trainer = Trainer(teacher=teacher, student=student, runner=student, variants=variants, optimizer=optimizer,
+                      amp=args.amp, supervit=supervit, scaler=make_scaler(args.amp), device=device,
+                      train_params=[p for p in student.parameters() if p.requires_grad])
     size = model_img_size(teacher)
     images = torch.randn(args.batch_size, 3, size, size)
     labels = torch.randint(0, teacher.num_classes, (args.batch_size,))

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 import vitprune
 from vitprune.bench import measure_latency
 from vitprune.data import find_images, load_images, predict, transform_for
+from vitprune.metrics import classification_metrics
 from vitprune.models import create_model
 from vitprune.report import count_gmacs
+from vitprune.tables import ReportTable
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 WEIGHTS = {
@@ -42,11 +43,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     console = Console(width=200)  # the whole table, also when piped
-    table = Table(title=f"head-only last block — {platform.machine()}, {torch.get_num_threads()} threads, "
-                        f"eager PyTorch {torch.__version__}, batch {args.batch}")
-    for column in ["model", "setting", "max |Δlogit|", "top-1 agree %", "GMACs", "GMACs head-only", "fewer",
-                   "ms/img", "ms/img head-only", "speed-up"]:
-        table.add_column(column, justify="left" if column in ("model", "setting") else "right")
+    table = ReportTable(["model", "setting", "max |Δlogit|", "top-1 agree %", "GMACs", "GMACs head-only", "fewer",
+                         "ms/img", "ms/img head-only", "speed-up"],
+                        title=f"head-only last block — {platform.machine()}, {torch.get_num_threads()} threads, "
+                              f"eager PyTorch {torch.__version__}, batch {args.batch}")
     for name in args.models:
         base, _ = create_model(name, checkpoint=WEIGHTS[name])
         images, _ = load_images(find_images(args.data, limit=args.limit), transform_for(base), progress=True)
@@ -62,11 +62,11 @@ def main() -> None:
             timing = measure_latency({"plain": plain, "head": head}, images[: args.batch], (args.batch,),
                                      repeats=args.repeats)["ms_per_image"]
             ms, head_ms = timing["plain"][args.batch], timing["head"][args.batch]
-            agree = (logits.argmax(1) == head_logits.argmax(1)).double().mean().item() * 100
-            table.add_row(name, setting, f"{(logits - head_logits).abs().max().item():.1e}", f"{agree:.1f}",
-                          f"{gmacs:.3f}", f"{head_gmacs:.3f}", f"{1 - head_gmacs / gmacs:.1%}",
-                          f"{ms:.2f}", f"{head_ms:.2f}", f"{ms / head_ms:.3f}x")
-    console.print(table)
+            agree = classification_metrics(head_logits, None, logits)["agreement"]
+            table.add(name, setting, f"{(logits - head_logits).abs().max().item():.1e}", f"{agree:.1f}",
+                      f"{gmacs:.3f}", f"{head_gmacs:.3f}", f"{1 - head_gmacs / gmacs:.1%}",
+                      f"{ms:.2f}", f"{head_ms:.2f}", f"{ms / head_ms:.3f}x")
+    console.print(table.rich())
 
 
 if __name__ == "__main__":

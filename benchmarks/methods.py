@@ -27,7 +27,8 @@ from rich.table import Table
 
 import vitprune
 from vitprune.bench import measure_latency
-from vitprune.data import classification_metrics, find_images, load_images, predict, transform_for
+from vitprune.data import find_images, load_images, predict, transform_for
+from vitprune.metrics import classification_metrics
 from vitprune.models import create_model
 from vitprune.report import count_gmacs
 

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 import vitprune
 from vitprune.export import bench_onnx, choose_provider, export_onnx, verify_onnx
 from vitprune.models import create_model
-from vitprune.pipeline import load_images_for
 from vitprune.report import count_gmacs
+from vitprune.source import load_images_for
+from vitprune.tables import ReportTable
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 WEIGHTS = {
@@ -60,10 +60,9 @@ def main() -> None:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     console.print(f"ONNX Runtime provider: {choose_provider(args.provider)}; threads: {args.threads or 'default'}")
 
-    table = Table(title=f"ONNX Runtime, ms/image (median of {args.repeats}), dynamic-batch opset-17 graphs")
-    for column in ["model", "graph", "GMACs", "GMACs ratio", "top-1 agree %", "within tol %", "max |Δlogit|",
-                   *[f"ms b{b}" for b in batches], f"speed-up b{batches[-1]}", "target", "met"]:
-        table.add_column(column, justify="left" if column in ("model", "graph") else "right")
+    table = ReportTable(["model", "graph", "GMACs", "GMACs ratio", "top-1 agree %", "within tol %", "max |Δlogit|",
+                         *[f"ms b{b}" for b in batches], f"speed-up b{batches[-1]}", "target", "met"],
+                        title=f"ONNX Runtime, ms/image (median of {args.repeats}), dynamic-batch opset-17 graphs")
     for name in args.models.split(","):
         base, _ = create_model(name, checkpoint=WEIGHTS[name])
         images, _, _ = load_images_for(base, IMAGES, limit=args.images, workers=2)
@@ -88,17 +87,19 @@ def main() -> None:
                                   repeats=args.repeats, provider=args.provider, threads=args.threads)["ms_per_image"]
                 timing[label], paired_base[label] = pair[label], pair["base"]
             timing["base"] = {b: statistics.median(ms[b] for ms in paired_base.values()) for b in batches}
-        table.add_row(name, "base", f"{gmacs_base:.3f}", "1.00", "", "", "",
-                      *[f"{timing['base'][b]:.2f}" for b in batches], "1.00", "", "")
+        table.add(name, "base", f"{gmacs_base:.3f}", "1.00", "", "", "",
+                  *[f"{timing['base'][b]:.2f}" for b in batches], "1.00", "", "")
         for label, (gmacs, parity) in rows.items():
             ratio = gmacs_base / gmacs
             speedup = paired_base[label][batches[-1]] / timing[label][batches[-1]]
-            target = TARGET_FRACTION * ratio if not label.startswith("ATS") else 1.0
-            table.add_row(name, label, f"{gmacs:.3f}", f"{ratio:.2f}", f"{parity['agreement']:.1f}", f"{parity['within_tolerance']:.1f}",
-                          f"{parity['max_abs_diff']:.2g}", *[f"{timing[label][b]:.2f}" for b in batches],
-                          f"{speedup:.2f}", f"{'>' if label.startswith('ATS') else '≥'}{target:.2f}",
-                          "yes" if (speedup > target if label.startswith("ATS") else speedup >= target) else "NO")
-    console.print(table)
+            ats = label.startswith("ATS")
+            target = TARGET_FRACTION * ratio if not ats else 1.0
+            table.add(name, label, f"{gmacs:.3f}", f"{ratio:.2f}", f"{parity['agreement']:.1f}",
+                      f"{parity['within_tolerance']:.1f}", f"{parity['max_abs_diff']:.2g}",
+                      *[f"{timing[label][b]:.2f}" for b in batches], f"{speedup:.2f}",
+                      f"{'>' if ats else '≥'}{target:.2f}",
+                      "yes" if (speedup > target if ats else speedup >= target) else "NO")
+    console.print(table.rich())
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 import vitprune
-from vitprune.calibrate import (
-    PROTECT_WEIGHTS, CalibrateRequest, Score, Shape, make_budget, pareto_mask, run_calibrate, shape_plan,
-)
+import vitprune.calibrate.images as calibrate_images
+from vitprune.budget import Budget
+from vitprune.calibrate import PROTECT_WEIGHTS, Score, Shape, pareto_mask, shape_plan
 from vitprune.cli import run
+from vitprune.commands.calibrate import CalibrateRequest, run_calibrate
 from vitprune.errors import VitpruneError
 from vitprune.patch import plan_of
 
@@ -84,11 +85,11 @@ def test_protect_weight_is_chosen_on_the_calibration_images_and_used_by_every_to
 def test_a_given_protect_weight_is_used_as_is(image_dir):
     torch.manual_seed(0)
     result = run_calibrate(CalibrateRequest(
-        model="vit_tiny_patch16_224", data=image_dir, budget=make_budget(target_ratio=0.7), no_pretrained=True,
+        model="vit_tiny_patch16_224", data=image_dir, budget=Budget("ratio", 0.7), no_pretrained=True,
         img_size=64, img_sizes=[64], protect=0.0, search_images=3, refine_steps=1, bench_repeats=1, progress=False,
     ))
     assert result.report["calibration"]["tome_protect"] == {"chosen": 0.0, "given": True, "tried": []}
-    assert all(red.protect == 0.0 for red in result.plan.reductions)
+    assert all(red.settings.get("protect", 0.0) == 0.0 for red in result.plan.reductions)  # evit has no protect
 
 
 def test_apply_takes_the_calibrated_plan(calibrated, image_dir, tmp_path, capsys):
@@ -106,19 +107,17 @@ def test_apply_takes_the_calibrated_plan(calibrated, image_dir, tmp_path, capsys
 
 
 def test_holdout_is_disjoint_from_calibration(image_dir, monkeypatch):
-    import vitprune.calibrate as calibrate
-
-    monkeypatch.setattr(calibrate, "MIN_VALIDATION_IMAGES", 4)  # the 7 calibration images leave 4 beside the search
+    monkeypatch.setattr(calibrate_images, "MIN_VALIDATION_IMAGES", 4)  # the 7 calibration images leave 4 beside the search
     torch.manual_seed(0)
     result = run_calibrate(CalibrateRequest(
-        model="vit_tiny_patch16_224", data=image_dir, budget=make_budget(target_ratio=0.7), no_pretrained=True,
+        model="vit_tiny_patch16_224", data=image_dir, budget=Budget("ratio", 0.7), no_pretrained=True,
         img_size=64, img_sizes=[64], holdout=0.3, search_images=3, refine_steps=1, bench_repeats=1, progress=False,
     ))
     calibration, holdout = set(result.calibration_files), set(result.holdout_files)
     assert not calibration & holdout
     assert len(calibration | holdout) == 10 and len(holdout) == 3
     swapped = run_calibrate(CalibrateRequest(
-        model="vit_tiny_patch16_224", data=image_dir, budget=make_budget(target_ratio=0.7), no_pretrained=True,
+        model="vit_tiny_patch16_224", data=image_dir, budget=Budget("ratio", 0.7), no_pretrained=True,
         img_size=64, img_sizes=[64], holdout=0.3, swap_split=True, search_images=3, refine_steps=0, bench_repeats=1,
         progress=False,
     ))
@@ -136,11 +135,13 @@ def test_holdout_is_disjoint_from_calibration(image_dir, monkeypatch):
 @pytest.mark.parametrize("budget_args, message", [
     ([], "give a budget"),
     (["--target-ratio", "0.5", "--target-gmacs", "1"], "give one budget"),
-    (["--target-ratio", "0"], "must be in (0, 1)"),
-    (["--target-ratio", "1.2"], "must be in (0, 1)"),
+    (["--target-ratio", "0"], "must be in (0, 1]"),
+    (["--target-ratio", "1.2"], "must be in (0, 1]"),
     (["--target-gmacs", "0.000001"], "out of reach"),
-    (["--max-drop", "-1"], "--max-drop"),
+    (["--max-drop", "-1"], "--max-drop must be zero or more points"),
     (["--target-ratio", "0.5", "--protect", "-0.1"], "--protect must be a finite weight"),
+    (["--target-ratio", "0.5", "--holdout", "1"], "--holdout must be a fraction in (0, 1)"),
+    (["--target-ratio", "0.5", "--objective", "loss"], "--objective must be one of kl, agreement, top1"),
 ])
 def test_bad_budgets_exit_2_and_write_nothing(budget_args, message, image_dir, tmp_path, capsys):
     out = tmp_path / "never"
@@ -170,7 +171,7 @@ def test_shape_plan_respects_method_limits():
     plan = shape_plan(shape, scale=1000.0, num_tokens=197, num_prefix=1)
     tome0, evit1, tome3 = plan.reductions
     assert tome0.r == 98  # at most half the 196 patch tokens
-    assert evit1.keep == pytest.approx(0.2, abs=0.01)  # never below MIN_EVIT_KEEP
+    assert evit1.keep == pytest.approx(0.2, abs=0.01)  # never below evit.MIN_SEARCH_KEEP
     assert tome3.layer == 3 and tome3.r <= (1 + 20 + 1) // 2
     plan.validate(4)
     assert shape_plan(shape, scale=0.0, num_tokens=197, num_prefix=1).reductions == ()
@@ -178,9 +179,9 @@ def test_shape_plan_respects_method_limits():
 
 def test_pareto_mask_and_budget_checks():
     assert pareto_mask([(1.0, (0.1,)), (0.8, (0.2,)), (0.9, (0.3,)), (0.8, (0.2,))]) == [True, True, False, True]
-    assert make_budget(target_latency_ms=12, batch=8).batch == 8
-    with pytest.raises(VitpruneError, match="--batch"):
-        make_budget(target_latency_ms=12, batch=0)
+    assert Budget.from_targets(target_latency_ms=12, batch=8).batch == 8
+    with pytest.raises(VitpruneError, match="batch"):
+        Budget.from_targets(target_latency_ms=12, batch=0)
 
 
 def test_paired_gain_separates_a_real_gain_from_noise():
@@ -200,3 +201,27 @@ def test_shape_plans_leave_the_last_block_to_head_only():
     plan = shape_plan(shape, 8, num_tokens=197, num_prefix=1, head_only=True)
     assert plan.head_only and plan.layers == list(range(11))
     assert shape_plan(shape, 8, num_tokens=197, num_prefix=1).layers == list(range(12))
+
+
+@pytest.mark.parametrize("field, value", [("search_images", 0), ("refine_steps", -1), ("bench_repeats", 0),
+                                          ("holdout", 0.0), ("objective", "loss"), ("protect", float("nan")),
+                                          ("img_sizes", [64, 0]), ("img_sizes", [64, 50])])
+def test_bad_requests_name_their_parameter(field, value, image_dir):
+    request = CalibrateRequest(model="vit_tiny_patch16_224", data=image_dir, budget=Budget("ratio", 0.5),
+                               no_pretrained=True, img_size=64, progress=False, **{field: value})
+    with pytest.raises(VitpruneError, match=field) as caught:
+        run_calibrate(request)
+    assert caught.value.param == field
+
+
+def test_a_ratio_of_one_keeps_every_block_whole(image_dir):
+    torch.manual_seed(0)
+    result = run_calibrate(CalibrateRequest(
+        model="vit_tiny_patch16_224", data=image_dir, budget=Budget("ratio", 1.0), no_pretrained=True,
+        img_size=64, img_sizes=[64], protect=0.0, search_images=3, refine_steps=1, bench_repeats=1, progress=False,
+    ))
+    report = result.report
+    assert report["gmacs"] <= report["gmacs_base"] + 1e-9
+    assert report["calibration"]["target_gmacs"] == report["gmacs_base"]
+    assert result.plan.reductions == () and result.plan.head_only  # the head-only last block alone fits
+    assert report["calibration"]["frontier"]

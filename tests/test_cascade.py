@@ -14,9 +14,19 @@ from PIL import Image
 
 import vitprune
 from vitprune.cascade import (
-    CascadeModel, StageTable, build_cascade, calibrate_thresholds, confidence, evaluate, load_cascade, parse_stages,
-    resize_to, save_cascade, simulate, stage_table,
+    CascadeModel,
+    StageTable,
+    build_cascade,
+    calibrate_thresholds,
+    confidence,
+    evaluate,
+    load_cascade,
+    parse_stages,
+    save_cascade,
+    simulate,
+    stage_table,
 )
+from vitprune.data import resize_images
 from vitprune.errors import VitpruneError
 from vitprune.flops import count_macs
 from vitprune.patch import model_img_size, plan_of
@@ -79,9 +89,9 @@ def test_parse_mixed_forms() -> None:
     ("evit:0.5:3,224", "exactly one setting"),
     ("evit:x,224", "not a number"),
     ("evit:nan,224", "not a number"),
-    ("evit:1.5,224", "keep rate must be in (0, 1]"),
+    ("evit:1.5,224", "evit keep must be in (0, 1]"),
     ("tome:2.5,224", "not a whole number"),
-    ("tome:-1,224", "tome needs r"),
+    ("tome:-1,224", "tome r must be a whole number >= 0"),
     ("100,224", "multiple of the patch size 16"),
     ("0,224", "multiple of the patch size"),
     ("-16,224", "not a whole input size"),
@@ -111,15 +121,15 @@ def test_stages_share_weights_and_own_pos_embed(base: torch.nn.Module) -> None:
 def test_batched_equals_each_image_alone(base: torch.nn.Module, images: torch.Tensor) -> None:
     cascade = build_cascade(base, parse_stages("32,48:evit:0.5,64", depth=12, base_size=64))
     with torch.no_grad():
-        first = confidence(cascade.stages[0](resize_to(images, 32)))
-        second = confidence(cascade.stages[1](resize_to(images, 48)))
+        first = confidence(cascade.stages[0](resize_images(images, 32)))
+        second = confidence(cascade.stages[1](resize_images(images, 48)))
     cascade.set_thresholds([_midpoint_threshold(first, 0.6), _midpoint_threshold(second, 0.5)])
     with torch.no_grad():
         batched = cascade.run(images)
         for i in range(len(images)):
             one = images[i:i + 1]
-            for stage_index, (stage, size) in enumerate(zip(cascade.stages, cascade.stage_sizes)):
-                logits = stage(resize_to(one, size))
+            for stage_index, (stage, size) in enumerate(zip(cascade.stages, cascade.stage_sizes, strict=True)):
+                logits = stage(resize_images(one, size))
                 last = stage_index == len(cascade.stages) - 1
                 if last or float(confidence(logits)) >= cascade.thresholds[stage_index]:
                     break
@@ -133,7 +143,7 @@ def test_all_images_leave_early(base: torch.nn.Module, images: torch.Tensor) -> 
     cascade = build_cascade(base, parse_stages("32,64", depth=12, base_size=64), thresholds=[0.0])
     with torch.no_grad():
         run = cascade.run(images, count_macs=True)
-        assert torch.equal(run.logits, cascade.stages[0](resize_to(images, 32)))
+        assert torch.equal(run.logits, cascade.stages[0](resize_images(images, 32)))
     assert run.exit_stage.tolist() == [0] * len(images)
     assert torch.allclose(run.gmacs_per_image, torch.tensor(cascade.stage_gmacs[0], dtype=torch.float64))
 
@@ -142,7 +152,7 @@ def test_gmacs_counted_from_the_stages_each_image_ran(base: torch.nn.Module, ima
     cascade = build_cascade(base, parse_stages("32,64:ats:0.9,64:tome:3", depth=12, base_size=64))
     assert cascade.stage_gmacs[0] == pytest.approx(count_macs(cascade.stages[0]).gmacs)
     with torch.no_grad():
-        first = confidence(cascade.stages[0](resize_to(images, 32)))
+        first = confidence(cascade.stages[0](resize_images(images, 32)))
         second = confidence(cascade.stages[1](images))
         leave_first = _midpoint_threshold(first, 0.7)
         cascade.set_thresholds([leave_first, _midpoint_threshold(second[first < leave_first], 0.5)])
@@ -222,8 +232,8 @@ def test_artifact_round_trip(base: torch.nn.Module, images: torch.Tensor, tmp_pa
     cascade = build_cascade(base, parse_stages("32,48:tome:2,64", depth=12, base_size=64), criterion="entropy",
                             info=info)
     with torch.no_grad():
-        cascade.set_thresholds([_midpoint_threshold(confidence(cascade.stages[0](resize_to(images, 32)), "entropy"), 0.5),
-                                math.inf])
+        first = confidence(cascade.stages[0](resize_images(images, 32)), "entropy")
+        cascade.set_thresholds([_midpoint_threshold(first, 0.5), math.inf])
     save_cascade(tmp_path / "c", cascade, info, report={"x": 1}, report_md="# r\n")
     loaded = vitprune.load(tmp_path / "c")
     assert isinstance(loaded, CascadeModel)
@@ -259,9 +269,9 @@ def _image_folder(root: Path, count: int = 6) -> Path:
 
 @pytest.mark.parametrize("extra, fragment", [
     (["--stages", "112,abc", "--target-ratio", "0.6"], "unknown method 'abc'"),
-    (["--stages", "112,224", "--target-ratio", "0.6", "--target-gmacs", "0.5"], "one of them"),
-    (["--stages", "112,224"], "--target-gmacs G or --target-ratio R"),
-    (["--stages", "112,224", "--target-ratio", "1.5"], "--target-ratio must be in (0, 1]"),
+    (["--stages", "112,224", "--target-ratio", "0.6", "--target-gmacs", "0.5"], "give one budget, not several"),
+    (["--stages", "112,224"], "give a budget: target_gmacs or target_ratio"),
+    (["--stages", "112,224", "--target-ratio", "1.5"], "--target-ratio is a fraction of the base GMACs and must be in"),
     (["--stages", "112,224", "--target-gmacs", "0.01"], "below the first stage"),
     (["--stages", "112,224", "--target-ratio", "0.6", "--holdout", "1"], "--holdout"),
     (["--stages", "112,224", "--target-ratio", "0.6", "--criterion", "margin"], "unknown --criterion"),
@@ -277,6 +287,30 @@ def test_cli_bad_input_exits_2_with_one_line(extra: list[str], fragment: str, tm
     assert code == 2
     assert err.startswith("error:") and fragment in err and "\n" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("changes, param", [
+    ({"criterion": "margin"}, "criterion"),
+    ({"holdout": 1.0}, "holdout"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"workers": -1}, "workers"),
+    ({"target_ratio": 1.5}, "target_ratio"),
+    ({"target_ratio": None, "target_gmacs": -1.0}, "target_gmacs"),
+    ({"target_gmacs": 0.5}, None),  # two budgets: neither is the one to blame
+    ({"onnx": True}, "output"),
+])
+def test_request_checked_before_any_model(changes: dict, param: str | None, tmp_path: Path, monkeypatch) -> None:
+    import dataclasses
+
+    from vitprune.commands import cascade as command
+
+    monkeypatch.setattr(command, "load_base", lambda *args, **kwargs: pytest.fail("a model was built first"))
+    request = command.CascadeRequest(model="vit_tiny_patch16_224", stages="64,112", data=tmp_path, target_ratio=0.5,
+                                     no_pretrained=True)
+    with pytest.raises(VitpruneError) as caught:
+        command.run_cascade(dataclasses.replace(request, **changes))
+    assert caught.value.param == param
+    assert param is None or param in str(caught.value)
 
 
 def test_cli_writes_a_loadable_cascade(tmp_path: Path, capsys) -> None:
@@ -328,8 +362,8 @@ def test_onnx_cascade_matches_pytorch(base: torch.nn.Module, images: torch.Tenso
 
     cascade = build_cascade(base, parse_stages("32,48:tome:2,64:evit:0.7", depth=12, base_size=64))
     with torch.no_grad():
-        first = confidence(cascade.stages[0](resize_to(images, 32)))
-        second = confidence(cascade.stages[1](resize_to(images, 48)))
+        first = confidence(cascade.stages[0](resize_images(images, 32)))
+        second = confidence(cascade.stages[1](resize_images(images, 48)))
         leave_first = _midpoint_threshold(first, 0.5)
         cascade.set_thresholds([leave_first, _midpoint_threshold(second[first < leave_first], 0.5)])
         expected = cascade.run(images)

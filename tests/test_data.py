@@ -12,7 +12,6 @@ from PIL import Image
 
 from vitprune.data import (
     ImageSet,
-    classification_metrics,
     data_config_for,
     find_images,
     load_images,
@@ -21,6 +20,7 @@ from vitprune.data import (
     transform_for,
 )
 from vitprune.errors import VitpruneError
+from vitprune.metrics import classification_metrics
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SAMPLE_IMAGES = SHARED_DATA / "images" / "imagenet-sample-images"

@@ -14,7 +14,12 @@ import vitprune
 from vitprune.cli import run
 from vitprune.errors import VitpruneError
 from vitprune.export import (
-    bench_onnx, export_onnx, onnx_file_summary, onnx_predict, onnx_session, verify_onnx,
+    bench_onnx,
+    export_onnx,
+    onnx_file_summary,
+    onnx_predict,
+    onnx_session,
+    verify_onnx,
 )
 
 IMG = 64  # 16 patch tokens + CLS: exports and ORT runs stay well under a second each
@@ -218,7 +223,7 @@ def test_cli_extends_the_report_of_an_artifact_folder(tmp_path, capsys):
 
 
 def test_cli_fails_and_writes_nothing_when_parity_fails(tmp_path, monkeypatch, capsys):
-    import vitprune.export as export_module
+    import vitprune.export.graph as export_module  # where the export step looks verify_onnx up
 
     real = export_module.verify_onnx
 
@@ -240,7 +245,7 @@ def test_cli_fails_and_writes_nothing_when_parity_fails(tmp_path, monkeypatch, c
     (["--batch", "lots"], "batch"),
     (["--provider", "tpu"], "provider"),
     (["--ats-padding", "none"], "ATS padding"),
-    (["--r", 4], "--r is for tome"),
+    (["--r", 4], "r is not a parameter of evit"),
 ])
 def test_cli_refusals(tmp_path, capsys, args, message):
     code = cli("vit_tiny_patch16_224", "--no-pretrained", "--img-size", IMG, "--method", "evit", "--keep", 0.7,

@@ -1,4 +1,4 @@
-"""Real weights, real images: the published off-the-shelf figures (METHODS.md, issue #2) hold.
+"""Real weights, real images: the published off-the-shelf figures (docs/methods.md) hold.
 
 vit_tiny_patch16_224 (augreg_in21k_ft_in1k) on the 1000 shared ImageNet images scores 82.8 top-1.
 Off the shelf, EViT keep 0.7 @ 3,6,9 loses about 3 points and ToMe r=13 about 1.5; we accept
@@ -9,8 +9,9 @@ import torch
 from conftest import SHARED_IMAGES, WEIGHTS, requires_shared
 
 import vitprune
-from vitprune.data import classification_metrics, find_images, load_images, predict, transform_for
+from vitprune.data import find_images, load_images, predict, transform_for
 from vitprune.flops import count_macs
+from vitprune.metrics import classification_metrics
 from vitprune.models import create_model
 
 pytestmark = requires_shared

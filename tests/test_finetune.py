@@ -1,8 +1,11 @@
 """`vitprune finetune`: distillation, checkpoints and resume, SuperViT, DDP on gloo, bad input."""
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
+import re
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -14,13 +17,13 @@ from PIL import Image
 
 import vitprune
 import vitprune.finetune as finetune
+import vitprune.finetune.run as finetune_run
+import vitprune.finetune.train as finetune_train
 from vitprune.cli import run
-from vitprune.data import find_images
+from vitprune.commands.finetune import FinetuneRequest, run_finetune
+from vitprune.data import ImageDataset, find_images
 from vitprune.errors import VitpruneError
-from vitprune.finetune import (
-    FinetuneRequest, distill_loss, feature_distill_loss, forward_with_features, hard_distill_loss, run_finetune,
-    work_dir_for,
-)
+from vitprune.finetune import distill_loss, feature_distill_loss, forward_with_features, hard_distill_loss, work_dir_for
 from vitprune.patch import apply_plan, plan_of, set_dynamic_img_size
 from vitprune.plan import make_plan
 
@@ -123,14 +126,14 @@ def test_a_failing_augmentation_is_reported_with_the_image(images: Path) -> None
     def refuse(image):
         raise ValueError("bits must be between or equal to 1 and 8")
 
-    image, _, error = finetune.TrainImages(find_images(images), refuse)[0]
-    assert image is None and error.startswith("cannot augment image ") and "bits must be" in error
+    image, _, error = ImageDataset(find_images(images), refuse)[0]
+    assert image is None and error.startswith("cannot transform image ") and "bits must be" in error
 
 
 def test_dynamic_img_size_matches_the_served_size() -> None:
     """SuperViT trains at several sizes on one set of weights; served with `apply` it must match."""
     model, _ = vitprune.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48)
-    served = apply_plan(finetune.copy.deepcopy(model), make_plan("evit", 12, keep=0.5, img_size=32))
+    served = apply_plan(copy.deepcopy(model), make_plan("evit", 12, keep=0.5, img_size=32))
     dynamic = set_dynamic_img_size(apply_plan(model, make_plan("evit", 12, keep=0.5)), True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -150,7 +153,8 @@ def test_distillation_lowers_the_kl_to_the_teacher(images: Path) -> None:
     assert after["val_kl"] < 0.8 * before["val_kl"]
     trained = [row["train_loss"] for row in result.metrics[1:]]
     assert trained[-1] < trained[0]
-    assert result.output is None and result.report["finetune"]["variants"][0]["after"]["kl"] == pytest.approx(after["val_kl"], abs=1e-4)
+    assert result.output is None
+    assert result.report["finetune"]["variants"][0]["after"]["kl"] == pytest.approx(after["val_kl"], abs=1e-4)
 
 
 def test_cli_writes_an_artifact_that_loads(images: Path, tmp_path: Path, capsys) -> None:
@@ -191,17 +195,17 @@ def test_resume_continues_at_the_next_epoch_and_ends_where_an_uninterrupted_run_
     whole = run_finetune(replace(request, output=tmp_path / "whole"))
 
     out = tmp_path / "resumed"
-    write_metrics = finetune.write_metrics_csv
+    write_metrics = finetune_run.write_metrics_csv
 
     def crash_after_epoch_two(rows, path):
         write_metrics(rows, path)
         if rows[-1]["epoch"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(finetune, "write_metrics_csv", crash_after_epoch_two)
+    monkeypatch.setattr(finetune_run, "write_metrics_csv", crash_after_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         run_finetune(replace(request, output=out))
-    monkeypatch.setattr(finetune, "write_metrics_csv", write_metrics)
+    monkeypatch.setattr(finetune_run, "write_metrics_csv", write_metrics)
     work = work_dir_for(out)
     assert not out.exists() and torch.load(work / "checkpoint.pt", weights_only=True)["epoch"] == 2
 
@@ -223,8 +227,9 @@ def test_resume_continues_at_the_next_epoch_and_ends_where_an_uninterrupted_run_
 
 def test_supervit_trains_every_configuration(unlabelled: Path, tmp_path: Path, monkeypatch) -> None:
     sizes_seen = []
-    resize = finetune.resized
-    monkeypatch.setattr(finetune, "resized", lambda images, size: sizes_seen.append(size) or resize(images, size))
+    resize = finetune_train.resize_images
+    monkeypatch.setattr(finetune_train, "resize_images",
+                        lambda images, size: sizes_seen.append(size) or resize(images, size))
     out = tmp_path / "supervit"
     request = FinetuneRequest(**{**TINY, "img_size": 48}, data=unlabelled, val=unlabelled, supervit=True,
                               sizes=(32, 48), keeps=(0.5, 1.0), epochs=1, lr=1e-3, output=out)
@@ -251,7 +256,8 @@ def test_supervit_trains_every_configuration(unlabelled: Path, tmp_path: Path, m
 
 
 def _ddp_worker(rank: int, port: int, request: FinetuneRequest, folder: str) -> None:
-    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
     torch.set_num_threads(1)
     result = run_finetune(request)
     torch.save(result.model.state_dict(), Path(folder) / f"rank{rank}.pt")
@@ -279,19 +285,22 @@ def test_two_process_ddp_on_gloo_ends_with_identical_weights(images: Path, tmp_p
 
 @pytest.mark.parametrize("extra, message", [
     (["--data", "MISSING"], "image folder not found"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--hard-distill", "-1"], "loss weights must not be negative"),
+    (["--epochs", "0"], "--epochs must be a whole number >= 1, got 0"),
+    (["--hard-distill", "-1"], "--hard-distill must be a finite number >= 0, got -1.0"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
     (["--auto-augment", "bogus"], "unknown --auto-augment policy 'bogus'"),
-    (["--auto-augment", "rand-m9", "--no-augment"], "drop --no-augment"),
+    (["--auto-augment", "rand-m9", "--no-augment"], "--auto-augment is an augmentation"),
     (["--distill-weight", "0", "--label-weight", "0"], "cannot all be 0"),
     (["--amp", "bf16"], "--amp bf16 is for CUDA"),
     (["--val", "IMAGES", "--val-split", "0.2"], "not both"),
     (["--supervit", "--sizes", "24,32", "--keeps", "0.5,1"], "multiples of the patch size 16"),
     (["--supervit", "--sizes", "16,48", "--keeps", "0.5,1"], "largest SuperViT size must be the model's input size 32"),
+    (["--sizes", "32,48"], "--sizes and keeps are for supervit"),
     (["--resume"], "nothing to resume"),
     (["EXISTING"], "already exists; pass --force"),
 ])
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(images: Path, tmp_path: Path, capsys, extra, message) -> None:
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(images: Path, tmp_path: Path, capsys, extra,
+                                                           message) -> None:
     out = tmp_path / "out"
     if "EXISTING" in extra:
         out.mkdir()
@@ -308,3 +317,33 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(images: Path, tmp_pa
     assert sorted(tmp_path.iterdir()) == before
     if out.exists():
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+SUPERVIT = dict(method=None, keep=None, supervit=True)
+
+
+@pytest.mark.parametrize("change, param, message", [
+    (dict(lr=math.inf), "lr", "lr must be a finite number > 0, got inf"),
+    (dict(min_lr=-1e-6), "min_lr", "min_lr must be a finite number >= 0"),
+    (dict(batch_size=0), "batch_size", "batch_size must be a whole number >= 1"),
+    (dict(epochs=2, warmup_epochs=2.0), "warmup_epochs", "warmup_epochs must be a finite number >= 0 and < epochs (2)"),
+    (dict(clip_grad=math.nan), "clip_grad", "clip_grad must be a finite number >= 0"),
+    (dict(temperature=0.0), "temperature", "temperature must be a finite number > 0"),
+    (dict(distill_weight=0.0, label_weight=0.0), "distill_weight", "cannot all be 0"),
+    (dict(crop_scale=1.5), "crop_scale", "crop_scale must be in (0, 1]"),
+    (dict(ema=1.0), "ema", "ema must be a decay in (0, 1)"),
+    (dict(amp="fp8"), "amp", "amp must be one of none, bf16, fp16"),
+    (dict(val_split=1.0), "val_split", "val_split must be a fraction in (0, 1)"),
+    (dict(workers=-1), "workers", "workers must be a whole number >= 0"),
+    (dict(trainable=()), "trainable", "trainable needs at least one"),
+    (dict(resume=True), "resume", "resume continues the run"),
+    (dict(SUPERVIT, sizes=(32,)), "keeps", "supervit needs keeps"),
+    (dict(SUPERVIT, sizes=(32,), keeps=(1.5,)), "keeps", "keeps must be keep rates in (0, 1]"),
+    (dict(SUPERVIT, sizes=(32,), keeps=(0.5,)), "sizes", "several configurations"),
+    (dict(supervit=True, sizes=(32, 48), keeps=(0.5,)), "supervit", "supervit builds its own EViT plans"),
+])
+def test_the_request_is_checked_before_any_model_is_built(images: Path, change: dict, param: str, message: str) -> None:
+    request = FinetuneRequest(**{**TINY, "model": "no_such_model"}, data=images / "missing", method="evit", keep=0.5)
+    with pytest.raises(VitpruneError, match=re.escape(message)) as caught:
+        run_finetune(replace(request, **change))
+    assert caught.value.param == param

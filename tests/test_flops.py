@@ -40,7 +40,7 @@ def test_ats_macs_are_per_image():
 
 
 def test_vit_tiny_figures_from_the_papers_formula():
-    # METHODS.md: 12 n d^2 + 2 n^2 d per block; ViT-Ti/16 at 224 is 1.26 GMACs, EViT 0.7 @ 3,6,9 is 0.82.
+    # docs/methods.md: 12 n d^2 + 2 n^2 d per block; ViT-Ti/16 at 224 is 1.26 GMACs, EViT 0.7 @ 3,6,9 is 0.82.
     model = build_family("vit")
     model.set_input_size(img_size=224)
     assert count_macs(model).gmacs == pytest.approx(1.2537, abs=1e-3)

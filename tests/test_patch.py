@@ -105,20 +105,41 @@ def test_mixed_plan_tome_then_evit_then_ats():
     assert torch.isfinite(run(model, x)).all()
 
 
-@pytest.mark.parametrize("plan,message", [
-    (Plan(reductions=(Reduction(12, "evit", keep=0.5),)), "out of range"),
-    (Plan(reductions=(Reduction(3, "evit", keep=1.5),)), "keep rate"),
-    (Plan(reductions=(Reduction(3, "evit", keep=0.0),)), "keep rate"),
-    (Plan(reductions=(Reduction(3, "tome", r=-1),)), "tome needs r"),
-    (Plan(reductions=(Reduction(3, "ats", keep=0.5), Reduction(5, "tome", r=2))), "ats must be the last"),
-    (Plan(reductions=(Reduction(3, "magic", keep=0.5),)), "unknown method"),
-    (Plan(reductions=(Reduction(3, "tome", r=2, protect=-0.1),)), "protect must be a finite weight"),
-    (Plan(reductions=(Reduction(3, "tome", r=2, protect=float("nan")),)), "protect must be a finite weight"),
-    (Plan(reductions=(Reduction(3, "evit", keep=0.5, protect=0.2),)), "protect applies to tome only"),
+@pytest.mark.parametrize("reductions,message", [
+    ([(12, "evit", {"keep": 0.5})], "out of range"),
+    ([(3, "evit", {"keep": 1.5})], r"evit keep must be in \(0, 1\], got 1.5"),
+    ([(3, "evit", {"keep": 0.0})], "evit keep must be in"),
+    ([(3, "evit", {})], "evit needs keep"),
+    ([(3, "tome", {"r": -1})], "tome r must be a whole number >= 0"),
+    ([(3, "tome", {"r": 2.5})], "tome r must be a whole number >= 0"),
+    ([(3, "ats", {"keep": 0.5}), (5, "tome", {"r": 2})], "ats must be the last"),
+    ([(3, "magic", {"keep": 0.5})], "unknown method"),
+    ([(3, "tome", {"r": 2, "protect": -0.1})], "tome protect must be a finite weight"),
+    ([(3, "tome", {"r": 2, "protect": float("nan")})], "tome protect must be a finite weight"),
+    ([(3, "ats", {"keep": float("inf")})], "ats keep must be"),
 ])
-def test_bad_plans_are_refused(plan, message):
+def test_bad_plans_are_refused(reductions, message):
+    plan = Plan(reductions=tuple(Reduction(layer, method, **settings) for layer, method, settings in reductions))
     with pytest.raises(VitpruneError, match=message):
         vitprune.apply(build_family("vit"), plan)
+
+
+def test_a_setting_of_another_method_is_refused():
+    with pytest.raises(VitpruneError, match="protect is not a parameter of evit"):
+        Reduction(3, "evit", keep=0.5, protect=0.2)
+    with pytest.raises(VitpruneError, match="r is not a parameter of evit"):
+        make_plan("evit", 12, keep=0.7, r=3)
+
+
+def test_reductions_are_values():
+    red = Reduction(3, "evit", keep=0.7)
+    assert red == Reduction(3, "evit", keep=0.7, fuse=True) and hash(red) == hash(Reduction(3, "evit", keep=0.7))
+    assert red.keep == 0.7 and red.fuse is True and red.settings == {"keep": 0.7, "fuse": True}
+    assert red.replace(keep=0.5).keep == 0.5 and red.keep == 0.7
+    assert copy.deepcopy(red) == red
+    with pytest.raises(AttributeError):
+        red.keep = 0.1
+    assert Reduction.from_dict(red.to_dict()) == red
 
 
 def test_make_plan_defaults_scale_with_depth():
@@ -126,7 +147,7 @@ def test_make_plan_defaults_scale_with_depth():
     assert make_plan("evit", 24, keep=0.7).layers == [6, 12, 18]
     assert make_plan("ats", 12, keep=1.0).layers == list(range(3, 12))
     assert make_plan("tome", 12, r=8).layers == list(range(12))
-    with pytest.raises(VitpruneError, match="needs --keep"):
+    with pytest.raises(VitpruneError, match="evit needs keep"):
         make_plan("evit", 12)
 
 
@@ -171,9 +192,8 @@ def test_ats_static_padding_mode_gives_the_same_logits():
     model = vitprune.apply(build_family("vit"), method="ats", keep=0.5)
     x = images_for(model, batch=4)
     packed = run(model, x)
-    model._vitprune_ats_pad_to = 30  # any width >= the cap works: K = ceil(0.5 * 37) = 19 tokens, 18 patches
-    static = run(model, x)
-    del model._vitprune_ats_pad_to
+    with torch.inference_mode():  # any width >= the cap works: K = ceil(0.5 * 37) = 19 tokens, 18 patches
+        static = model.vitprune_forward(x, pad_to=30)
     torch.testing.assert_close(static, packed, atol=1e-4, rtol=1e-4)
 
 
@@ -240,7 +260,7 @@ def test_tome_protect_runs_keeps_the_token_count_and_zero_is_plain_tome(family):
 def test_tome_protect_needs_a_class_token_and_round_trips():
     with pytest.raises(VitpruneError, match="no class token"):
         vitprune.apply(build_family("gap_no_cls"), method="tome", r=2, protect=0.2)
-    with pytest.raises(VitpruneError, match="tome only"):
+    with pytest.raises(VitpruneError, match="protect is not a parameter of evit"):
         make_plan("evit", 12, keep=0.7, protect=0.2)
     plan = make_plan("tome", 12, r=8, protect=0.2)
     assert Plan.from_dict(plan.to_dict()) == plan

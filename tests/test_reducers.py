@@ -4,8 +4,17 @@ import math
 import torch
 
 from vitprune.reducers import (
-    ats_cap, ats_sample, ats_scores, ats_select, bipartite_matching, cls_attention, evit_keep_count,
-    evit_reduce, merge_tokens, protect_penalty, tome_reduce,
+    ats_cap,
+    ats_sample,
+    ats_scores,
+    ats_select,
+    bipartite_matching,
+    cls_attention,
+    evit_keep_count,
+    evit_reduce,
+    merge_tokens,
+    protect_penalty,
+    tome_reduce,
 )
 
 

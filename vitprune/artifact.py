@@ -17,6 +17,7 @@ import timm
 import torch
 from torch import nn
 
+from vitprune import __version__
 from vitprune.errors import VitpruneError
 from vitprune.io import atomic_output_dir
 from vitprune.models import create_model, load_state_dict_into
@@ -29,8 +30,6 @@ METADATA_KEY = "vitprune"
 
 
 def versions() -> dict:
-    from vitprune import __version__
-
     return {"vitprune": __version__, "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()}
 
 
@@ -111,13 +110,9 @@ def read_metadata(path: str | Path) -> dict:
     return json.loads(metadata[METADATA_KEY])
 
 
-def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+def load_artifact(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
     """The reduced model saved at `path` (an artifact folder or its .safetensors), in eval mode."""
     path = Path(path)
-    if (path / "cascade.json").is_file():  # a DVT cascade folder (vitprune.cascade): a CascadeModel
-        from vitprune.cascade import load_cascade
-
-        return load_cascade(path, device=device)
     metadata = read_metadata(path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     if not weights.is_file():

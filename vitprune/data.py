@@ -1,4 +1,4 @@
-"""Image folders, timm preprocessing, batched prediction and classification metrics."""
+"""Image folders, timm preprocessing, the image dataset and batched prediction."""
 
 from __future__ import annotations
 
@@ -15,18 +15,16 @@ import timm.data
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from vitprune.errors import VitpruneError
+from vitprune.progress import progress_bar
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 LABELS_CSV_NAME = "labels.csv"
 LABELS_CSV_COLUMNS = ("file", "class_index")
 WNID_PATTERN = re.compile(r"n\d{8}")
-TOP5 = 5
 
 
 @dataclass(frozen=True)
@@ -189,32 +187,47 @@ def transform_for(model: nn.Module, img_size: int | None = None) -> Callable[[Im
     return timm.data.create_transform(**config, is_training=False)
 
 
-class _DecodedImages(Dataset):
-    """Decodes one image per item; a bad file yields an error message instead of raising in a worker."""
+class ImageDataset(Dataset):
+    """The one image dataset: decodes (and transforms) one image per item; unlabelled images get
+    label -1. A bad file yields an error message instead of raising in a worker, whose exception
+    DataLoader would re-raise with a multi-line traceback."""
 
-    def __init__(self, files: list[Path], transform: Callable[[Image.Image], Tensor]) -> None:
-        self.files = files
+    def __init__(self, image_set: ImageSet, transform: Callable[[Image.Image], Tensor]) -> None:
+        self.files = image_set.files
+        self.labels = image_set.labels
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[Tensor | None, str | None]:
+    def __getitem__(self, index: int) -> tuple[Tensor | None, int, str | None]:
         file = self.files[index]
+        label = self.labels[index] if self.labels is not None else -1
         try:
             with Image.open(file) as image:
                 rgb = image.convert("RGB")
         except Exception as error:  # PIL raises many types for corrupt, truncated or non-image files
-            return None, f"cannot read image {file}: {_first_line(error)}"
-        return self.transform(rgb), None
+            return None, label, f"cannot read image {file}: {_first_line(error)}"
+        try:
+            return self.transform(rgb), label, None
+        except Exception as error:  # e.g. a random augmentation op Pillow refuses
+            return None, label, f"cannot transform image {file}: {_first_line(error)}"
 
 
-def _collate_decoded(samples: list[tuple[Tensor | None, str | None]]) -> tuple[Tensor | None, str | None]:
-    # DataLoader re-raises worker exceptions with a multi-line traceback, so errors travel as data instead.
-    errors = [error for _, error in samples if error is not None]
+def collate_images(samples: list[tuple[Tensor | None, int, str | None]]) -> tuple[Tensor | None, Tensor | None, str | None]:
+    """(images, labels, None), or (None, None, the first error) when an image failed."""
+    errors = [error for _, _, error in samples if error is not None]
     if errors:
-        return None, errors[0]
-    return torch.stack([image for image, _ in samples]), None
+        return None, None, errors[0]
+    return torch.stack([image for image, _, _ in samples]), torch.tensor([label for _, label, _ in samples]), None
+
+
+def resize_images(images: Tensor, size: int) -> Tensor:
+    """A preprocessed batch at another input size, unchanged when it fits. Bicubic with
+    antialiasing, timm's eval interpolation for these models (cascade stages, SuperViT sizes)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
 
 
 def load_images(
@@ -227,17 +240,17 @@ def load_images(
 ) -> tuple[Tensor, Tensor | None]:
     """Decode and preprocess every image into one float tensor [N, 3, H, W], plus the labels tensor or None."""
     loader = DataLoader(
-        _DecodedImages(image_set.files, transform),
+        ImageDataset(image_set, transform),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=_collate_decoded,
+        collate_fn=collate_images,
     )
     images: Tensor | None = None
     filled = 0
-    with _progress_bar(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("Loading images", total=len(image_set))
-        for batch, error in loader:
+        for batch, _, error in loader:
             if error is not None:
                 raise VitpruneError(error)
             if images is None:
@@ -264,78 +277,13 @@ def predict(
         raise VitpruneError("no images to predict")
     device = next(model.parameters()).device
     outputs = []
-    with torch.inference_mode(), _progress_bar(progress) as bar:
+    with torch.inference_mode(), progress_bar(progress) as bar:
         task = bar.add_task(description, total=len(images))
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].to(device)
             outputs.append(model(batch).float().cpu())
             bar.advance(task, len(batch))
     return torch.cat(outputs)
-
-
-def _progress_bar(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
-
-
-def classification_metrics(
-    logits: Tensor,
-    labels: Tensor | None,
-    reference_logits: Tensor | None,
-) -> dict[str, float | int]:
-    """top1/top5 (percent) against labels; agreement (percent) and mean KL(reference || model) against a reference."""
-    _check_metric_inputs(logits, labels, reference_logits)
-    metrics: dict[str, float | int] = {"n_images": len(logits)}
-    if labels is not None:
-        metrics.update(_accuracy(logits, labels))
-    if reference_logits is not None:
-        metrics.update(_agreement_and_kl(logits, reference_logits))
-    return metrics
-
-
-def _check_metric_inputs(logits: Tensor, labels: Tensor | None, reference_logits: Tensor | None) -> None:
-    if logits.ndim != 2 or len(logits) == 0:
-        raise VitpruneError(f"logits must be a non-empty [N, classes] tensor, got shape {list(logits.shape)}")
-    if labels is not None:
-        if labels.shape != (len(logits),):
-            raise VitpruneError(f"labels shape {list(labels.shape)} does not match {len(logits)} logits")
-        if labels.min() < 0 or labels.max() >= logits.shape[1]:
-            raise VitpruneError(
-                f"labels range {int(labels.min())}..{int(labels.max())} "
-                f"is outside the model's {logits.shape[1]} classes"
-            )
-    if reference_logits is not None and reference_logits.shape != logits.shape:
-        raise VitpruneError(
-            f"reference logits shape {list(reference_logits.shape)} does not match logits shape {list(logits.shape)}"
-        )
-
-
-def _accuracy(logits: Tensor, labels: Tensor) -> dict[str, float]:
-    top_k = logits.topk(min(TOP5, logits.shape[1]), dim=1).indices
-    hits = top_k == labels.unsqueeze(1)
-    return {
-        "top1": hits[:, 0].double().mean().item() * 100.0,
-        "top5": hits.any(dim=1).double().mean().item() * 100.0,
-    }
-
-
-def _agreement_and_kl(logits: Tensor, reference_logits: Tensor) -> dict[str, float]:
-    agreement = (logits.argmax(dim=1) == reference_logits.argmax(dim=1)).double().mean().item() * 100.0
-    return {"agreement": agreement, "kl": kl_per_image(logits, reference_logits).mean().item()}
-
-
-def kl_per_image(logits: Tensor, reference_logits: Tensor) -> Tensor:
-    """KL(reference || model) of each image's predicted distribution: (N,) float64."""
-    model_log_probs = F.log_softmax(logits.double(), dim=1)
-    reference_log_probs = F.log_softmax(reference_logits.double(), dim=1)
-    return F.kl_div(model_log_probs, reference_log_probs, log_target=True, reduction="none").sum(dim=1)
 
 
 def _is_positive_int(value: object) -> bool:

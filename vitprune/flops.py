@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitprune.patch import model_img_size, record_tokens
+from vitprune.patch import HEAD_ONLY, model_img_size, record_tokens
+from vitprune.plan import Reduction
 
 
 @dataclass
@@ -26,29 +27,24 @@ class MacsReport:
         return {"gmacs": self.gmacs, "tokens_per_block": [round(t, 2) for t in self.tokens_per_block]}
 
 
-def block_macs(block: nn.Module, n_in: Tensor, n_query: Tensor, n_out: Tensor, method: str | None, num_prefix: int,
-               scores_cls: bool = False) -> Tensor:
+def block_macs(block: nn.Module, n_in: Tensor, n_query: Tensor, n_out: Tensor, reduction: Reduction | str | None,
+               num_prefix: int) -> Tensor:
     """MACs of one timm Block: qkv on the tokens in, attention of the queries over them, output
-    projection on the queries, MLP on the tokens out, plus the reducer's own matmuls.
-    method: the block's reducer, or "head" for the head-only last block; scores_cls: the block
-    computes the CLS row of the attention again to score tokens (evit, ats, tome with protect)."""
+    projection on the queries, MLP on the tokens out, plus the reduction's own scoring
+    (`Method.extra_macs`). reduction: the block's, or HEAD_ONLY for the head-only last block."""
     attn = block.attn
     dim, attn_dim = attn.qkv.in_features, attn.attn_dim
     hidden = block.mlp.fc1.out_features
     n_in, n_query, n_out = n_in.double(), n_query.double(), n_out.double()
     # qkv; the head-only last block computes queries for the prefix tokens alone
-    macs = (2 * n_in + n_query if method == "head" else 3 * n_in) * dim * attn_dim
+    macs = (2 * n_in + n_query if reduction == HEAD_ONLY else 3 * n_in) * dim * attn_dim
     macs = macs + 2 * n_query * n_in * attn_dim  # q k^T and attn v
     macs = macs + n_query * attn_dim * dim  # proj
     if getattr(attn, "gate", None) is not None:
         macs = macs + n_query * dim * attn_dim
     macs = macs + 2 * n_out * dim * hidden  # fc1, fc2
-    if method in ("evit", "ats") or scores_cls:
-        macs = macs + n_in * attn_dim  # the CLS row of the attention, for scoring
-    if method == "tome":
-        mergeable = n_in - num_prefix
-        similarity = torch.ceil(mergeable / 2) * torch.floor(mergeable / 2) * attn.head_dim
-        macs = macs + torch.where(n_out < n_in, similarity, 0.0)  # ToMe skips matching when r = 0
+    if isinstance(reduction, Reduction):
+        macs = macs + reduction.spec.extra_macs(attn, n_in, n_out, num_prefix, reduction.settings)
     return macs
 
 
@@ -80,7 +76,7 @@ def count_macs(model: nn.Module, images: Tensor | None = None) -> MacsReport:
     per_image = torch.full((images.shape[0],), float(embed + head), dtype=torch.float64)
     for entry in trace:
         per_image += block_macs(model.blocks[entry["layer"]], entry["n_in"], entry["n_query"],
-                                entry["n_out"], entry["method"], num_prefix, entry.get("scores_cls", False))
+                                entry["n_out"], entry["reduction"], num_prefix)
     model.train(was_training)
     return MacsReport(
         gmacs=float(per_image.mean()) / 1e9,

@@ -6,53 +6,30 @@ weights and every other method (heads, distillation tokens, registers) stay timm
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Format
 from torch import Tensor, nn
 
 from vitprune.errors import VitpruneError
-from vitprune.plan import Plan, Reduction
-from vitprune.reducers import (
-    ats_cap, ats_sample, ats_scores, ats_select, cls_attention, evit_keep_count, evit_reduce,
-    gather_tokens, protect_penalty, tome_reduce,
-)
-
-
-@dataclass
-class TokenState:
-    """What the reducers carry from block to block."""
-
-    size: Tensor | None = None  # (B, N, 1) tokens each token stands for (ToMe); None: all 1
-    valid: Tensor | None = None  # (B, N) False on ATS padding; None: all valid
-
-    def key_bias(self) -> Tensor | None:
-        """Additive attention-logit bias (B, 1, 1, N): proportional attention and padding."""
-        bias = None
-        if self.size is not None:
-            bias = self.size.squeeze(-1).log()
-        if self.valid is not None:
-            pad = torch.zeros(self.valid.shape, dtype=torch.float32, device=self.valid.device)
-            pad = pad.masked_fill(~self.valid, float("-inf"))
-            bias = pad if bias is None else bias + pad.to(bias.dtype)
-        return None if bias is None else bias[:, None, None, :]
-
-    def counts(self, num_tokens: int, batch: int, device: torch.device) -> Tensor:
-        """Real tokens per image (B,)."""
-        if self.valid is not None:
-            return self.valid.sum(dim=1)
-        return torch.full((batch,), num_tokens, device=device)
-
-    @property
-    def is_plain(self) -> bool:
-        return self.size is None and self.valid is None
+from vitprune.methods import BlockContext, TokenState
+from vitprune.models import is_supported_vit
+from vitprune.plan import Plan, Reduction, make_plan
+from vitprune.reducers import gather_tokens
 
 
 class ReducedVisionTransformer:
-    """Mixin placed in front of the model's own timm class (see `apply_plan`)."""
+    """Mixin placed in front of the model's own timm class (see `apply_plan`).
+
+    The block variants below are assembled from the pieces after the class (`_heads`,
+    `_project`, `_mlp_residual`), which follow timm 1.0's `Block.forward` and
+    `Attention.forward` (timm/models/vision_transformer.py, timm/layers/attention.py, 1.0.15 to
+    1.0.31): a change there is mirrored in those pieces once.
+    """
 
     vitprune_plan: Plan
     _vitprune_trace: list | None
@@ -62,6 +39,11 @@ class ReducedVisionTransformer:
             raise VitpruneError("a token-reduced ViT does not take an attention mask")
         return self.vitprune_blocks(self.vitprune_embed(x))
 
+    def vitprune_forward(self, x: Tensor, pad_to: int | None = None) -> Tensor:
+        """Logits, with per-image methods (ATS) padding every batch to `pad_to` tokens: static
+        shapes for graph export (`vitprune.export`)."""
+        return self.forward_head(self.vitprune_blocks(self.vitprune_embed(x), pad_to=pad_to))
+
     def vitprune_embed(self, x: Tensor) -> Tensor:
         """Images -> the tokens entering block 0."""
         x = self.patch_embed(x)
@@ -69,12 +51,16 @@ class ReducedVisionTransformer:
         x = self.patch_drop(x)
         return self.norm_pre(x)
 
-    def vitprune_blocks(self, x: Tensor, start: int = 0, num_input_tokens: int | None = None) -> Tensor:
+    def vitprune_blocks(self, x: Tensor, start: int = 0, num_input_tokens: int | None = None,
+                        pad_to: int | None = None) -> Tensor:
         """Run blocks `start`.. on plain tokens (no reduction may happen before `start`), then the
-        final norm. `num_input_tokens`: the tokens that entered the model (ATS caps are ratios of it)."""
+        final norm. `num_input_tokens`: the tokens that entered the model (ATS caps are ratios of it).
+        Eager per-image methods pack the real tokens; graph capture and `pad_to` use the padded
+        form, whose shapes a graph can hold."""
         num_input_tokens = x.shape[1] if num_input_tokens is None else num_input_tokens
         state = TokenState()
         last = len(self.blocks) - 1
+        pack = pad_to is None and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
         for layer in range(start, len(self.blocks)):
             block = self.blocks[layer]
             reduction = self.vitprune_plan.at(layer)
@@ -83,59 +69,29 @@ class ReducedVisionTransformer:
             elif reduction is None and state.is_plain:
                 x = block(x)
                 self._record(layer, None, x.shape[1], state, state, x.shape[1], x)
+            elif pack and (state.valid is not None or (reduction is not None and reduction.spec.varies_per_image)):
+                x, state = self._packed_block(block, x, state, reduction, num_input_tokens, layer)
             else:
-                x, state = self._reduced_block(block, x, state, reduction, num_input_tokens, layer)
+                x, state = self._reduced_block(block, x, state, reduction, num_input_tokens, layer, pad_to)
         return self.norm(x)
 
-    def _reduced_block(
-        self, block: nn.Module, x: Tensor, state: TokenState, reduction: Reduction | None,
-        num_input_tokens: int, layer: int,
-    ) -> tuple[Tensor, TokenState]:
-        method = reduction.method if reduction is not None else None
-        if (method == "ats" or state.valid is not None) and _packing_allowed(self):
-            return self._packed_block(block, x, state, reduction, num_input_tokens, layer)
-        attn = block.attn
-        num_prefix = self.num_prefix_tokens
-        batch, tokens_in, _ = x.shape
+    def _reduced_block(self, block: nn.Module, x: Tensor, state: TokenState, reduction: Reduction | None,
+                       num_input_tokens: int, layer: int, pad_to: int | None) -> tuple[Tensor, TokenState]:
+        """A block with its reduction: before attention (selected queries) or after it."""
         normed = block.norm1(x)
-        qkv = attn.qkv(normed).reshape(batch, tokens_in, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        key_bias = state.key_bias()
-        state_in = state
-
-        if method == "ats":
-            # Sample first, then attend with the kept queries only: the output projection and
-            # the MLP run on the kept tokens (ATS applies the selection to the attention rows).
-            index, q, state = self._ats_selection(attn, q, k, v, state, key_bias, reduction, num_input_tokens,
-                                                  pad_to=getattr(self, "_vitprune_ats_pad_to", None))
-            x, normed = gather_tokens(x, index), gather_tokens(normed, index)
-
-        out = self._attend(attn, q, k, v, key_bias)
-        out = attn.norm(out.transpose(1, 2).reshape(batch, q.shape[2], attn.attn_dim))
-        gate = getattr(attn, "gate", None)
-        if gate is not None:
-            out = out * gate(normed).sigmoid()
-        out = attn.proj_drop(attn.proj(out))
-        x = x + block.drop_path1(block.ls1(out))
-
-        if method == "evit":
-            cls_attn = cls_attention(q[:, :, :1], k, attn.scale, key_bias).mean(dim=1)
-            keep_count = evit_keep_count(x.shape[1] - num_prefix, reduction.keep)
-            x, size, _ = evit_reduce(x, cls_attn, num_prefix, keep_count, reduction.fuse, state.size)
-            state = replace(state, size=size)
-        elif method == "tome":
-            size = state.size if state.size is not None else x.new_ones(batch, tokens_in, 1)
-            penalty = None
-            if reduction.protect:
-                cls_attn = cls_attention(q[:, :, :1], k, attn.scale, key_bias).mean(dim=1)
-                penalty = protect_penalty(cls_attn[:, num_prefix:], reduction.protect)
-            x, size = tome_reduce(x, size, k.mean(dim=1), num_prefix, reduction.r, penalty)
-            state = replace(state, size=size)
-
-        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-        self._record(layer, method, tokens_in, state_in, state, q.shape[2], x,
-                     scores_cls=method == "tome" and bool(reduction.protect))
+        q, k, v = _heads(block.attn, block.attn.qkv(normed), 3)
+        q, k = block.attn.q_norm(q), block.attn.k_norm(k)
+        ctx = self._context(block, q, k, v, state, num_input_tokens, pad_to)
+        tokens_in, spec = x.shape[1], reduction.spec if reduction is not None else None
+        if spec is not None and spec.selects_queries:
+            index, state = spec.select(ctx, reduction.settings)
+            q, x, normed = _take_queries(q, index), gather_tokens(x, index), gather_tokens(normed, index)
+        out = _merge_heads(self._attend(block.attn, q, k, v, ctx.key_bias))
+        x = x + block.drop_path1(block.ls1(_project(block.attn, out, normed)))
+        if spec is not None and not spec.selects_queries:
+            x, state = spec.reduce(x, ctx, reduction.settings)
+        x = _mlp_residual(block, x)
+        self._record(layer, reduction, tokens_in, ctx.state, state, q.shape[2], x)
         return x, state
 
     def _head_only_block(self, block: nn.Module, x: Tensor, state: TokenState, layer: int) -> Tensor:
@@ -144,83 +100,49 @@ class ReducedVisionTransformer:
         With class-token pooling the head reads nothing else, so the patch tokens' queries,
         projection and MLP are wasted there: only their keys and values are needed. Exact.
         """
-        attn = block.attn
-        num_prefix = self.num_prefix_tokens
-        batch, tokens_in, _ = x.shape
+        attn, num_prefix = block.attn, self.num_prefix_tokens
         normed = block.norm1(x)
-        # keys and values for every token, queries for the prefix tokens only
         weight, bias = attn.qkv.weight, attn.qkv.bias
-        q_weight, kv_weight = weight[: attn.attn_dim], weight[attn.attn_dim:]
         q_bias, kv_bias = (None, None) if bias is None else (bias[: attn.attn_dim], bias[attn.attn_dim:])
-        q = F.linear(normed[:, :num_prefix], q_weight, q_bias)
-        q = q.reshape(batch, num_prefix, attn.num_heads, attn.head_dim).transpose(1, 2)
-        kv = F.linear(normed, kv_weight, kv_bias).reshape(batch, tokens_in, 2, attn.num_heads, attn.head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        (q,) = _heads(attn, F.linear(normed[:, :num_prefix], weight[: attn.attn_dim], q_bias), 1)
+        k, v = _heads(attn, F.linear(normed, weight[attn.attn_dim:], kv_bias), 2)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        out = self._attend(attn, q, k, v, state.key_bias())
-        out = attn.norm(out.transpose(1, 2).reshape(batch, num_prefix, attn.attn_dim))
-        gate = getattr(attn, "gate", None)
-        if gate is not None:
-            out = out * gate(normed[:, :num_prefix]).sigmoid()
-        x_prefix = x[:, :num_prefix] + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
-        x_prefix = x_prefix + block.drop_path2(block.ls2(block.mlp(block.norm2(x_prefix))))
+        out = _merge_heads(self._attend(attn, q, k, v, state.key_bias()))
+        x_prefix = x[:, :num_prefix] + block.drop_path1(block.ls1(_project(attn, out, normed[:, :num_prefix])))
+        x_prefix = _mlp_residual(block, x_prefix)
         head_state = TokenState(size=None if state.size is None else state.size[:, :num_prefix])
-        self._record(layer, "head", tokens_in, state, head_state, num_prefix, x_prefix)
+        self._record(layer, HEAD_ONLY, x.shape[1], state, head_state, num_prefix, x_prefix)
         return x_prefix
 
-    def _packed_block(
-        self, block: nn.Module, x: Tensor, state: TokenState, reduction: Reduction | None,
-        num_input_tokens: int, layer: int,
-    ) -> tuple[Tensor, TokenState]:
-        """A block once ATS has made the token count differ per image.
+    def _packed_block(self, block: nn.Module, x: Tensor, state: TokenState, reduction: Reduction | None,
+                      num_input_tokens: int, layer: int) -> tuple[Tensor, TokenState]:
+        """A block once a per-image method (ATS) has made the token count differ per image.
 
         The batch is padded to its largest count only where tokens meet (attention, masked); the
         per-token layers (norms, qkv, projection, MLP: most of the compute) run on the real
         tokens alone, packed, so fewer tokens per image are real speed-up in a batch.
         """
         attn = block.attn
-        batch, width, channels = x.shape
-        rows = _real_rows(state.valid)
-        flat = x.reshape(batch * width, channels)
-        qkv = attn.qkv(block.norm1(flat if rows is None else flat.index_select(0, rows)))
-        if rows is not None:
-            qkv = qkv.new_zeros(batch * width, qkv.shape[-1]).index_copy_(0, rows, qkv)
-        q, k, v = qkv.reshape(batch, width, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        batch, width, _ = x.shape
+        qkv = _unpack(attn.qkv(block.norm1(_pack(x, state.valid))), state.valid, batch, width)
+        q, k, v = _heads(attn, qkv, 3)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        key_bias = state.key_bias()
-        state_in = state
-        if reduction is not None and reduction.method == "ats":
-            index, q, state = self._ats_selection(attn, q, k, v, state, key_bias, reduction, num_input_tokens)
-            x = gather_tokens(x, index)
-        out = self._attend(attn, q, k, v, key_bias)
-        queries = q.shape[2]
-        out_rows = _real_rows(state.valid)
-        out = out.transpose(1, 2).reshape(batch * queries, attn.attn_dim).index_select(0, out_rows)
-        residual = x.reshape(batch * queries, channels).index_select(0, out_rows)
-        out = attn.norm(out)
-        gate = getattr(attn, "gate", None)
-        if gate is not None:
-            out = out * gate(block.norm1(residual)).sigmoid()
-        packed = residual + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
-        packed = packed + block.drop_path2(block.ls2(block.mlp(block.norm2(packed))))
-        x = packed.new_zeros(batch * queries, channels).index_copy_(0, out_rows, packed).view(batch, queries, channels)
-        self._record(layer, reduction.method if reduction is not None else None, width, state_in, state, queries, x)
+        ctx = self._context(block, q, k, v, state, num_input_tokens, None)
+        if reduction is not None and reduction.spec.selects_queries:
+            index, state = reduction.spec.select(ctx, reduction.settings)
+            q, x = _take_queries(q, index), gather_tokens(x, index)
+        out = _pack(_merge_heads(self._attend(attn, q, k, v, ctx.key_bias)), state.valid)
+        residual = _pack(x, state.valid)
+        gate_input = block.norm1(residual) if getattr(attn, "gate", None) is not None else None
+        packed = _mlp_residual(block, residual + block.drop_path1(block.ls1(_project(attn, out, gate_input))))
+        x = _unpack(packed, state.valid, batch, q.shape[2])
+        self._record(layer, reduction, width, ctx.state, state, q.shape[2], x)
         return x, state
 
-    def _ats_selection(
-        self, attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, state: TokenState, key_bias: Tensor | None,
-        reduction: Reduction, num_input_tokens: int, pad_to: int | None = None,
-    ) -> tuple[Tensor, Tensor, TokenState]:
-        """ATS sampling: (kept token indices, the kept queries, the state of the kept tokens)."""
-        num_prefix = self.num_prefix_tokens
-        cls_attn = cls_attention(q[:, :, :1], k, attn.scale, key_bias)
-        scores = ats_scores(cls_attn, v, num_prefix, state.valid)
-        samples = ats_cap(reduction.keep, num_input_tokens) - num_prefix
-        valid_patch = None if state.valid is None else state.valid[:, num_prefix:]
-        index, valid = ats_select(ats_sample(scores, max(samples, 1), valid_patch), num_prefix, pad_to=pad_to)
-        q = q.gather(2, index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
-        size = gather_tokens(state.size, index) if state.size is not None else None
-        return index, q, TokenState(size=size, valid=valid)
+    def _context(self, block: nn.Module, q: Tensor, k: Tensor, v: Tensor, state: TokenState,
+                 num_input_tokens: int, pad_to: int | None) -> BlockContext:
+        return BlockContext(q=q, k=k, v=v, scale=block.attn.scale, key_bias=state.key_bias(), state=state,
+                            num_prefix=self.num_prefix_tokens, num_input_tokens=num_input_tokens, pad_to=pad_to)
 
     def _attend(self, attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None) -> Tensor:
         """timm's fused scaled-dot-product attention, with the token state's logit bias."""
@@ -229,26 +151,67 @@ class ReducedVisionTransformer:
             dropout_p=attn.attn_drop.p if self.training else 0.0,
         )
 
-    def _record(self, layer: int, method: str | None, tokens_in: int, state_in: TokenState,
-                state_out: TokenState, queries: int, x: Tensor, scores_cls: bool = False) -> None:
+    def _record(self, layer: int, reduction: Reduction | str | None, tokens_in: int, state_in: TokenState,
+                state_out: TokenState, queries: int, x: Tensor) -> None:
         """Per-image token counts of this block, for exact FLOPs (only inside `record_tokens`)."""
         if self._vitprune_trace is None:
             return
         batch, device = x.shape[0], x.device
         n_in = state_in.counts(tokens_in, batch, device)
         n_out = state_out.counts(x.shape[1], batch, device)
-        n_query = n_out if method in ("ats", "head") else state_in.counts(queries, batch, device)
-        self._vitprune_trace.append(
-            {"layer": layer, "method": method, "n_in": n_in.cpu(), "n_query": n_query.cpu(), "n_out": n_out.cpu(),
-             "scores_cls": scores_cls}
-        )
+        queries_kept = reduction == HEAD_ONLY or (isinstance(reduction, Reduction) and reduction.spec.selects_queries)
+        n_query = n_out if queries_kept else state_in.counts(queries, batch, device)
+        self._vitprune_trace.append({"layer": layer, "reduction": reduction, "n_in": n_in.cpu(),
+                                     "n_query": n_query.cpu(), "n_out": n_out.cpu()})
 
 
-def _packing_allowed(model: nn.Module) -> bool:
-    """Eager ATS packs real tokens; graph capture (ONNX export) and the static-width mode use the
-    padded form, whose shapes a graph can hold."""
-    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
-    return not tracing and getattr(model, "_vitprune_ats_pad_to", None) is None
+HEAD_ONLY = "head"  # the trace's mark of the head-only last block
+
+
+def _heads(attn: nn.Module, projected: Tensor, parts: int) -> tuple[Tensor, ...]:
+    """(B, N, parts * attn_dim) -> `parts` tensors (B, H, N, hd), as timm's Attention splits qkv."""
+    batch, tokens, _ = projected.shape
+    return projected.reshape(batch, tokens, parts, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _merge_heads(out: Tensor) -> Tensor:
+    """(B, H, N, hd) -> (B, N, H * hd)."""
+    batch, heads, tokens, head_dim = out.shape
+    return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+
+def _project(attn: nn.Module, out: Tensor, gate_input: Tensor | None) -> Tensor:
+    """timm's Attention after the attention product: its norm, the optional gate, the projection."""
+    out = attn.norm(out)
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        out = out * gate(gate_input).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
+def _mlp_residual(block: nn.Module, x: Tensor) -> Tensor:
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def _take_queries(q: Tensor, index: Tensor) -> Tensor:
+    """The queries of the kept tokens: (B, H, N, hd) at index (B, K) -> (B, H, K, hd)."""
+    return q.gather(2, index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+
+
+def _pack(x: Tensor, valid: Tensor | None) -> Tensor:
+    """The real tokens of a padded batch as rows: (B, W, C) -> (real, C)."""
+    flat = x.reshape(-1, x.shape[-1])
+    rows = _real_rows(valid)
+    return flat if rows is None else flat.index_select(0, rows)
+
+
+def _unpack(rows_out: Tensor, valid: Tensor | None, batch: int, width: int) -> Tensor:
+    """The inverse of `_pack`: padding rows are zeros. -> (B, W, C)."""
+    rows = _real_rows(valid)
+    if rows is None:
+        return rows_out.view(batch, width, -1)
+    full = rows_out.new_zeros(batch * width, rows_out.shape[-1]).index_copy_(0, rows, rows_out)
+    return full.view(batch, width, -1)
 
 
 def _real_rows(valid: Tensor | None) -> Tensor | None:
@@ -273,29 +236,52 @@ def original_class(model: nn.Module) -> type:
 
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:
     """Refuse plans the model cannot run, with the reason in one line."""
-    from vitprune.models import is_supported_vit
-
     problem = is_supported_vit(model)
     if problem:
         raise VitpruneError(problem)
     plan.validate(len(model.blocks))
-    methods = {red.method for red in plan.reductions}
-    if any(red.protect for red in plan.reductions) and getattr(model, "cls_token", None) is None:
-        raise VitpruneError(
-            "tome protect weighs the class token's attention, and this model has no class token; use protect 0"
-        )
-    if methods & {"evit", "ats"} and getattr(model, "cls_token", None) is None:
-        raise VitpruneError(
-            "evit and ats score tokens by the CLS token's attention, and this model has no class token "
-            "(it pools by average); use --method tome"
-        )
-    if plan.head_only and (getattr(model, "global_pool", "token") != "token" or getattr(model, "attn_pool", None) is not None):
+    has_cls = getattr(model, "cls_token", None) is not None
+    token_pooling = getattr(model, "global_pool", "token") == "token" and getattr(model, "attn_pool", None) is None
+    for red in plan.reductions:
+        if red.spec.needs_class_token(red.settings) and not has_cls:
+            raise VitpruneError(f"{red.describe()} scores tokens by the class token's attention, and this model has "
+                                "no class token; use tome (without protect)")
+        if red.spec.needs_token_pooling and not token_pooling:
+            raise VitpruneError(f"{red.method} keeps a different token count per image and needs class-token "
+                                f"pooling; this model pools by '{_pooling(model)}'")
+    if plan.head_only and not token_pooling:
         raise VitpruneError(
             "head-only last block needs class-token pooling (the head must read only the class token); "
-            f"this model pools by '{model.global_pool}'"
+            f"this model pools by '{_pooling(model)}'"
         )
-    if "ats" in methods and getattr(model, "global_pool", "token") != "token":
-        raise VitpruneError(f"ats pads the batch per image and needs CLS-token pooling; this model pools by '{model.global_pool}'")
+
+
+def _pooling(model: nn.Module) -> str:
+    return "attention (map)" if getattr(model, "attn_pool", None) is not None else str(model.global_pool)
+
+
+def apply(model: nn.Module, plan: Plan | None = None, *, method: str | None = None, layers: list[int] | None = None,
+          img_size: int | None = None, head_only: bool = False, **settings: Any) -> nn.Module:
+    """Patch a timm ViT in place to reduce tokens, by a `plan` or by one method's settings.
+
+    `settings` are the method's parameters: evit `keep`, `fuse`; ats `keep`; tome `r`, `protect`
+    (the class token's attention weighed against merging a token; 0: plain ToMe).
+    `head_only`: the last block computes only the class (and distillation/register) tokens, the
+    only ones the head reads with class-token pooling: exact, about 7% fewer MACs unreduced.
+
+    Returns the same model object, now running the reduction (its class becomes a subclass of
+    its timm class). `vitprune.remove(model)` undoes it.
+    """
+    problem = is_supported_vit(model)
+    if problem:
+        raise VitpruneError(f"model is not a supported timm ViT ({problem})")
+    if plan is None:
+        if method is None:
+            raise VitpruneError("give a plan or a method")
+        plan = make_plan(method, len(model.blocks), layers=layers, img_size=img_size, head_only=head_only, **settings)
+    elif method is not None:
+        raise VitpruneError("give a plan or a method, not both")
+    return apply_plan(model, plan)
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
@@ -312,7 +298,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
 def remove_plan(model: nn.Module) -> nn.Module:
     """Undo `apply_plan` (the input size stays as it is)."""
     model.__class__ = original_class(model)
-    for name in ("vitprune_plan", "_vitprune_trace", "_vitprune_ats_pad_to"):
+    for name in ("vitprune_plan", "_vitprune_trace"):
         model.__dict__.pop(name, None)
     return model
 
@@ -382,8 +368,6 @@ def set_dynamic_img_size(model: nn.Module, enabled: bool) -> nn.Module:
     set of weights at several sizes): timm then resamples the position embedding on every forward
     pass, differentiably, instead of once in `set_input_size`. The weights do not change, and the
     result equals `apply_plan` with that img_size. `enabled=False` restores the fixed size."""
-    from timm.layers import Format
-
     embed = model.patch_embed
     if enabled and not getattr(model, "_vitprune_fixed_size", None):
         model._vitprune_fixed_size = (model.dynamic_img_size, embed.strict_img_size, embed.flatten, embed.output_fmt)

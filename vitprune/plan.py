@@ -1,70 +1,106 @@
 """What to reduce and where: a serialisable reduction plan.
 
-A plan is a list of per-layer reductions (method + its parameter) plus the input size; it never
-holds weights. `vitprune.json` stores it next to the base model's identity.
+A plan is a list of per-layer reductions (a method of `vitprune.methods` and its settings) plus
+the input size; it never holds weights. `vitprune.json` stores it next to the base model's identity.
 """
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
+from vitprune import methods
 from vitprune.errors import VitpruneError
 
-Method = Literal["evit", "ats", "tome"]
-METHODS: tuple[str, ...] = ("evit", "ats", "tome")
 PLAN_FORMAT = 1
+# Plans written before the methods registry list every method's fields, the unused ones blank.
+_BLANK_FIELD_VALUES = (None, 0.0, True)
 
 
-def check_protect(weight: float, name: str) -> None:
-    """ToMe's protect weight is finite and >= 0 (0: plain ToMe)."""
-    if not (isinstance(weight, (int, float)) and 0 <= weight < math.inf):
-        raise VitpruneError(f"{name} must be a finite weight >= 0, got {weight}")
-
-
-@dataclass(frozen=True)
 class Reduction:
-    """One reduction inside block `layer` (0-based).
+    """One reduction inside block `layer` (0-based): a method and its settings.
 
-    evit: `keep` in (0, 1] of the patch tokens entering the block, `fuse` the dropped ones.
-    ats: `keep` is the cap K, a ratio in (0, 1] of the tokens entering the model or a count > 1.
-    tome: `r` token pairs merged in the block; `protect` > 0 weighs the class token's attention
-    against merging a token (0: plain ToMe).
+        Reduction(3, "evit", keep=0.7)       Reduction(0, "tome", r=8, protect=0.2)
+
+    Settings are the method's parameters (`vitprune.methods.get(name).params`), defaults filled
+    in; they read as attributes (`reduction.keep`). Immutable and hashable.
     """
 
-    layer: int
-    method: Method
-    keep: float | None = None
-    r: int | None = None
-    fuse: bool = True
-    protect: float = 0.0
+    __slots__ = ("layer", "method", "_settings")
+
+    def __init__(self, layer: int, method: str, **settings: Any) -> None:
+        given = {key: value for key, value in settings.items() if value is not None}
+        if method in methods.names():
+            given = methods.get(method).settings(given)
+        object.__setattr__(self, "layer", layer)
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "_settings", tuple(sorted(given.items())))
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self._settings)
+
+    @property
+    def spec(self) -> methods.Method:
+        """The method this reduction runs (an unknown name fails here, with the choices)."""
+        return methods.get(self.method)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        for key, value in self._settings:
+            if key == name:
+                return value
+        raise AttributeError(f"{self.method} reduction has no setting {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a Reduction is immutable; use .replace(...)")
+
+    def __reduce__(self):
+        return (_rebuild_reduction, (self.layer, self.method, self.settings))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Reduction) and (self.layer, self.method, self._settings) == (
+            other.layer, other.method, other._settings)
+
+    def __hash__(self) -> int:
+        return hash((self.layer, self.method, self._settings))
+
+    def __repr__(self) -> str:
+        settings = "".join(f", {key}={value!r}" for key, value in self._settings)
+        return f"Reduction({self.layer}, {self.method!r}{settings})"
+
+    def replace(self, **changes: Any) -> Reduction:
+        layer = changes.pop("layer", self.layer)
+        return Reduction(layer, self.method, **{**self.settings, **changes})
 
     def validate(self, depth: int) -> None:
-        if self.method not in METHODS:
-            raise VitpruneError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
+        spec = self.spec
         if not 0 <= self.layer < depth:
             raise VitpruneError(f"layer {self.layer} is out of range: the model has blocks 0..{depth - 1}")
-        if self.method == "tome":
-            if self.r is None or self.r < 0 or int(self.r) != self.r:
-                raise VitpruneError(f"tome needs r, a whole number >= 0 of tokens merged per layer (got {self.r})")
-            check_protect(self.protect, "tome protect")
-        elif self.protect:
-            raise VitpruneError(f"protect applies to tome only, not {self.method}")
-        elif self.keep is None:
-            raise VitpruneError(f"{self.method} needs a keep rate")
-        elif self.method == "evit" and not 0 < self.keep <= 1:
-            raise VitpruneError(f"keep rate must be in (0, 1], got {self.keep}")
-        elif self.method == "ats" and not (0 < self.keep <= 1 or (self.keep > 1 and self.keep == int(self.keep))):
-            raise VitpruneError(f"ats keep must be a ratio in (0, 1] or a whole token count > 1, got {self.keep}")
+        spec.validate(self.settings)
 
     def describe(self) -> str:
-        if self.method == "tome":
-            return f"tome r={self.r}" + (f" protect={self.protect:g}" if self.protect else "")
-        if self.method == "evit":
-            return f"evit keep={self.keep:g}" + ("" if self.fuse else " no-fuse")
-        return f"ats K={self.keep:g}"
+        return self.spec.describe(self.settings)
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "method": self.method, **self.settings}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Reduction:
+        data = dict(data)
+        layer, method = data.pop("layer"), data.pop("method")
+        known = {param.name for param in methods.get(method).params} if method in methods.names() else set(data)
+        for key in [key for key in data if key not in known]:
+            if data[key] not in _BLANK_FIELD_VALUES:
+                raise VitpruneError(f"{key} is not a parameter of {method}")
+            del data[key]
+        return cls(layer, method, **data)
+
+
+def _rebuild_reduction(layer: int, method: str, settings: dict) -> Reduction:
+    return Reduction(layer, method, **settings)
 
 
 @dataclass
@@ -82,13 +118,18 @@ class Plan:
 
     @property
     def method(self) -> str:
-        """'evit', 'tome', 'evit+tome', ... or 'none'."""
-        used = [m for m in METHODS if any(red.method == m for red in self.reductions)]
+        """'evit', 'tome', 'evit+tome', ... or 'none' (in the registry's order)."""
+        used = [name for name in methods.names() if any(red.method == name for red in self.reductions)]
         return "+".join(used) or "none"
 
     @property
     def layers(self) -> list[int]:
         return [red.layer for red in self.reductions]
+
+    @property
+    def varies_per_image(self) -> bool:
+        """Some block keeps a different token count per image (its FLOPs depend on the image)."""
+        return any(red.spec.varies_per_image for red in self.reductions)
 
     def at(self, layer: int) -> Reduction | None:
         return next((red for red in self.reductions if red.layer == layer), None)
@@ -103,27 +144,28 @@ class Plan:
             raise VitpruneError(f"a layer appears twice in the plan: {layers}")
         for red in self.reductions:
             red.validate(depth)
-        # After ATS the batch is padded per image; ToMe/EViT assume every image has the same tokens.
-        first_ats = next((red.layer for red in self.reductions if red.method == "ats"), None)
-        if first_ats is not None and any(r.method != "ats" for r in self.reductions if r.layer > first_ats):
-            raise VitpruneError("ats must be the last method in a plan: evit/tome cannot follow an ats layer")
+        # After a per-image method the batch is padded per image; the others assume equal counts.
+        first = next((red for red in self.reductions if red.spec.varies_per_image), None)
+        if first is not None:
+            later = next((red for red in self.reductions if red.layer > first.layer and red.method != first.method), None)
+            if later is not None:
+                raise VitpruneError(f"{first.method} must be the last method in a plan: {later.method} cannot "
+                                    f"follow a {first.method} layer (it keeps a different count per image)")
         if self.head_only and depth - 1 in layers:
             raise VitpruneError(
                 f"the head-only last block already keeps only the class token in block {depth - 1}; "
                 "a reduction there has nothing to reduce"
             )
-        if self.img_size is not None and self.img_size <= 0:
-            raise VitpruneError(f"image size must be positive, got {self.img_size}")
+        if self.img_size is not None and not (isinstance(self.img_size, int) and self.img_size > 0):
+            raise VitpruneError(f"img_size must be a positive whole number, got {self.img_size!r}")
 
     def params(self) -> dict:
-        """The plan in the compact form reports show: method, layers and the shared parameters."""
+        """The plan in the compact form reports show: method, layers and the shared settings."""
         out: dict = {"layers": self.layers}
-        for key in ("keep", "r", "fuse", "protect"):
-            values = {getattr(red, key) for red in self.reductions if _uses(red, key)}
-            if len(values) == 1:
-                out[key] = values.pop()
-            elif values:
-                out[key] = [getattr(red, key) for red in self.reductions if _uses(red, key)]
+        shown = [red.spec.shown_params(red.settings) for red in self.reductions]
+        for key in _ordered_keys(shown):
+            values = [settings[key] for settings in shown if key in settings]
+            out[key] = values[0] if len(set(values)) == 1 else values
         if self.img_size is not None:
             out["img_size"] = self.img_size
         if self.head_only:
@@ -145,87 +187,44 @@ class Plan:
             "format": PLAN_FORMAT,
             "img_size": self.img_size,
             "head_only": self.head_only,
-            "reductions": [asdict(red) for red in self.reductions],
+            "reductions": [red.to_dict() for red in self.reductions],
             "notes": self.notes,
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Plan":
+    def from_dict(cls, data: dict) -> Plan:
         try:
-            reductions = tuple(Reduction(**red) for red in data["reductions"])
+            reductions = tuple(Reduction.from_dict(red) for red in data["reductions"])
             return cls(reductions=reductions, img_size=data.get("img_size"), head_only=bool(data.get("head_only", False)),
                        notes=data.get("notes") or {})
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise VitpruneError(f"malformed plan: {exc}") from None
 
 
-def _uses(red: Reduction, key: str) -> bool:
-    return {"keep": red.method in ("evit", "ats"), "r": red.method == "tome", "fuse": red.method == "evit",
-            "protect": red.method == "tome" and bool(red.protect)}[key]
+def _ordered_keys(settings: list[dict]) -> list[str]:
+    """Setting names in the order of the shared report fields, then any others."""
+    order = ("keep", "r", "fuse", "protect")
+    seen = {key for entry in settings for key in entry}
+    return [key for key in order if key in seen] + sorted(seen - set(order))
 
 
-def default_layers(method: str, depth: int) -> list[int]:
-    """EViT: the 4th, 7th and 10th of 12 blocks, scaled to depth; ATS: every block from the 4th
-    (the official DeiT-S setting); ToMe: every block."""
-    if method == "evit":
-        return sorted({round(depth * i / 4) for i in (1, 2, 3)})
-    if method == "ats":
-        return list(range(round(depth / 4), depth))
-    return list(range(depth))
+def make_plan(method: str, depth: int, *, layers: list[int] | None = None, img_size: int | None = None,
+              head_only: bool = False, **settings: Any) -> Plan:
+    """The plan for one method with one setting at several layers, validated against `depth`.
 
-
-def make_plan(
-    method: str,
-    depth: int,
-    *,
-    keep: float | None = None,
-    r: int | None = None,
-    layers: list[int] | None = None,
-    fuse: bool = True,
-    img_size: int | None = None,
-    head_only: bool = False,
-    protect: float = 0.0,
-) -> Plan:
-    """The plan for one method with one setting at several layers, validated against `depth`."""
-    if method not in METHODS:
-        raise VitpruneError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
-    if method in ("evit", "ats") and keep is None:
-        raise VitpruneError(f"--method {method} needs --keep")
-    if method == "tome" and r is None:
-        raise VitpruneError("--method tome needs --r (tokens merged per layer)")
-    if protect and method != "tome":
-        raise VitpruneError(f"--protect applies to --method tome only, not {method}")
+    `settings` are the method's parameters (evit: keep, fuse; ats: keep; tome: r, protect).
+    """
+    spec = methods.get(method)
+    given = {key: value for key, value in settings.items() if value is not None}
+    spec.validate(spec.settings(given))
     if layers is None:  # the head-only last block already reduces the last block to its class token
-        layers = [layer for layer in default_layers(method, depth) if not (head_only and layer == depth - 1)]
+        layers = [layer for layer in spec.default_layers(depth) if not (head_only and layer == depth - 1)]
     if not layers:
-        raise VitpruneError("no layers given")
-    plan = Plan(
-        reductions=tuple(
-            Reduction(layer=layer, method=method, keep=keep if method != "tome" else None,
-                      r=r if method == "tome" else None, fuse=fuse if method == "evit" else True,
-                      protect=protect)
-            for layer in layers
-        ),
-        img_size=img_size,
-        head_only=head_only,
-    )
+        raise VitpruneError("layers is empty: give at least one block to reduce in")
+    plan = Plan(reductions=tuple(Reduction(layer, method, **given) for layer in layers), img_size=img_size,
+                head_only=head_only)
     plan.validate(depth)
     return plan
-
-
-def parse_layers(text: str) -> list[int]:
-    """'3,6,9' or '3-11' or a mix -> [3, 6, 9]."""
-    layers: list[int] = []
-    try:
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            if "-" in part[1:]:
-                start, end = part.split("-", 1)
-                layers.extend(range(int(start), int(end) + 1))
-            else:
-                layers.append(int(part))
-    except ValueError:
-        raise VitpruneError(f"cannot read layers '{text}': use e.g. 3,6,9 or 3-11") from None
-    return layers
 
 
 def read_plan_file(path: str | Path) -> tuple[Plan, dict]:
@@ -242,3 +241,5 @@ def read_plan_file(path: str | Path) -> tuple[Plan, dict]:
     if not isinstance(data, dict):
         raise VitpruneError(f"cannot read plan {path}: not a JSON object")
     return Plan.from_dict(data.get("plan", data)), data.get("model", {})
+
+

@@ -12,10 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from vitprune.bench import measure_latency
-from vitprune.data import classification_metrics, predict
+from vitprune.data import predict
 from vitprune.flops import count_macs
-from vitprune.patch import plan_of
+from vitprune.metrics import classification_metrics
+from vitprune.patch import model_img_size, plan_of
 from vitprune.plan import Plan
+from vitprune.tables import ReportTable
 
 
 @dataclass
@@ -39,7 +41,7 @@ def macs_images(model: nn.Module, images: Tensor | None) -> Tensor | None:
     plan = plan_of(model)
     if images is None:
         return None
-    if plan is not None and any(red.method == "ats" for red in plan.reductions):
+    if plan is not None and plan.varies_per_image:
         return images
     return images[:1]
 
@@ -104,8 +106,6 @@ def _predict(model: nn.Module, images: Tensor, evidence: Evidence, description: 
 
 
 def _random_images(model: nn.Module) -> Tensor:
-    from vitprune.patch import model_img_size
-
     size = model_img_size(model)
     return torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
 
@@ -125,6 +125,21 @@ def make_report(identity: dict, plan: Plan, measured: dict, versions: dict) -> d
     }
 
 
+def figures_table(report: dict) -> ReportTable:
+    """The figures of a report, base against reduced: report.md and the terminal render this one table."""
+    table = ReportTable(["", "base", "reduced"])
+    table.add("GMACs / image", f"{report['gmacs_base']:.3f}", f"{report['gmacs']:.3f} ({report['gmacs_reduction']:.1%} fewer)")
+    if "top1" in report:
+        table.add("top-1 %", f"{report['top1_base']:.2f}", f"{report['top1']:.2f} ({-report['top1_drop']:+.2f})")
+        table.add("top-5 %", f"{report['top5_base']:.2f}", f"{report['top5']:.2f}")
+    if "agreement" in report:
+        table.add("top-1 agreement with base %", "100", f"{report['agreement']:.2f}")
+        table.add("mean KL(base ‖ reduced)", "0", f"{report['kl']:.4f}")
+    for batch, timing in report.get("latency_ms", {}).items():
+        table.add(f"ms / image, batch {batch}", f"{timing['base']:.2f}", f"{timing['reduced']:.2f} ({timing['speedup']:.2f}x)")
+    return table
+
+
 def render_markdown(report: dict, title: str = "vitprune report") -> str:
     """report.md: the figures as a person reads them."""
     lines = [f"# {title}", "",
@@ -132,16 +147,7 @@ def render_markdown(report: dict, title: str = "vitprune report") -> str:
              f"- plan: {report['plan']} (method `{report['method']}`)"]
     if report.get("checkpoint"):
         lines.append(f"- checkpoint: `{report['checkpoint']}`")
-    lines += ["", "| | base | reduced |", "|---|---|---|",
-              f"| GMACs / image | {report['gmacs_base']:.3f} | {report['gmacs']:.3f} ({report['gmacs_reduction']:.1%} fewer) |"]
-    if "top1" in report:
-        lines.append(f"| top-1 % | {report['top1_base']:.2f} | {report['top1']:.2f} |")
-        lines.append(f"| top-5 % | {report['top5_base']:.2f} | {report['top5']:.2f} |")
-    if "agreement" in report:
-        lines.append(f"| top-1 agreement with base % | 100 | {report['agreement']:.2f} |")
-        lines.append(f"| mean KL(base ‖ reduced) | 0 | {report['kl']:.4f} |")
-    for batch, timing in report.get("latency_ms", {}).items():
-        lines.append(f"| ms / image, batch {batch} | {timing['base']:.2f} | {timing['reduced']:.2f} ({timing['speedup']:.2f}x) |")
+    lines += ["", figures_table(report).markdown()]
     if "data" in report:
         data = report["data"]
         lines += ["", f"Accuracy on {data['n_images']} images from `{data['path']}`"

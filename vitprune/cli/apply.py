@@ -1,30 +1,53 @@
 """`vitprune apply`: reduce a model, measure it against the unreduced one, write the artifact."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from vitprune.cli import app
+from vitprune.cli.app import app
 from vitprune.cli.common import (
-    BatchSizeOpt, CheckpointOpt, DataOpt, DeviceOpt, ForceOpt, HeadOnlyOpt, ProtectOpt, ImgSizeOpt, JsonOpt, LimitOpt, ModelArg,
-    NoPretrainedOpt, OutOpt, ThreadsOpt, WorkersOpt, check_device, console, emit_json, parse_batches,
-    report_table, set_threads,
+    BatchSizeOpt,
+    CheckpointOpt,
+    DataOpt,
+    DeviceOpt,
+    ForceOpt,
+    HeadOnlyOpt,
+    ImgSizeOpt,
+    JsonOpt,
+    KeepOpt,
+    LayersOpt,
+    LimitOpt,
+    MethodOpt,
+    ModelArg,
+    NoFuseOpt,
+    NoPretrainedOpt,
+    OutOpt,
+    PlanOpt,
+    ProtectOpt,
+    ROpt,
+    ThreadsOpt,
+    WorkersOpt,
+    console,
+    emit_json,
+    parse_batches,
+    parse_layers,
+    report_table,
+    set_threads,
 )
 
 
 @app.command()
 def apply(
     model: ModelArg,
-    method: Annotated[Optional[str], typer.Option("--method", "-m", help="evit, ats or tome.")] = None,
-    keep: Annotated[Optional[float], typer.Option("--keep", "-k", help="evit: keep rate in (0, 1]; ats: cap K as a ratio of the input tokens or a count.")] = None,
-    r: Annotated[Optional[int], typer.Option("--r", help="tome: tokens merged per layer.")] = None,
-    protect: ProtectOpt = 0.0,
-    layers: Annotated[Optional[str], typer.Option("--layers", "-l", help="Blocks to reduce in, e.g. 3,6,9 or 3-11 (default: per method and depth).")] = None,
-    no_fuse: Annotated[bool, typer.Option("--no-fuse", help="evit: drop inattentive tokens instead of fusing them.")] = False,
+    method: MethodOpt = None,
+    keep: KeepOpt = None,
+    r: ROpt = None,
+    protect: ProtectOpt = None,
+    layers: LayersOpt = None,
+    no_fuse: NoFuseOpt = False,
     head_only: HeadOnlyOpt = False,
-    plan_file: Annotated[Optional[Path], typer.Option("--plan", help="A plan (vitprune.json from apply/calibrate) instead of --method.")] = None,
+    plan_file: PlanOpt = None,
     checkpoint: CheckpointOpt = None,
     no_pretrained: NoPretrainedOpt = False,
     img_size: ImgSizeOpt = None,
@@ -42,15 +65,17 @@ def apply(
     json_out: JsonOpt = False,
 ) -> None:
     """Insert token reduction into a ViT; report GMACs, accuracy and latency against the base."""
-    from vitprune.pipeline import ApplyRequest, run_apply
-    from vitprune.plan import parse_layers
+    from vitprune.commands.apply import (  # torch loads only when the command runs: --help stays fast
+        ApplyRequest,
+        run_apply,
+    )
 
     request = ApplyRequest(
-        model=model, method=method, keep=keep, r=r, protect=protect, layers=parse_layers(layers) if layers else None,
-        fuse=not no_fuse, head_only=head_only, plan_file=plan_file, checkpoint=checkpoint, no_pretrained=no_pretrained,
-        img_size=img_size, data=data, limit=limit, batch_size=batch_size, workers=workers,
-        bench_batches=parse_batches(bench_batch) if bench else (), bench_repeats=bench_repeats,
-        device=check_device(device), output=output, force=force, progress=not json_out,
+        model=model, method=method, keep=keep, r=r, protect=protect, layers=parse_layers(layers),
+        fuse=False if no_fuse else None, head_only=head_only, plan_file=plan_file, checkpoint=checkpoint,
+        no_pretrained=no_pretrained, img_size=img_size, data=data, limit=limit, batch_size=batch_size,
+        workers=workers, bench_batches=parse_batches(bench_batch) if bench else (), bench_repeats=bench_repeats,
+        device=device, output=output, force=force, progress=not json_out,
     )
     set_threads(threads)
     result = run_apply(request)

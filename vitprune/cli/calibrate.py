@@ -2,14 +2,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from vitprune.cli import app
+from vitprune.cli.app import app
 from vitprune.cli.common import (
-    CheckpointOpt, ForceOpt, ImgSizeOpt, JsonOpt, LimitOpt, ModelArg, NoPretrainedOpt, OutOpt, ThreadsOpt,
-    WorkersOpt, console, emit_json, report_table, set_threads,
+    CheckpointOpt,
+    ForceOpt,
+    ImgSizeOpt,
+    JsonOpt,
+    LimitOpt,
+    ModelArg,
+    NoPretrainedOpt,
+    OutOpt,
+    ThreadsOpt,
+    WorkersOpt,
+    console,
+    emit_json,
+    parse_numbers,
+    report_table,
+    set_threads,
 )
 from vitprune.errors import VitpruneError
 
@@ -18,18 +31,18 @@ from vitprune.errors import VitpruneError
 def calibrate(
     model: ModelArg,
     data: Annotated[Path, typer.Option("--data", "-d", help="Images to calibrate on (part is held out): ImageFolder, a folder with labels.csv, or plain images.")],
-    target_gmacs: Annotated[Optional[float], typer.Option("--target-gmacs", help="Budget: at most this many GMACs per image.")] = None,
-    target_ratio: Annotated[Optional[float], typer.Option("--target-ratio", help="Budget: at most this fraction of the base GMACs, in (0, 1).")] = None,
-    target_latency_ms: Annotated[Optional[float], typer.Option("--target-latency-ms", help="Budget: at most this many ms per image at --batch, measured here.")] = None,
-    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Budget: the cheapest plan within this many top-1 points (agreement points when unlabelled).")] = None,
+    target_gmacs: Annotated[float | None, typer.Option("--target-gmacs", help="Budget: at most this many GMACs per image.")] = None,
+    target_ratio: Annotated[float | None, typer.Option("--target-ratio", help="Budget: at most this fraction of the base GMACs, in (0, 1].")] = None,
+    target_latency_ms: Annotated[float | None, typer.Option("--target-latency-ms", help="Budget: at most this many ms per image at --batch, measured here.")] = None,
+    max_drop: Annotated[float | None, typer.Option("--max-drop", help="Budget: the cheapest plan within this many top-1 points (agreement points when unlabelled).")] = None,
     batch: Annotated[int, typer.Option("--batch", help="Batch size the latency is measured at.")] = 32,
     objective: Annotated[str, typer.Option("--objective", help="Search objective on the calibration images: kl, agreement or top1.")] = "kl",
     no_head_only: Annotated[bool, typer.Option("--no-head-only", help="Keep every token in the last block (by default plans compute only the class token there, exact with class-token pooling).")] = False,
     holdout: Annotated[float, typer.Option("--holdout", help="Fraction of the images held out to report the figures on.")] = 0.5,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split and of the search.")] = 0,
-    protect: Annotated[Optional[float], typer.Option("--protect", help="Fix ToMe's protect weight (the class token's attention against merging a token; 0: plain ToMe). Default: the best of 0, 0.1, 0.2, 0.3 on the validation images (calibration images outside the search subset).")] = None,
+    protect: Annotated[float | None, typer.Option("--protect", help="Fix ToMe's protect weight (the class token's attention against merging a token; 0: plain ToMe). Default: the best of 0, 0.1, 0.2, 0.3 on the validation images (calibration images outside the search subset).")] = None,
     swap_split: Annotated[bool, typer.Option("--swap-split", help="Calibrate on the part that is otherwise held out, and hold out the rest: with --holdout 0.5, the second fold of a 2-fold cross-check.")] = False,
-    img_sizes: Annotated[Optional[str], typer.Option("--img-sizes", help="Input sizes to search, e.g. 224,208,192 (default: the model's size and up to 3 smaller, down to 3/4).")] = None,
+    img_sizes: Annotated[str | None, typer.Option("--img-sizes", help="Input sizes to search, e.g. 224,208,192 (default: the model's size and up to 3 smaller, down to 3/4).")] = None,
     search_images: Annotated[int, typer.Option("--search-images", help="Calibration images the inner search scores on; the finalists are re-ranked on the others (all, if fewer than 100 are left).")] = 128,
     refine_steps: Annotated[int, typer.Option("--refine-steps", help="Evolutionary refinement steps at the budget.")] = 16,
     bench_repeats: Annotated[int, typer.Option("--bench-repeats", help="Timed runs per model (median reported).")] = 5,
@@ -44,15 +57,17 @@ def calibrate(
     json_out: JsonOpt = False,
 ) -> None:
     """Find the reduction plan that fits a budget best on your images; report its frontier on held-out images."""
-    from vitprune.calibrate import CalibrateRequest, make_budget, run_calibrate
+    # torch loads only when the command runs: --help stays fast
+    from vitprune.commands.calibrate import Budget, CalibrateRequest, run_calibrate
 
-    budget = make_budget(target_gmacs=target_gmacs, target_ratio=target_ratio, target_latency_ms=target_latency_ms,
-                         max_drop=max_drop, batch=batch)
+    budget = Budget.from_targets(target_gmacs=target_gmacs, target_ratio=target_ratio,
+                                 target_latency_ms=target_latency_ms, max_drop=max_drop, batch=batch)
     request = CalibrateRequest(
         model=model, data=data, budget=budget, checkpoint=checkpoint, no_pretrained=no_pretrained, img_size=img_size,
-        img_sizes=_parse_sizes(img_sizes), limit=limit, holdout=holdout, seed=seed, swap_split=swap_split, objective=objective,
-        head_only=not no_head_only, protect=protect, search_images=search_images, refine_steps=refine_steps, bench_repeats=bench_repeats, workers=workers,
-        output=output, force=force, progress=not json_out,
+        img_sizes=_parse_sizes(img_sizes), limit=limit, holdout=holdout, seed=seed, swap_split=swap_split,
+        objective=objective, head_only=not no_head_only, protect=protect, search_images=search_images,
+        refine_steps=refine_steps, bench_repeats=bench_repeats, workers=workers, output=output, force=force,
+        progress=not json_out,
     )
     set_threads(threads)
     result = run_calibrate(request)
@@ -68,12 +83,10 @@ def calibrate(
 
 
 def _parse_sizes(text: str | None) -> list[int] | None:
+    """'224,208,192' -> [224, 208, 192]; None when not given."""
     if text is None:
         return None
-    try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise VitpruneError(f"cannot read input sizes '{text}': use e.g. 224,208,192") from None
+    sizes = list(parse_numbers(text, int, "img_sizes", "224,208,192"))
     if not sizes:
-        raise VitpruneError("--img-sizes is empty")
+        raise VitpruneError("img_sizes is empty: give e.g. 224,208,192", param="img_sizes")
     return sizes

@@ -2,15 +2,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from vitprune.cli import app
+from vitprune.cli.app import app
 from vitprune.cli.common import (
-    BatchSizeOpt, CheckpointOpt, DeviceOpt, ForceOpt, JsonOpt, LimitOpt, ModelArg, NoPretrainedOpt, OutOpt,
-    ThreadsOpt, WorkersOpt, check_device, console, emit_json, set_threads,
+    BatchSizeOpt,
+    CheckpointOpt,
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    LimitOpt,
+    ModelArg,
+    NoPretrainedOpt,
+    OutOpt,
+    ThreadsOpt,
+    WorkersOpt,
+    console,
+    emit_json,
+    set_threads,
 )
 
 
@@ -19,8 +30,8 @@ def cascade(
     model: ModelArg,
     stages: Annotated[str, typer.Option("--stages", "-s", help="Stages, cheapest first: [SIZE][:METHOD:SETTING],... e.g. '112,160,224', 'evit:0.5,evit:0.7,none', '160:tome:8,224'.")],
     data: Annotated[Path, typer.Option("--data", "-d", help="Images to calibrate on (and hold out): ImageFolder, a folder with labels.csv, or plain images.")],
-    target_gmacs: Annotated[Optional[float], typer.Option("--target-gmacs", help="Budget: mean GMACs per image.")] = None,
-    target_ratio: Annotated[Optional[float], typer.Option("--target-ratio", help="Budget: a fraction of the base model's GMACs, e.g. 0.6.")] = None,
+    target_gmacs: Annotated[float | None, typer.Option("--target-gmacs", help="Budget: mean GMACs per image.")] = None,
+    target_ratio: Annotated[float | None, typer.Option("--target-ratio", help="Budget: a fraction of the base model's GMACs, e.g. 0.6.")] = None,
     criterion: Annotated[str, typer.Option("--criterion", help="Confidence: maxprob (largest softmax probability) or entropy.")] = "maxprob",
     holdout: Annotated[float, typer.Option("--holdout", help="Fraction of the images held out from calibration for the report.")] = 0.5,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration / held-out split.")] = 0,
@@ -38,12 +49,14 @@ def cascade(
     json_out: JsonOpt = False,
 ) -> None:
     """Dynamic inference (DVT): easy images leave at a cheap stage, hard ones go on; calibrated to a budget."""
-    from vitprune.cascade import CascadeRequest, run_cascade
+    # torch loads only when the command runs: --help stays fast
+    from vitprune.cascade import console_table
+    from vitprune.commands.cascade import CascadeRequest, run_cascade
 
     request = CascadeRequest(
         model=model, stages=stages, data=data, target_gmacs=target_gmacs, target_ratio=target_ratio,
         criterion=criterion, checkpoint=checkpoint, no_pretrained=no_pretrained, holdout=holdout, seed=seed,
-        limit=limit, batch_size=batch_size, workers=workers, frontier=frontier, onnx=onnx, device=check_device(device),
+        limit=limit, batch_size=batch_size, workers=workers, frontier=frontier, onnx=onnx, device=device,
         output=output, force=force, progress=not json_out,
     )
     set_threads(threads)
@@ -51,7 +64,7 @@ def cascade(
     if json_out:
         emit_json(result.report)
         return
-    console.print(_table(result.report))
+    console.print(console_table(result.report))
     comparison = result.report["comparison"]
     if comparison.get("best_single"):
         console.print(f"best single model at no more GMACs: {comparison['best_single']} "
@@ -62,22 +75,3 @@ def cascade(
         console.print(f"wrote [bold]{output}[/] (cascade.json, model.safetensors, report.json, report.md, curve.png"
                       + (", onnx/)" if onnx else ")"))
 
-
-def _table(report: dict) -> Table:
-    labelled = report["data"]["labelled"]
-    table = Table(title=f"{report['model']}: {report['cascade']} @ {report['budget']['gmacs']:.3f} GMACs "
-                        f"({report['budget']['ratio']:.0%} of base)", title_justify="left")
-    for column in ("stage", "GMACs", "threshold", "exits calib %", "exits held-out %"):
-        table.add_column(column, justify="right" if column != "stage" else "left")
-    for s, stage in enumerate(report["stages"]):
-        last = s == len(report["stages"]) - 1
-        threshold = ("-" if last else "never") if stage["threshold"] is None else f"{stage['threshold']:.4f}"
-        table.add_row(stage["describe"], f"{stage['gmacs']:.3f}", threshold,
-                      f"{report['calibration']['exits'][s]['percent']:.1f}", f"{report['holdout']['exits'][s]['percent']:.1f}")
-    held = report["holdout"]
-    metric = "top1" if labelled else "agreement"
-    table.add_section()
-    table.add_row("held-out mean GMACs", f"{held['gmacs']:.3f}", "", "", f"base {report['gmacs_base']:.3f}")
-    table.add_row(f"held-out {'top-1' if labelled else 'agreement'} %", f"{held[metric]:.2f}", "", "",
-                  f"base {report['holdout_base'][metric]:.2f}")
-    return table

@@ -2,14 +2,36 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from vitprune.cli import app
+from vitprune.cli.app import app
 from vitprune.cli.common import (
-    CheckpointOpt, DataOpt, ForceOpt, HeadOnlyOpt, ProtectOpt, ImgSizeOpt, JsonOpt, LimitOpt, ModelArg, NoPretrainedOpt, ThreadsOpt,
-    WorkersOpt, console, emit_json, parse_batches, report_table, set_threads,
+    CheckpointOpt,
+    DataOpt,
+    ForceOpt,
+    HeadOnlyOpt,
+    ImgSizeOpt,
+    JsonOpt,
+    KeepOpt,
+    LayersOpt,
+    LimitOpt,
+    MethodOpt,
+    ModelArg,
+    NoFuseOpt,
+    NoPretrainedOpt,
+    PlanOpt,
+    ProtectOpt,
+    ROpt,
+    ThreadsOpt,
+    WorkersOpt,
+    console,
+    emit_json,
+    parse_batches,
+    parse_layers,
+    report_table,
+    set_threads,
 )
 
 
@@ -17,15 +39,15 @@ from vitprune.cli.common import (
 def export(
     model: ModelArg,
     onnx: Annotated[Path, typer.Option("--onnx", help="Write the ONNX graph here (e.g. model.onnx).")],
-    safetensors: Annotated[Optional[Path], typer.Option("--safetensors", help="Also write the one-file artifact (weights + plan) here.")] = None,
-    method: Annotated[Optional[str], typer.Option("--method", "-m", help="evit, ats or tome (for a model name; an artifact carries its plan).")] = None,
-    keep: Annotated[Optional[float], typer.Option("--keep", "-k", help="evit: keep rate in (0, 1]; ats: cap K as a ratio or a count.")] = None,
-    r: Annotated[Optional[int], typer.Option("--r", help="tome: tokens merged per layer.")] = None,
-    protect: ProtectOpt = 0.0,
-    layers: Annotated[Optional[str], typer.Option("--layers", "-l", help="Blocks to reduce in, e.g. 3,6,9 or 3-11.")] = None,
-    no_fuse: Annotated[bool, typer.Option("--no-fuse", help="evit: drop inattentive tokens instead of fusing them.")] = False,
+    safetensors: Annotated[Path | None, typer.Option("--safetensors", help="Also write the one-file artifact (weights + plan) here.")] = None,
+    method: MethodOpt = None,
+    keep: KeepOpt = None,
+    r: ROpt = None,
+    protect: ProtectOpt = None,
+    layers: LayersOpt = None,
+    no_fuse: NoFuseOpt = False,
     head_only: HeadOnlyOpt = False,
-    plan_file: Annotated[Optional[Path], typer.Option("--plan", help="A plan (vitprune.json) instead of --method.")] = None,
+    plan_file: PlanOpt = None,
     checkpoint: CheckpointOpt = None,
     no_pretrained: NoPretrainedOpt = False,
     img_size: ImgSizeOpt = None,
@@ -45,12 +67,12 @@ def export(
     json_out: JsonOpt = False,
 ) -> None:
     """Export a reduced ViT to ONNX with the reduction in the graph; verify it on ONNX Runtime."""
-    from vitprune.export import ExportRequest, run_export
-    from vitprune.plan import parse_layers
+    # torch loads only when the command runs: --help stays fast
+    from vitprune.commands.export import ExportRequest, run_export
 
     request = ExportRequest(
         model=model, onnx=onnx, safetensors=safetensors, method=method, keep=keep, r=r, protect=protect,
-        layers=parse_layers(layers) if layers else None, fuse=not no_fuse, head_only=head_only, plan_file=plan_file,
+        layers=parse_layers(layers), fuse=False if no_fuse else None, head_only=head_only, plan_file=plan_file,
         checkpoint=checkpoint, no_pretrained=no_pretrained, img_size=img_size, batch=batch, opset=opset,
         fp16=fp16, ats_padding=ats_padding, data=data, limit=limit, workers=workers, bench=bench,
         bench_batches=parse_batches(bench_batch), bench_repeats=bench_repeats, provider=provider,
@@ -61,6 +83,11 @@ def export(
     if json_out:
         emit_json(report)
         return
+    _render(report, onnx, safetensors)
+
+
+def _render(report: dict, onnx: Path, safetensors: Path | None) -> None:
+    """The figures table with the ONNX rows, the parity line and the files written."""
     section = report["onnx"]
     parity = section["parity"]
     table = report_table(report, f"{report['model']}: {report['plan']}")
@@ -72,5 +99,6 @@ def export(
     console.print(table)
     console.print(f"verified on {parity['n_images']} {parity['images']} images with {parity['provider']}")
     folder = onnx.parent
-    written = [str(onnx)] + ([str(safetensors)] if safetensors else []) + [str(folder / "report.json"), str(folder / "report.md")]
+    written = [str(onnx)] + ([str(safetensors)] if safetensors else [])
+    written += [str(folder / "report.json"), str(folder / "report.md")]
     console.print(f"wrote {', '.join(written)}")

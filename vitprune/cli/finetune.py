@@ -2,50 +2,63 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from vitprune.cli import app
+from vitprune.cli.app import app
 from vitprune.cli.common import (
-    CheckpointOpt, DeviceOpt, ForceOpt, HeadOnlyOpt, ProtectOpt, ImgSizeOpt, JsonOpt, LimitOpt, ModelArg, NoPretrainedOpt, ThreadsOpt,
-    WorkersOpt, check_device, console, emit_json, report_table, set_threads,
+    CheckpointOpt,
+    DeviceOpt,
+    ForceOpt,
+    HeadOnlyOpt,
+    ImgSizeOpt,
+    JsonOpt,
+    KeepOpt,
+    LayersOpt,
+    LimitOpt,
+    MethodOpt,
+    ModelArg,
+    NoFuseOpt,
+    NoPretrainedOpt,
+    PlanOpt,
+    ProtectOpt,
+    ROpt,
+    ThreadsOpt,
+    WorkersOpt,
+    console,
+    emit_json,
+    parse_layers,
+    parse_numbers,
+    report_table,
+    set_threads,
 )
 from vitprune.errors import VitpruneError
 
-
-def _numbers(text: str | None, kind: type, option: str) -> tuple:
-    if not text:
-        return ()
-    try:
-        return tuple(kind(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise VitpruneError(f"cannot read {option} '{text}': give comma-separated numbers, e.g. "
-                            + ("160,192,224" if kind is int else "0.5,0.7,1.0")) from None
+ARTIFACT_FILES = "model.safetensors, vitprune.json, report.json, report.md, metrics.csv, training.png"
 
 
 @app.command()
 def finetune(
     model: ModelArg,
     data: Annotated[Path, typer.Option("--data", "-d", help="Training images: ImageFolder, a folder with labels.csv, or plain (unlabelled) images.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the fine-tuned artifact folder here (checkpoints go to OUTPUT.partial/ until the end).")] = None,
-    method: Annotated[Optional[str], typer.Option("--method", "-m", help="evit, ats or tome (not needed for an apply artifact).")] = None,
-    keep: Annotated[Optional[float], typer.Option("--keep", "-k", help="evit/ats keep rate, as in apply.")] = None,
-    r: Annotated[Optional[int], typer.Option("--r", help="tome: tokens merged per layer.")] = None,
-    protect: ProtectOpt = 0.0,
-    layers: Annotated[Optional[str], typer.Option("--layers", "-l", help="Blocks to reduce in, e.g. 3,6,9.")] = None,
-    no_fuse: Annotated[bool, typer.Option("--no-fuse", help="evit: drop inattentive tokens instead of fusing them.")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the fine-tuned artifact folder here (checkpoints go to OUTPUT.partial/ until the end).")] = None,
+    method: MethodOpt = None,
+    keep: KeepOpt = None,
+    r: ROpt = None,
+    protect: ProtectOpt = None,
+    layers: LayersOpt = None,
+    no_fuse: NoFuseOpt = False,
     head_only: HeadOnlyOpt = False,
-    plan_file: Annotated[Optional[Path], typer.Option("--plan", help="A plan (vitprune.json) instead of --method.")] = None,
+    plan_file: PlanOpt = None,
     checkpoint: CheckpointOpt = None,
     no_pretrained: NoPretrainedOpt = False,
     img_size: ImgSizeOpt = None,
     supervit: Annotated[bool, typer.Option("--supervit", help="Train one model for every --sizes x --keeps configuration (SuperViT).")] = False,
-    sizes: Annotated[Optional[str], typer.Option("--sizes", help="SuperViT input sizes, e.g. 160,192,224 (the largest = the model's size).")] = None,
-    keeps: Annotated[Optional[str], typer.Option("--keeps", help="SuperViT EViT keep rates at layers 3,6,9, e.g. 0.5,0.7,1.0.")] = None,
-    val: Annotated[Optional[Path], typer.Option("--val", help="Validation images, evaluated before, after and every epoch.")] = None,
-    val_split: Annotated[Optional[float], typer.Option("--val-split", help="Hold out this fraction of --data for validation instead (deterministic, by --seed).")] = None,
+    sizes: Annotated[str | None, typer.Option("--sizes", help="SuperViT input sizes, e.g. 160,192,224 (the largest = the model's size).")] = None,
+    keeps: Annotated[str | None, typer.Option("--keeps", help="SuperViT EViT keep rates at EViT's default layers (3,6,9 of 12), e.g. 0.5,0.7,1.0.")] = None,
+    val: Annotated[Path | None, typer.Option("--val", help="Validation images, evaluated before, after and every epoch.")] = None,
+    val_split: Annotated[float | None, typer.Option("--val-split", help="Hold out this fraction of --data for validation instead (deterministic, by --seed).")] = None,
     limit: LimitOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the split, shuffling and augmentation.")] = 0,
     epochs: Annotated[int, typer.Option("--epochs", "-e", help="Training epochs.")] = 3,
@@ -63,10 +76,10 @@ def finetune(
     feature_distill: Annotated[float, typer.Option("--feature-distill", help="Weight of the squared error to the teacher's pre-logits features (class-agnostic).")] = 0.0,
     crop_scale: Annotated[float, typer.Option("--crop-scale", help="Smallest random-resized-crop area.")] = 0.08,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="No random crops/flips/colour jitter (timm's resize + centre crop).")] = False,
-    auto_augment: Annotated[Optional[str], typer.Option("--auto-augment", help="timm AutoAugment/RandAugment policy for training images, e.g. rand-m9-mstd0.5.")] = None,
+    auto_augment: Annotated[str | None, typer.Option("--auto-augment", help="timm AutoAugment/RandAugment policy for training images, e.g. rand-m9-mstd0.5.")] = None,
     trainable: Annotated[str, typer.Option("--trainable", help="Parameters to train: comma-separated name patterns, e.g. 'blocks.*,norm.*'.")] = "*",
     amp: Annotated[str, typer.Option("--amp", help="Mixed precision on CUDA: none, bf16 or fp16.")] = "none",
-    ema: Annotated[Optional[float], typer.Option("--ema", help="Keep an EMA of the weights with this decay (e.g. 0.999); it is validated and saved.")] = None,
+    ema: Annotated[float | None, typer.Option("--ema", help="Keep an EMA of the weights with this decay (e.g. 0.999); it is validated and saved.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in OUTPUT.partial/ from its last epoch.")] = False,
     keep_checkpoint: Annotated[bool, typer.Option("--keep-checkpoint", help="Also keep the last training checkpoint (with optimizer state) in the output.")] = False,
     workers: WorkersOpt = 2,
@@ -76,24 +89,28 @@ def finetune(
     json_out: JsonOpt = False,
 ) -> None:
     """Fine-tune a reduced model by distillation from the unreduced one; report before/after."""
-    from vitprune.finetune import FinetuneRequest, run_finetune
-    from vitprune.plan import parse_layers
+    from vitprune.commands.finetune import (  # torch loads only when the command runs: --help stays fast
+        FinetuneRequest,
+        before_after_table,
+        run_finetune,
+    )
 
     if output is None:
         raise VitpruneError("give --output/-o: the folder to write the fine-tuned artifact to")
     request = FinetuneRequest(
         model=model, data=data, output=output, method=method, keep=keep, r=r, protect=protect,
-        layers=parse_layers(layers) if layers else None, fuse=not no_fuse, head_only=head_only, plan_file=plan_file,
+        layers=parse_layers(layers), fuse=False if no_fuse else None, head_only=head_only, plan_file=plan_file,
         checkpoint=checkpoint, no_pretrained=no_pretrained, img_size=img_size, supervit=supervit,
-        sizes=_numbers(sizes, int, "--sizes"), keeps=_numbers(keeps, float, "--keeps"), val=val,
-        val_split=val_split, limit=limit, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr,
-        weight_decay=weight_decay, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, clip_grad=clip_grad,
-        temperature=temperature, distill_weight=distill_weight, label_weight=label_weight,
+        sizes=parse_numbers(sizes, int, "sizes", "160,192,224"),
+        keeps=parse_numbers(keeps, float, "keeps", "0.5,0.7,1.0"),
+        val=val, val_split=val_split, limit=limit, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
+        min_lr=min_lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr,
+        clip_grad=clip_grad, temperature=temperature, distill_weight=distill_weight, label_weight=label_weight,
         hard_distill=hard_distill, feature_distill=feature_distill, crop_scale=crop_scale,
         augment=not no_augment, auto_augment=auto_augment,
         trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()), amp=amp, ema=ema,
-        workers=workers, device=check_device(device), force=force, resume=resume,
-        keep_checkpoint=keep_checkpoint, progress=not json_out,
+        workers=workers, device=device, force=force, resume=resume, keep_checkpoint=keep_checkpoint,
+        progress=not json_out,
     )
     set_threads(threads)
     result = run_finetune(request)
@@ -104,27 +121,5 @@ def finetune(
         return
     report = result.report
     console.print(report_table(report, f"{report['model']}: {report['plan']} (after fine-tuning)"))
-    console.print(before_after_table(report["finetune"]))
-    console.print(f"wrote [bold]{output}[/] (model.safetensors, vitprune.json, report.json, report.md, metrics.csv, training.png)")
-
-
-def before_after_table(finetune: dict) -> Table:
-    """Every configuration's GMACs and validation figures, before -> after fine-tuning."""
-    teacher = finetune["teacher"]
-    title = (f"{finetune['epochs']} epochs on {finetune['train_images']} images; teacher {teacher['gmacs']:.3f} GMACs"
-             + (f", top-1 {teacher['top1']:.2f}%" if "top1" in teacher else ""))
-    table = Table(title=title, title_justify="left")
-    table.add_column("configuration")
-    for column in ("GMACs", "top-1 %", "agreement %", "KL"):
-        table.add_column(column, justify="right")
-    for variant in finetune["variants"]:
-        before, after = variant.get("before", {}), variant.get("after", {})
-
-        def change(key: str, spec: str) -> str:
-            if key not in after:
-                return "-"
-            return (f"{before[key]:{spec}} -> " if key in before else "") + f"{after[key]:{spec}}"
-
-        table.add_row(variant["label"], f"{variant['gmacs']:.3f}", change("top1", ".2f"), change("agreement", ".2f"),
-                      change("kl", ".4f"))
-    return table
+    console.print(before_after_table(report["finetune"]).rich())
+    console.print(f"wrote [bold]{output}[/] ({ARTIFACT_FILES})")

@@ -1,6 +1,6 @@
 """ATS: adaptive token sampling, a per-image number of kept tokens.
 
-Fayyaz et al., "Adaptive Token Sampling for Efficient Vision Transformers" (ECCV 2022); see METHODS.md.
+Fayyaz et al., "Adaptive Token Sampling for Efficient Vision Transformers" (ECCV 2022); docs/methods.md.
 """
 from __future__ import annotations
 

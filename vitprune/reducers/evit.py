@@ -1,6 +1,6 @@
 """EViT: keep the patch tokens the CLS token attends to most, fuse the rest into one token.
 
-Liang et al., "Not All Patches are What You Need" (ICLR 2022); see METHODS.md.
+Liang et al., "Not All Patches are What You Need" (ICLR 2022); docs/methods.md.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """ToMe: merge the most similar tokens by bipartite soft matching, tracking token sizes.
 
-Bolya et al., "Token Merging: Your ViT but Faster" (ICLR 2023); see METHODS.md.
+Bolya et al., "Token Merging: Your ViT but Faster" (ICLR 2023); docs/methods.md.
 Optionally the class token's attention protects informative tokens from being merged away
 (MCTF's informativeness criterion, Lee et al., CVPR 2024, in an additive form): see `protect_penalty`.
 """

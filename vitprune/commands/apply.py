@@ -1,0 +1,74 @@
+"""`apply` as a library call: build the reduced model, measure it against the base, write the artifact."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from vitprune.artifact import model_identity, versions, write_artifact
+from vitprune.commands.common import ReducedModelSpec, build_reduced, check_device, check_whole
+from vitprune.io import check_output_dir
+from vitprune.report import Evidence, compare, make_report, render_markdown
+from vitprune.source import load_eval_images
+
+
+@dataclass(kw_only=True)
+class ApplyRequest(ReducedModelSpec):
+    """Everything `vitprune apply` takes; the same fields as its options."""
+
+    data: Path | None = None
+    limit: int | None = None
+    batch_size: int = 64
+    workers: int = 2
+    bench_batches: tuple[int, ...] = ()
+    bench_repeats: int = 10
+    device: str = "cpu"
+    output: Path | None = None
+    force: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        """Every setting, before any model is built or image read."""
+        self.check_reduction()
+        check_whole(self.batch_size, "batch_size", 1)
+        check_whole(self.workers, "workers", 0)
+        check_whole(self.bench_repeats, "bench_repeats", 1)
+        if self.limit is not None:
+            check_whole(self.limit, "limit", 1)
+        for batch in self.bench_batches:
+            check_whole(batch, "bench_batches", 1)
+        check_device(self.device)
+        if self.output is not None:
+            check_output_dir(self.output, self.force)
+
+
+@dataclass
+class ApplyResult:
+    base: nn.Module
+    reduced: nn.Module
+    info: dict
+    report: dict
+    images: Tensor | None = None
+    labels: Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def run_apply(request: ApplyRequest) -> ApplyResult:
+    """Build the reduced model, measure it against the base, and write the artifact if asked."""
+    request.check()
+    base, plan, reduced = build_reduced(request)
+    base_model, reduced = base.model.to(request.device), reduced.to(request.device)
+    images = labels = base_images = None
+    if request.data is not None:
+        images, labels, base_images = load_eval_images(base_model, reduced, request.data, limit=request.limit,
+                                                       workers=request.workers, progress=request.progress)
+    evidence = Evidence(images=images, labels=labels, base_images=base_images,
+                        data_path=str(request.data) if request.data else None,
+                        bench_batches=request.bench_batches, bench_repeats=request.bench_repeats,
+                        batch_size=request.batch_size, device=request.device, progress=request.progress)
+    report = make_report(model_identity(reduced, base.info), plan, compare(base_model, reduced, evidence), versions())
+    if request.output is not None:
+        write_artifact(request.output, reduced.cpu(), base.info, report=report,
+                       report_md=render_markdown(report), force=request.force)
+    return ApplyResult(base=base_model, reduced=reduced, info=base.info, report=report, images=images, labels=labels)

@@ -1,0 +1,120 @@
+"""`calibrate` as a library call: search the plan for a budget, measure it and its frontier on
+held-out images, write the artifact."""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from vitprune import calibrate
+from vitprune.artifact import model_identity
+from vitprune.budget import Budget
+from vitprune.commands.common import check_finite, check_whole
+from vitprune.errors import VitpruneError
+from vitprune.io import check_output_dir
+from vitprune.patch import apply_plan
+from vitprune.plan import Plan
+from vitprune.progress import progress_bar
+from vitprune.source import load_base
+
+__all__ = ["Budget", "CalibrateRequest", "CalibrateResult", "run_calibrate"]
+
+
+@dataclass
+class CalibrateRequest:
+    """Everything `vitprune calibrate` takes; the same fields as its options."""
+
+    model: str
+    data: Path
+    budget: Budget
+    checkpoint: Path | None = None
+    no_pretrained: bool = False
+    img_size: int | None = None
+    img_sizes: list[int] | None = None  # None: the model's size and up to 3 smaller (calibrate.auto_sizes)
+    limit: int | None = None
+    holdout: float = 0.5
+    seed: int = 0
+    swap_split: bool = False  # calibrate on the held-out part and hold out the rest (2-fold cross-checks)
+    objective: str = "kl"
+    head_only: bool = True  # the head-only last block, where the model pools by class token
+    protect: float | None = None  # tome protect weight; None: chosen among calibrate.PROTECT_WEIGHTS
+    search_images: int = 128
+    refine_steps: int = 16
+    bench_repeats: int = 5
+    workers: int = 2
+    output: Path | None = None
+    force: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        """Every setting, before any model is built or image read."""
+        if not isinstance(self.budget, Budget):
+            raise VitpruneError(f"budget must be a vitprune.budget.Budget, got {self.budget!r}", param="budget")
+        if self.objective not in calibrate.OBJECTIVES:
+            raise VitpruneError(f"objective must be one of {', '.join(calibrate.OBJECTIVES)}, got {self.objective!r}",
+                                param="objective")
+        if not (isinstance(self.holdout, (int, float)) and math.isfinite(self.holdout) and 0 < self.holdout < 1):
+            raise VitpruneError(f"holdout must be a fraction in (0, 1), got {self.holdout!r}", param="holdout")
+        check_whole(self.search_images, "search_images", 1)
+        check_whole(self.refine_steps, "refine_steps", 0)
+        check_whole(self.bench_repeats, "bench_repeats", 1)
+        check_whole(self.workers, "workers", 0)
+        if self.limit is not None:
+            check_whole(self.limit, "limit", 1)
+        if self.protect is not None:
+            check_finite(self.protect, "protect", low=0, rule="a finite weight >= 0")
+        if self.img_sizes is not None:
+            for size in self.img_sizes:
+                check_whole(size, "img_sizes", 1)
+        if self.output is not None:
+            check_output_dir(self.output, self.force)
+
+
+@dataclass
+class CalibrateResult:
+    plan: Plan
+    reduced: nn.Module
+    report: dict
+    calibration_files: list[Path] = field(default_factory=list)
+    holdout_files: list[Path] = field(default_factory=list)
+
+
+def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
+    """Search the plan for the budget, measure it and its frontier on held-out images, write the artifact."""
+    request.check()
+    base = load_base(request.model, request.checkpoint, request.no_pretrained, request.img_size)
+    started = time.perf_counter()
+    setup = calibrate.prepare(base.model.eval(), request.img_sizes, request.head_only, request.budget)
+    sets = calibrate.split_images(request.data, limit=request.limit, holdout=request.holdout, seed=request.seed,
+                                  swap_split=request.swap_split)
+    calibrate.check_objective(request.objective, sets[0], request.data)
+    images = calibrate.load_split(setup, sets, workers=request.workers, progress=request.progress)
+    evals = calibrate.make_evaluators(setup, images, request.search_images, request.seed)
+    rng = random.Random(request.seed)
+    with progress_bar(request.progress) as bar:
+        search = calibrate.Search(setup, evals, request.objective, request.budget, bar)
+        protect_trials = calibrate.protect_weight(search, request.protect)
+        sensitivity = calibrate.sensitivity_probe(search)
+        shapes = calibrate.make_shapes(sensitivity, setup.geometry, setup.block_methods, setup.sizes, setup.per_image)
+        ranked = calibrate.refine(search, calibrate.rank_shapes(search, shapes), request.refine_steps, rng)
+        top = calibrate.best_distinct(ranked)
+        ladder = calibrate.frontier_ladder(search, *calibrate.ladder_shapes(search, top, ranked, shapes), top)
+        calibrate.score_finalists(search, ladder, top)
+        frontier, chosen = calibrate.guard_frontier(search, ladder, top)
+        found = calibrate.Found(protect_trials, sensitivity, frontier, chosen, time.perf_counter() - started)
+        held = calibrate.measure_held_out(search, frontier, chosen, request.bench_repeats)
+    info = calibrate.RunInfo(data=request.data, seed=request.seed, swap_split=request.swap_split,
+                             holdout=request.holdout, protect_given=request.protect is not None)
+    written = calibrate.written_plan(calibrate.choose(search, frontier, chosen, held.ms), search, images, info)
+    reduced = apply_plan(copy.deepcopy(setup.base_model), written)
+    report = calibrate.calibration_report(model_identity(reduced, base.info), written, search, found, held, images,
+                                          info)
+    if request.output is not None:
+        calibrate.write_calibration(request.output, reduced, base.info, report, request.force)
+    return CalibrateResult(plan=written, reduced=reduced, report=report, calibration_files=images.calibration_set.files,
+                           holdout_files=images.holdout_set.files)

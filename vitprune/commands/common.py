@@ -1,0 +1,102 @@
+"""What several commands share: the base model and the reduction a request asks for."""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitprune import methods
+from vitprune.errors import VitpruneError
+from vitprune.patch import apply_plan
+from vitprune.plan import Plan, make_plan, read_plan_file
+from vitprune.source import BaseModel, load_base
+
+SETTING_FIELDS = ("keep", "r", "fuse", "protect")  # method settings the requests carry (None: not given)
+
+
+@dataclass(kw_only=True)
+class ReducedModelSpec:
+    """Which base model and which reduction: the options apply, export and finetune share."""
+
+    model: str  # a timm name/alias or an artifact folder / .safetensors
+    method: str | None = None
+    keep: float | None = None
+    r: int | None = None
+    protect: float | None = None
+    layers: list[int] | None = None
+    fuse: bool | None = None
+    head_only: bool = False
+    plan_file: Path | None = None
+    checkpoint: Path | None = None
+    no_pretrained: bool = False
+    img_size: int | None = None
+
+    def settings(self) -> dict:
+        """The method settings given (the method's defaults fill the rest)."""
+        return {name: getattr(self, name) for name in SETTING_FIELDS if getattr(self, name) is not None}
+
+    def check_reduction(self) -> None:
+        """The reduction's settings, checked before any model is built."""
+        if self.plan_file is not None and self.method is not None:
+            raise VitpruneError("give plan_file or method, not both", param="plan_file")
+        if self.method is None and self.settings():
+            name = next(iter(self.settings()))
+            raise VitpruneError(f"{name} goes with a method; a plan carries its own settings", param=name)
+        if self.method is not None:
+            spec = methods.get(self.method)
+            spec.validate(spec.settings(self.settings()))
+        if self.img_size is not None:
+            check_whole(self.img_size, "img_size", 1)
+
+
+def check_whole(value: object, name: str, minimum: int) -> None:
+    """A whole number >= `minimum` (bools and floats refused)."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise VitpruneError(f"{name} must be a whole number >= {minimum}, got {value!r}", param=name)
+
+
+def check_finite(value: object, name: str, *, low: float = -math.inf, high: float = math.inf,
+                 low_open: bool = False, rule: str = "") -> None:
+    """A finite number in [low, high] (or (low, high] with `low_open`)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        raise VitpruneError(f"{name} must be {rule or 'a finite number'}, got {value!r}", param=name)
+
+
+def check_device(device: str) -> None:
+    """cpu, cuda or cuda:N, and a GPU torch can see for cuda."""
+    if device not in ("cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise VitpruneError(f"device must be cpu, cuda or cuda:N, got {device!r}", param="device")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise VitpruneError(f"device {device} asked for, but torch sees no CUDA GPU", param="device")
+
+
+def resolve_plan(spec: ReducedModelSpec, base: BaseModel) -> Plan:
+    """A plan file, or the method with its settings, or the plan of the artifact given as model."""
+    depth = len(base.model.blocks)
+    if spec.plan_file is not None:
+        plan, _ = read_plan_file(spec.plan_file)
+        if spec.img_size is not None:
+            plan.img_size = spec.img_size
+        plan.head_only = plan.head_only or spec.head_only
+        plan.validate(depth)
+        return plan
+    if spec.method is None:
+        if base.artifact_plan is not None:
+            return base.artifact_plan
+        raise VitpruneError(f"choose a reduction: a method ({', '.join(methods.names())}) with its settings, "
+                            "or a plan file", param="method")
+    return make_plan(spec.method, depth, layers=spec.layers, head_only=spec.head_only, **spec.settings())
+
+
+def build_reduced(spec: ReducedModelSpec) -> tuple[BaseModel, Plan, nn.Module]:
+    """The base model, the plan the spec asks for, and a reduced copy of the base."""
+    spec.check_reduction()
+    base = load_base(spec.model, spec.checkpoint, spec.no_pretrained, spec.img_size)
+    plan = resolve_plan(spec, base)
+    return base, plan, apply_plan(copy.deepcopy(base.model), plan)

@@ -1,0 +1,200 @@
+"""`finetune` as a library call: check the request, then distil the reduced model (or SuperViT's
+variants) from the unreduced one and write the artifact.
+
+    request = FinetuneRequest(model="out/evit", data=Path("train/"), val=Path("val/"), output=Path("ft/"))
+    result = run_finetune(request)
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from vitprune.commands.common import ReducedModelSpec, check_device, check_finite, check_whole, resolve_plan
+from vitprune.errors import VitpruneError
+from vitprune.finetune import (
+    AMP_DTYPES,
+    DataOptions,
+    FinetuneConfig,
+    FinetuneResult,
+    LossWeights,
+    OutputOptions,
+    TrainOptions,
+    Variant,
+    before_after_table,
+    bound_settings,
+    check_auto_augment,
+    check_work_dir,
+    distributed_job,
+    find_training_images,
+    fit,
+    grid_variants,
+    seed_everything,
+    single_variant,
+)
+from vitprune.source import BaseModel, load_base
+
+LOSS_WEIGHTS = ("distill_weight", "label_weight", "hard_distill", "feature_distill")
+
+__all__ = ["FinetuneRequest", "FinetuneResult", "before_after_table", "run_finetune"]
+
+
+@dataclass(kw_only=True)
+class FinetuneRequest(ReducedModelSpec):
+    """Everything `vitprune finetune` takes; the same fields as its options.
+
+    The model and reduction fields are `apply`'s (an apply artifact folder brings its own plan)."""
+
+    data: Path
+    output: Path | None = None
+    # SuperViT: every size x keep rate trained at once
+    supervit: bool = False
+    sizes: tuple[int, ...] = ()
+    keeps: tuple[float, ...] = ()
+    # data
+    val: Path | None = None
+    val_split: float | None = None  # hold out this fraction of `data` for validation
+    limit: int | None = None
+    seed: int = 0
+    # optimisation
+    epochs: int = 3
+    batch_size: int = 32  # per process
+    lr: float = 5e-5
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.5
+    warmup_lr: float = 1e-6
+    clip_grad: float = 1.0  # max gradient norm; 0 turns clipping off
+    temperature: float = 1.0
+    distill_weight: float = 1.0
+    label_weight: float = 1.0
+    hard_distill: float = 0.0  # weight of cross-entropy with the teacher's top-1 (DeiT's hard distillation)
+    feature_distill: float = 0.0  # weight of the relative MSE to the teacher's pre-logits features
+    crop_scale: float = 0.08  # smallest random-resized-crop area (timm's default)
+    augment: bool = True  # False: timm's un-augmented train transform (resize + centre crop)
+    auto_augment: str | None = None  # a timm AutoAugment/RandAugment policy, e.g. "rand-m9-mstd0.5"
+    trainable: tuple[str, ...] = ("*",)  # parameter-name patterns to train (fnmatch)
+    amp: str = "none"  # none, bf16 or fp16 (CUDA only)
+    ema: float | None = None  # EMA decay; the EMA weights are validated and saved
+    # running
+    workers: int = 2
+    eval_batch_size: int = 64
+    device: str = "cpu"
+    force: bool = False
+    resume: bool = False
+    keep_checkpoint: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        """Every number and combination of options, before any model is built or image read."""
+        self.check_reduction()
+        self._check_optimisation()
+        self._check_losses()
+        self._check_data()
+        self._check_running()
+        self._check_supervit()
+
+    def _check_optimisation(self) -> None:
+        check_whole(self.epochs, "epochs", 1)
+        check_whole(self.batch_size, "batch_size", 1)
+        check_finite(self.lr, "lr", low=0, low_open=True, rule="a finite number > 0")
+        for name in ("min_lr", "warmup_lr", "weight_decay"):
+            check_finite(getattr(self, name), name, low=0, rule="a finite number >= 0")
+        _check_below(self.warmup_epochs, "warmup_epochs", low=0, high=self.epochs,
+                     rule=f"a finite number >= 0 and < epochs ({self.epochs})")
+        check_finite(self.clip_grad, "clip_grad", low=0, rule="a finite number >= 0 (0 turns clipping off)")
+        if self.ema is not None:
+            _check_below(self.ema, "ema", low=0, high=1, low_open=True, rule="a decay in (0, 1), e.g. 0.999")
+        if not self.trainable:
+            raise VitpruneError("trainable needs at least one parameter-name pattern", param="trainable")
+
+    def _check_losses(self) -> None:
+        check_finite(self.temperature, "temperature", low=0, low_open=True, rule="a finite number > 0")
+        for name in LOSS_WEIGHTS:
+            check_finite(getattr(self, name), name, low=0, rule="a finite number >= 0")
+        if not any(getattr(self, name) > 0 for name in LOSS_WEIGHTS):
+            raise VitpruneError(f"the loss weights ({', '.join(LOSS_WEIGHTS)}) cannot all be 0", param=LOSS_WEIGHTS[0])
+
+    def _check_data(self) -> None:
+        if self.limit is not None:
+            check_whole(self.limit, "limit", 1)
+        if self.val_split is not None:
+            _check_below(self.val_split, "val_split", low=0, high=1, low_open=True, rule="a fraction in (0, 1)")
+            if self.val is not None:
+                raise VitpruneError("give val or val_split, not both", param="val_split")
+        check_finite(self.crop_scale, "crop_scale", low=0, high=1, low_open=True, rule="in (0, 1]")
+        if self.auto_augment is not None:
+            if not self.augment:
+                raise VitpruneError("auto_augment is an augmentation: it cannot go with augment off",
+                                    param="auto_augment")
+            check_auto_augment(self.auto_augment)
+
+    def _check_running(self) -> None:
+        check_whole(self.workers, "workers", 0)
+        check_whole(self.eval_batch_size, "eval_batch_size", 1)
+        check_device(self.device)
+        if self.amp not in AMP_DTYPES:
+            raise VitpruneError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}", param="amp")
+        if self.amp != "none" and not self.device.startswith("cuda"):
+            raise VitpruneError(f"amp {self.amp} is for CUDA GPUs; on the CPU train in float32 (amp none)",
+                                param="amp")
+        if self.resume and self.output is None:
+            raise VitpruneError("resume continues the run writing to output: give an output", param="resume")
+
+    def _check_supervit(self) -> None:
+        if not self.supervit:
+            if self.sizes or self.keeps:
+                raise VitpruneError("sizes and keeps are for supervit", param="sizes" if self.sizes else "keeps")
+            return
+        if self.method is not None or self.plan_file is not None:
+            raise VitpruneError("supervit builds its own EViT plans from sizes and keeps: drop the method or "
+                                "plan_file", param="supervit")
+        for name, example in (("sizes", "160,192,224"), ("keeps", "0.5,0.7,1.0")):
+            values = getattr(self, name)
+            if not values:
+                raise VitpruneError(f"supervit needs {name} (e.g. {example})", param=name)
+            if len(set(values)) != len(values):
+                raise VitpruneError(f"{name} must not repeat a value, got {values}", param=name)
+        for size in self.sizes:
+            check_whole(size, "sizes", 1)
+        for keep in self.keeps:
+            check_finite(keep, "keeps", low=0, high=1, low_open=True, rule="keep rates in (0, 1]")
+        if len(self.sizes) * len(self.keeps) < 2:
+            raise VitpruneError("SuperViT trains several configurations: give at least two sizes or two keeps",
+                                param="sizes")
+
+    def config(self) -> FinetuneConfig:
+        """The feature's view of the request: the same fields, grouped by the step that uses them."""
+        return FinetuneConfig(data=_pick(DataOptions, self), train=_pick(TrainOptions, self),
+                              losses=_pick(LossWeights, self), output=_pick(OutputOptions, self),
+                              supervit=self.supervit, settings=bound_settings(asdict(self)))
+
+
+def run_finetune(request: FinetuneRequest) -> FinetuneResult:
+    """Train the reduced model (or the SuperViT variants) by distillation; write the artifact on rank 0."""
+    request.check()
+    config = request.config()
+    with distributed_job(request.device) as job:
+        images = find_training_images(config.data)
+        work = check_work_dir(request.output, force=request.force, resume=request.resume)
+        seed_everything(request.seed)  # the same random init on every rank (no_pretrained)
+        base = load_base(request.model, request.checkpoint, request.no_pretrained, request.img_size)
+        return fit(config, base, _variants(request, base), images, job, work)
+
+
+def _variants(request: FinetuneRequest, base: BaseModel) -> list[Variant]:
+    """SuperViT's grid, or the one plan the request (or the artifact it names) asks for."""
+    if request.supervit:
+        return grid_variants(base.model, request.sizes, request.keeps)
+    return [single_variant(resolve_plan(request, base), base.model)]
+
+
+def _pick(options: type, request: FinetuneRequest):
+    """An options dataclass filled from the request's fields of the same names."""
+    return options(**{field.name: getattr(request, field.name) for field in fields(options)})
+
+
+def _check_below(value: object, name: str, *, low: float, high: float, rule: str, low_open: bool = False) -> None:
+    """`check_finite` with an open upper end: below `high`."""
+    check_finite(value, name, low=low, high=high, low_open=low_open, rule=rule)
+    if value == high:
+        raise VitpruneError(f"{name} must be {rule}, got {value!r}", param=name)

@@ -1,0 +1,126 @@
+"""Checkpoints: every epoch's state in `<output>.partial/`, so that a run can resume where it stopped.
+
+A checkpoint is bound to the options it was made with (all but RESUMABLE_FIELDS): resuming with
+other ones is refused, naming them.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from vitprune.errors import VitpruneError
+from vitprune.finetune.report import History
+from vitprune.finetune.train import Training
+from vitprune.io import atomic_output_file, check_output_dir
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+# Options that may change between a run and its resumption; every other one must match the checkpoint.
+RESUMABLE_FIELDS = ("output", "force", "resume", "keep_checkpoint", "progress", "workers", "eval_batch_size", "device")
+
+
+def bound_settings(options: dict) -> dict:
+    """The options a checkpoint is bound to (all but RESUMABLE_FIELDS), as plain values."""
+    out = {}
+    for key, value in options.items():
+        if key in RESUMABLE_FIELDS:
+            continue
+        out[key] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def work_dir_for(output: Path) -> Path:
+    """Where a run keeps its checkpoints until it finishes: `<output>.partial` beside the output."""
+    return output.with_name(output.name + ".partial")
+
+
+def check_work_dir(output: Path | None, *, force: bool, resume: bool) -> Path | None:
+    """The work folder of a run writing to `output` (None: no output), checked before any work."""
+    if output is None:
+        return None
+    check_output_dir(output, force)
+    work = work_dir_for(output)
+    if resume:
+        if not (work / CHECKPOINT_FILE).is_file():
+            raise VitpruneError(f"resume: nothing to resume, no {CHECKPOINT_FILE} in {work}", param="resume")
+    elif work.exists() and not force:
+        raise VitpruneError(f"pass resume to continue the unfinished run in {work}, or force to start over",
+                            param="resume")
+    return work
+
+
+def start_work_dir(work: Path) -> None:
+    """A fresh, empty work folder (whatever an earlier run left there is removed)."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+
+
+@dataclass
+class Checkpoint:
+    """The state at the end of an epoch: weights, optimiser, EMA, loss scaler and the history so far."""
+
+    epoch: int  # epochs done
+    settings: dict  # see bound_settings
+    model: dict
+    optimizer: dict
+    rows: list[dict]
+    steps: list[tuple[float, float]]
+    ema: dict | None = None
+    scaler: dict | None = None
+
+    @classmethod
+    def capture(cls, training: Training, epoch: int, settings: dict, history: History) -> Checkpoint:
+        """The state of `training` after `epoch` epochs."""
+        trainer = training.trainer
+        return cls(epoch=epoch, settings=settings, model=trainer.student.state_dict(),
+                   optimizer=trainer.optimizer.state_dict(), rows=history.rows, steps=history.steps,
+                   ema=training.ema.module.state_dict() if training.ema is not None else None,
+                   scaler=trainer.scaler.state_dict() if trainer.scaler is not None else None)
+
+    def save(self, path: Path) -> None:
+        payload = {"format": CHECKPOINT_FORMAT, "epoch": self.epoch, "settings": self.settings, "model": self.model,
+                   "optimizer": self.optimizer, "rows": self.rows, "steps": self.steps}
+        for key in ("ema", "scaler"):
+            if getattr(self, key) is not None:
+                payload[key] = getattr(self, key)
+        with atomic_output_file(path) as tmp:
+            torch.save(payload, tmp)
+
+    @classmethod
+    def load(cls, path: Path) -> Checkpoint:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for a truncated or foreign file
+            raise VitpruneError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise VitpruneError(f"{path} is not a vitprune finetune checkpoint")
+        return cls(epoch=payload["epoch"], settings=payload["settings"], model=payload["model"],
+                   optimizer=payload["optimizer"], rows=payload["rows"], steps=[tuple(s) for s in payload["steps"]],
+                   ema=payload.get("ema"), scaler=payload.get("scaler"))
+
+    @classmethod
+    def resume(cls, work: Path, settings: dict) -> Checkpoint:
+        """The checkpoint in `work`, refused when it was made with other settings."""
+        checkpoint = cls.load(work / CHECKPOINT_FILE)
+        keys = settings.keys() | checkpoint.settings.keys()
+        changed = sorted(key for key in keys if checkpoint.settings.get(key) != settings.get(key))
+        if changed:
+            raise VitpruneError(f"other settings ({', '.join(changed)}) than the checkpoint in {work} was made with; "
+                                "run with those, or start over (force without resume)", param=changed[0])
+        return checkpoint
+
+    def restore(self, student: nn.Module, optimizer: torch.optim.Optimizer, ema: ModelEmaV3 | None,
+                scaler: torch.amp.GradScaler | None) -> History:
+        """Load the state into the run's parts; the history to continue."""
+        student.load_state_dict(self.model)
+        optimizer.load_state_dict(self.optimizer)
+        if ema is not None:
+            ema.module.load_state_dict(self.ema)
+        if scaler is not None:
+            scaler.load_state_dict(self.scaler)
+        return History(self.rows, self.steps)

@@ -1,0 +1,72 @@
+"""What a run is given (FinetuneConfig), what it carries from step to step (RunState), what it returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from vitprune.finetune.data import DataOptions, TrainingImages
+from vitprune.finetune.distributed import Distributed
+from vitprune.finetune.losses import LossWeights
+from vitprune.finetune.report import History
+from vitprune.finetune.supervit import Variant
+from vitprune.finetune.train import Training, TrainOptions
+from vitprune.finetune.validate import Validation
+from vitprune.source import BaseModel
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where the artifact goes and what the run shows (the request's fields of the same names)."""
+
+    output: Path | None = None  # None: train and report, write nothing
+    force: bool = False
+    resume: bool = False  # continue from the checkpoint in `<output>.partial/`
+    keep_checkpoint: bool = False  # also put the last checkpoint into the artifact
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything a run needs besides the model and its variants."""
+
+    data: DataOptions
+    train: TrainOptions = field(default_factory=TrainOptions)
+    losses: LossWeights = field(default_factory=LossWeights)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    supervit: bool = False
+    settings: dict = field(default_factory=dict)  # what checkpoints are bound to (checkpoint.bound_settings)
+
+
+@dataclass
+class RunState:
+    """A run between setup and finish."""
+
+    config: FinetuneConfig
+    base: BaseModel  # the teacher (base.model) and its identity
+    job: Distributed
+    variants: list[Variant]  # the default (served) one first
+    images: TrainingImages
+    training: Training
+    validation: Validation | None  # rank 0 with validation images only
+    history: History
+    start_epoch: int  # > 0 when resumed
+    work: Path | None  # the checkpoint folder (None: no output)
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self.base.model
+
+    @property
+    def student(self) -> nn.Module:
+        return self.training.trainer.student
+
+
+@dataclass
+class FinetuneResult:
+    model: nn.Module  # the trained student running its (default) plan, on the CPU
+    report: dict | None  # None on ranks other than 0
+    metrics: list[dict]
+    output: Path | None
+    rank: int = 0

@@ -1,0 +1,56 @@
+"""ATS: adaptive token sampling, a different number of kept tokens per image.
+
+Fayyaz et al., "Adaptive Token Sampling for Efficient Vision Transformers" (ECCV 2022); docs/methods.md.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from vitprune.methods.base import BlockContext, Method, Param, TokenState, cls_row_macs
+from vitprune.reducers import ats_cap, ats_sample, ats_scores, ats_select, cls_attention, gather_tokens
+
+
+class ATS(Method):
+    name = "ats"
+    summary = "sample tokens by the inverse CDF of their significance: a count per image"
+    params = (
+        Param("keep", float, "cap K: a ratio in (0, 1] of the tokens entering the model, or a whole count > 1",
+              check=lambda value: 0 < value <= 1 or (value > 1 and value == int(value)),
+              rule="a ratio in (0, 1] or a whole token count > 1"),
+    )
+    stage_param = "keep"
+    varies_per_image = True
+    needs_token_pooling = True
+    selects_queries = True
+
+    def describe(self, settings: dict[str, Any]) -> str:
+        return f"ats K={settings['keep']:g}"
+
+    def default_layers(self, depth: int) -> list[int]:
+        """Every block from the 4th of 12 (the official DeiT-S setting)."""
+        return list(range(round(depth / 4), depth))
+
+    def needs_class_token(self, settings: dict[str, Any]) -> bool:
+        return True
+
+    def select(self, ctx: BlockContext, settings: dict[str, Any]) -> tuple[Tensor, TokenState]:
+        """Sample first, then attend with the kept queries only: the output projection and the
+        MLP run on the kept tokens (ATS applies the selection to the attention rows)."""
+        num_prefix = ctx.num_prefix
+        cls_attn = cls_attention(ctx.q[:, :, :1], ctx.k, ctx.scale, ctx.key_bias)
+        scores = ats_scores(cls_attn, ctx.v, num_prefix, ctx.state.valid)
+        samples = ats_cap(settings["keep"], ctx.num_input_tokens) - num_prefix
+        valid_patch = None if ctx.state.valid is None else ctx.state.valid[:, num_prefix:]
+        index, valid = ats_select(ats_sample(scores, max(samples, 1), valid_patch), num_prefix, pad_to=ctx.pad_to)
+        size = gather_tokens(ctx.state.size, index) if ctx.state.size is not None else None
+        return index, TokenState(size=size, valid=valid)
+
+    def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
+                   settings: dict[str, Any]) -> Tensor:
+        return cls_row_macs(attn, n_in)
+
+    def static_width(self, settings: dict[str, Any], num_input_tokens: int) -> int:
+        """The most tokens a block can keep: the width of static-shape padding."""
+        return ats_cap(settings["keep"], num_input_tokens)

@@ -1,0 +1,178 @@
+"""What a token-reduction method is to vitprune: its parameters, where it runs, how it reduces.
+
+A method module (evit.py, ats.py, tome.py) defines one `Method` subclass and registers an
+instance in `vitprune.methods`. Everything else (plans, the timm adapter, FLOPs, calibrate,
+cascade) asks the method instead of comparing names, so a new method is one new module.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vitprune.errors import VitpruneError
+
+REQUIRED = object()  # a parameter without a default
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method: its type, default, help text and range check."""
+
+    name: str
+    kind: type
+    help: str
+    default: Any = REQUIRED
+    check: Callable[[Any], bool] = lambda value: True
+    rule: str = ""  # the range `check` accepts, in words, for the error message
+
+    def validate(self, method: str, value: Any) -> None:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if self.kind is bool:
+            ok = isinstance(value, bool)
+        elif self.kind is int:
+            ok = number and math.isfinite(value) and int(value) == value and self.check(value)
+        else:
+            ok = number and math.isfinite(value) and self.check(value)
+        if not ok:
+            raise VitpruneError(f"{method} {self.name} must be {self.rule or self.kind.__name__}, got {value!r}",
+                                param=self.name)
+
+
+@dataclass
+class TokenState:
+    """What the reducers carry from block to block."""
+
+    size: Tensor | None = None  # (B, N, 1) tokens each token stands for (ToMe); None: all 1
+    valid: Tensor | None = None  # (B, N) False on per-image padding (ATS); None: all valid
+
+    def key_bias(self) -> Tensor | None:
+        """Additive attention-logit bias (B, 1, 1, N): proportional attention and padding."""
+        bias = None
+        if self.size is not None:
+            bias = self.size.squeeze(-1).log()
+        if self.valid is not None:
+            pad = torch.zeros(self.valid.shape, dtype=torch.float32, device=self.valid.device)
+            pad = pad.masked_fill(~self.valid, float("-inf"))
+            bias = pad if bias is None else bias + pad.to(bias.dtype)
+        return None if bias is None else bias[:, None, None, :]
+
+    def counts(self, num_tokens: int, batch: int, device: torch.device) -> Tensor:
+        """Real tokens per image (B,)."""
+        if self.valid is not None:
+            return self.valid.sum(dim=1)
+        return torch.full((batch,), num_tokens, device=device)
+
+    @property
+    def is_plain(self) -> bool:
+        return self.size is None and self.valid is None
+
+
+@dataclass
+class BlockContext:
+    """What a method's block hooks see inside one attention block (see `vitprune.patch`)."""
+
+    q: Tensor  # (B, H, N, hd) queries, after timm's q_norm
+    k: Tensor  # (B, H, N, hd) keys, after k_norm
+    v: Tensor  # (B, H, N, hd)
+    scale: float  # the attention's softmax scale
+    key_bias: Tensor | None  # the token state's attention-logit bias
+    state: TokenState
+    num_prefix: int  # class, distillation and register tokens: never reduced
+    num_input_tokens: int  # tokens entering the model (ATS caps are ratios of it)
+    pad_to: int | None = None  # per-image methods: pad the batch to this width (static shapes)
+
+
+class Method:
+    """Base class of the methods; subclasses set the class attributes and override the hooks."""
+
+    name: str = ""
+    summary: str = ""  # one line for help texts
+    params: tuple[Param, ...] = ()
+    stage_param: str = ""  # the parameter a cascade stage `METHOD:VALUE` sets
+    # The kept count differs per image: the batch is padded (masked) from the first such block on,
+    # so only methods of the same kind may follow, and FLOPs are counted on real images.
+    varies_per_image: bool = False
+    needs_token_pooling: bool = False  # the head must read the class token alone (padding is never pooled)
+    selects_queries: bool = False  # reduces before attention: only the kept tokens are queried
+
+    # -- parameters ------------------------------------------------------------------------------
+    def settings(self, given: dict[str, Any]) -> dict[str, Any]:
+        """`given` with the defaults filled in; a parameter of another method is refused."""
+        names = {param.name for param in self.params}
+        unknown = sorted(set(given) - names)
+        if unknown:
+            takes = ", ".join(sorted(names))
+            raise VitpruneError(f"{unknown[0]} is not a parameter of {self.name} (it takes {takes})", param=unknown[0])
+        out = {}
+        for param in self.params:
+            value = given.get(param.name, param.default)
+            if value is not REQUIRED:
+                out[param.name] = value
+        return out
+
+    def validate(self, settings: dict[str, Any]) -> None:
+        for param in self.params:
+            if param.name not in settings:
+                raise VitpruneError(f"{self.name} needs {param.name} ({param.help})", param=param.name)
+            param.validate(self.name, settings[param.name])
+
+    def describe(self, settings: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def shown_params(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """The parameters a report shows (defaults that change nothing left out)."""
+        return dict(settings)
+
+    def default_layers(self, depth: int) -> list[int]:
+        return list(range(depth))
+
+    def needs_class_token(self, settings: dict[str, Any]) -> bool:
+        return False
+
+    # -- cascade stage grammar (METHOD:VALUE) ------------------------------------------------------
+    def stage_settings(self, value: str) -> dict[str, Any]:
+        param = next(p for p in self.params if p.name == self.stage_param)
+        try:
+            number = param.kind(float(value)) if param.kind is int and float(value).is_integer() else param.kind(value)
+        except ValueError:
+            raise VitpruneError(f"cannot read {self.name} {param.name} {value!r}: give a number") from None
+        return {param.name: number}
+
+    def stage_text(self, settings: dict[str, Any]) -> str:
+        return f"{self.name}:{settings[self.stage_param]:g}"
+
+    # -- the block hooks (see vitprune.patch) ------------------------------------------------------
+    def select(self, ctx: BlockContext, settings: dict[str, Any]) -> tuple[Tensor, TokenState] | None:
+        """Before attention (`selects_queries`): (kept token indices (B, K), their state)."""
+        return None
+
+    def reduce(self, x: Tensor, ctx: BlockContext, settings: dict[str, Any]) -> tuple[Tensor, TokenState]:
+        """After the attention residual, before the MLP: the reduced tokens and their state."""
+        return x, ctx.state
+
+    # -- FLOPs ------------------------------------------------------------------------------------
+    def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
+                   settings: dict[str, Any]) -> Tensor:
+        """MACs of the method's own scoring inside a block (float64 per image)."""
+        return torch.zeros_like(n_in)
+
+    # -- calibrate's per-block search --------------------------------------------------------------
+    searchable: bool = False  # calibrate may give this method any block with any amount
+
+    def removing(self, want: int, tokens: int, num_prefix: int, protect: float) -> tuple[dict, int] | None:
+        """Settings that remove about `want` of the `tokens` entering a block, and the tokens after; None: nothing."""
+        return None
+
+    def probe(self, unit: int, tokens: int, num_prefix: int, protect: float) -> dict:
+        """Settings that remove `unit` patch tokens at one block (calibrate's sensitivity probe)."""
+        raise NotImplementedError
+
+
+def cls_row_macs(attn: Any, n_in: Tensor) -> Tensor:
+    """The CLS row of the attention computed once more, for scoring."""
+    return n_in * attn.attn_dim

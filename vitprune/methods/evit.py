@@ -1,0 +1,59 @@
+"""EViT: keep the patch tokens the class token attends to most, fuse the rest into one token.
+
+Liang et al., "Not All Patches are What You Need" (ICLR 2022); docs/methods.md.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+from torch import Tensor
+
+from vitprune.methods.base import BlockContext, Method, Param, TokenState, cls_row_macs
+from vitprune.reducers import cls_attention, evit_keep_count, evit_reduce
+
+MIN_SEARCH_KEEP = 0.2  # calibrate never keeps fewer than this share of a block's patch tokens
+
+
+class EViT(Method):
+    name = "evit"
+    summary = "keep the tokens the class token attends to most, fuse the rest"
+    params = (
+        Param("keep", float, "keep rate in (0, 1] of the patch tokens entering the block",
+              check=lambda value: 0 < value <= 1, rule="in (0, 1]"),
+        Param("fuse", bool, "fuse the dropped tokens into one token (False: drop them)", default=True),
+    )
+    stage_param = "keep"
+    searchable = True
+
+    def describe(self, settings: dict[str, Any]) -> str:
+        return f"evit keep={settings['keep']:g}" + ("" if settings["fuse"] else " no-fuse")
+
+    def default_layers(self, depth: int) -> list[int]:
+        """The 4th, 7th and 10th of 12 blocks, scaled to the depth."""
+        return sorted({round(depth * i / 4) for i in (1, 2, 3)})
+
+    def needs_class_token(self, settings: dict[str, Any]) -> bool:
+        return True
+
+    def reduce(self, x: Tensor, ctx: BlockContext, settings: dict[str, Any]) -> tuple[Tensor, TokenState]:
+        cls_attn = cls_attention(ctx.q[:, :, :1], ctx.k, ctx.scale, ctx.key_bias).mean(dim=1)
+        keep_count = evit_keep_count(x.shape[1] - ctx.num_prefix, settings["keep"])
+        x, size, _ = evit_reduce(x, cls_attn, ctx.num_prefix, keep_count, settings["fuse"], ctx.state.size)
+        return x, replace(ctx.state, size=size)
+
+    def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
+                   settings: dict[str, Any]) -> Tensor:
+        return cls_row_macs(attn, n_in)
+
+    def removing(self, want: int, tokens: int, num_prefix: int, protect: float) -> tuple[dict, int] | None:
+        patch = tokens - num_prefix
+        removed = min(want, patch - max(1, math.ceil(MIN_SEARCH_KEEP * patch)))
+        if removed <= 0:
+            return None
+        keep = round((patch - removed) / patch, 4)
+        return {"keep": keep, "fuse": True}, num_prefix + evit_keep_count(patch, keep) + 1  # + the fused token
+
+    def probe(self, unit: int, tokens: int, num_prefix: int, protect: float) -> dict:
+        return {"keep": round(1 - unit / (tokens - num_prefix), 4), "fuse": True}

@@ -1,0 +1,67 @@
+"""ToMe: merge the most similar tokens by bipartite soft matching, tracking token sizes.
+
+Bolya et al., "Token Merging: Your ViT but Faster" (ICLR 2023); docs/methods.md. `protect`
+weighs the class token's attention against merging a token (MCTF's informativeness, additive).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vitprune.methods.base import BlockContext, Method, Param, TokenState, cls_row_macs
+from vitprune.reducers import cls_attention, protect_penalty, tome_reduce
+
+
+class ToMe(Method):
+    name = "tome"
+    summary = "merge the most similar token pairs (bipartite soft matching)"
+    params = (
+        Param("r", int, "token pairs merged in the block, a whole number >= 0",
+              check=lambda value: value >= 0, rule="a whole number >= 0"),
+        Param("protect", float, "weight of the class token's attention against merging a token (0: plain ToMe)",
+              default=0.0, check=lambda value: value >= 0, rule="a finite weight >= 0"),
+    )
+    stage_param = "r"
+    searchable = True
+
+    def describe(self, settings: dict[str, Any]) -> str:
+        return f"tome r={settings['r']}" + (f" protect={settings['protect']:g}" if settings["protect"] else "")
+
+    def shown_params(self, settings: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in settings.items() if key != "protect" or value}
+
+    def needs_class_token(self, settings: dict[str, Any]) -> bool:
+        return bool(settings["protect"])
+
+    def stage_text(self, settings: dict[str, Any]) -> str:
+        return f"tome:{settings['r']}"
+
+    def reduce(self, x: Tensor, ctx: BlockContext, settings: dict[str, Any]) -> tuple[Tensor, TokenState]:
+        size = ctx.state.size if ctx.state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
+        penalty = None
+        if settings["protect"]:
+            cls_attn = cls_attention(ctx.q[:, :, :1], ctx.k, ctx.scale, ctx.key_bias).mean(dim=1)
+            penalty = protect_penalty(cls_attn[:, ctx.num_prefix:], settings["protect"])
+        x, size = tome_reduce(x, size, ctx.k.mean(dim=1), ctx.num_prefix, settings["r"], penalty)
+        return x, replace(ctx.state, size=size)
+
+    def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
+                   settings: dict[str, Any]) -> Tensor:
+        mergeable = n_in - num_prefix
+        similarity = torch.ceil(mergeable / 2) * torch.floor(mergeable / 2) * attn.head_dim
+        macs = torch.where(n_out < n_in, similarity, 0.0)  # ToMe skips matching when r = 0
+        return macs + cls_row_macs(attn, n_in) if settings["protect"] else macs
+
+    def removing(self, want: int, tokens: int, num_prefix: int, protect: float) -> tuple[dict, int] | None:
+        r = min(want, (tokens - num_prefix) // 2)
+        if r <= 0:
+            return None
+        return {"r": r, "protect": protect}, tokens - r
+
+    def probe(self, unit: int, tokens: int, num_prefix: int, protect: float) -> dict:
+        return {"r": min(unit, (tokens - num_prefix) // 2), "protect": protect}
+
+

@@ -1,0 +1,70 @@
+"""Where a command's model and images come from: a timm name or an artifact, an image folder."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from vitprune.artifact import identity_info, load_artifact, read_metadata
+from vitprune.data import ImageSet, find_images, load_images, transform_for
+from vitprune.errors import VitpruneError
+from vitprune.models import create_model
+from vitprune.patch import model_img_size, plan_of, remove_plan
+from vitprune.plan import Plan
+
+
+@dataclass
+class BaseModel:
+    """The unreduced model a command starts from, and the plan of the artifact it came from."""
+
+    model: nn.Module
+    info: dict
+    artifact_plan: Plan | None = None
+
+
+def is_artifact(source: str | Path) -> bool:
+    path = Path(source)
+    return (path.is_dir() and (path / "vitprune.json").is_file()) or (path.is_file() and path.suffix == ".safetensors")
+
+
+def load_base(source: str, checkpoint: Path | None = None, no_pretrained: bool = False,
+              img_size: int | None = None) -> BaseModel:
+    """A model name (with a checkpoint, or random weights) or an artifact (its base weights + plan)."""
+    if checkpoint is not None and no_pretrained:
+        raise VitpruneError("checkpoint and no_pretrained contradict each other", param="checkpoint")
+    if is_artifact(source):
+        if checkpoint is not None:
+            raise VitpruneError("checkpoint applies to model names only: an artifact carries its own weights",
+                                param="checkpoint")
+        metadata = read_metadata(source)
+        model = load_artifact(source)
+        plan = plan_of(model)
+        remove_plan(model)
+        if img_size is not None and img_size != metadata["model"]["img_size"]:
+            model.set_input_size(img_size=img_size)
+        return BaseModel(model=model, info=identity_info(metadata), artifact_plan=plan)
+    if Path(source).exists():
+        raise VitpruneError(f"{source} is not a vitprune artifact (no vitprune.json); give a timm model name and "
+                            f"its checkpoint {source}")
+    model, info = create_model(source, pretrained=not no_pretrained, checkpoint=checkpoint, img_size=img_size)
+    return BaseModel(model=model, info=info)
+
+
+def load_images_for(model: nn.Module, data: Path, *, limit: int | None, workers: int, img_size: int | None = None,
+                    batch_size: int = 64, progress: bool = True) -> tuple[Tensor, Tensor | None, ImageSet]:
+    """(images, labels or None, ImageSet) preprocessed with timm's data config for `model`."""
+    image_set = find_images(data, limit=limit)
+    images, labels = load_images(image_set, transform_for(model, img_size=img_size), num_workers=workers,
+                                 batch_size=batch_size, progress=progress)
+    return images, labels, image_set
+
+
+def load_eval_images(base: nn.Module, reduced: nn.Module, data: Path, *, limit: int | None, workers: int,
+                     progress: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(images for the reduced model, labels, images for the base when its input size differs, else None)."""
+    images, labels, _ = load_images_for(reduced, data, limit=limit, workers=workers, progress=progress)
+    base_images = None
+    if model_img_size(base) != model_img_size(reduced):
+        base_images, _, _ = load_images_for(base, data, limit=limit, workers=workers, progress=progress)
+    return images, labels, base_images
