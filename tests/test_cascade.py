@@ -2,6 +2,7 @@
 artifact round trip, CLI errors."""
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -258,6 +259,73 @@ def test_load_refuses_a_broken_cascade(tmp_path: Path) -> None:
         load_cascade(tmp_path / "missing")
 
 
+@pytest.fixture(scope="module")
+def cascade_json(base: torch.nn.Module) -> dict:
+    """cascade.json of a three-stage cascade (the folder needs no weights: the file is checked first)."""
+    from vitprune.cascade import cascade_metadata
+
+    info = {"model": "vit_tiny_patch16_224", "tag": None, "checkpoint": None, "checkpoint_sha256": None}
+    cascade = build_cascade(base, parse_stages("32,48,64", depth=12, base_size=64), thresholds=[0.5, 0.6], info=info)
+    return cascade_metadata(cascade, info)
+
+
+def _set(data: dict, path: tuple, value: object) -> None:
+    """data[path[0]][path[1]]... = value; the value DELETE removes the key."""
+    for key in path[:-1]:
+        data = data[key]
+    if value is DELETE:
+        del data[path[-1]]
+    else:
+        data[path[-1]] = value
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize("path, value, fragment", [
+    (("stages", 1, "threshold"), "abc", "stages[1].threshold must be a number or null, got 'abc'"),
+    (("stages", 0, "threshold"), DELETE, "stages[0].threshold is missing"),
+    (("stages", 2, "gmacs"), None, "stages[2].gmacs must be a number >= 0, got None"),
+    (("stages", 1, "plan"), "evit:0.5", "stages[1].plan: a plan must be a JSON object, got str"),
+    (("stages", 1, "plan", "reductions"), [{"layer": 3, "method": "nope"}], "stages[1].plan: reductions[0].method"),
+    (("stages", 0), [1, 2], "stages[0] must be an object, got [1, 2]"),
+    (("stages",), [], "stages must be a list of at least 2 stages, got []"),
+    (("stages",), DELETE, "stages is missing"),
+    (("model",), DELETE, "model is missing"),
+    (("model", "img_size"), "64", "model.img_size must be a whole number >= 1, got '64'"),
+    (("model", "name"), 7, "model.name must be a timm model name, got 7"),
+    (("criterion",), "margin", "criterion must be maxprob or entropy, got 'margin'"),
+    (("format",), 2, "has format 2; this vitprune reads format 1"),
+])
+def test_a_broken_cascade_json_is_refused_naming_the_file_and_field(cascade_json: dict, tmp_path: Path, path: tuple,
+                                                                    value: object, fragment: str) -> None:
+    from vitprune.cascade import read_cascade_metadata
+
+    metadata = copy.deepcopy(cascade_json)
+    _set(metadata, path, value)
+    (tmp_path / "cascade.json").write_text(json.dumps(metadata))
+    for read in (read_cascade_metadata, load_cascade, vitprune.load):
+        with pytest.raises(VitpruneError) as caught:
+            read(tmp_path)
+        assert str(caught.value).startswith(str(tmp_path / "cascade.json")) and fragment in str(caught.value)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "null", "\"cascade\""])
+def test_a_cascade_json_that_is_no_object_is_refused(tmp_path: Path, content: str) -> None:
+    (tmp_path / "cascade.json").write_text(content)
+    with pytest.raises(VitpruneError, match=r"cascade\.json: must be a JSON object, got "):
+        load_cascade(tmp_path)
+
+
+def test_cascade_json_is_strict_json(base: torch.nn.Module, tmp_path: Path) -> None:
+    info = {"model": "vit_tiny_patch16_224", "tag": None, "checkpoint": None, "checkpoint_sha256": None}
+    cascade = build_cascade(base, parse_stages("32,64", depth=12, base_size=64), thresholds=[math.inf], info=info)
+    save_cascade(tmp_path / "c", cascade, info)
+    text = (tmp_path / "c" / "cascade.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    assert json.loads(text)["stages"][0]["threshold"] is None
+
+
 # ---------------------------------------------------------------- CLI
 
 def _image_folder(root: Path, count: int = 6) -> Path:
@@ -286,6 +354,24 @@ def test_cli_bad_input_exits_2_with_one_line(extra: list[str], fragment: str, tm
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("error:") and fragment in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_cli_refuses_a_class_index_the_model_lacks_before_building_stages(tmp_path: Path, capsys,
+                                                                        monkeypatch) -> None:
+    from vitprune.cli import run
+    from vitprune.commands import cascade as command
+
+    data = _image_folder(tmp_path / "imgs")
+    (data / "labels.csv").write_text("file,class_index\n" + "".join(
+        f"im{i}.png,{5000 if i == 3 else i}\n" for i in range(6)))
+    monkeypatch.setattr(command, "build_cascade", lambda *args, **kwargs: pytest.fail("stages were built first"))
+    out = tmp_path / "out"
+    code = run(["cascade", "vit_tiny_patch16_224", "--no-pretrained", "--data", str(data), "--stages", "64,112",
+                "--target-ratio", "0.6", "--no-frontier", "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and "\n" not in err
+    assert str(data / "im3.png") in err and "5000" in err and "1000 classes" in err
     assert not out.exists()
 
 
@@ -388,3 +474,51 @@ def test_parse_plan_file_stage(tmp_path: Path) -> None:
     assert stages[0].reductions == plan.reductions and stages[0].img_size == 192
     with pytest.raises(VitpruneError, match="plan file not found"):
         parse_stages(f"@{tmp_path / 'missing.json'},none", depth=12, base_size=224)
+
+
+def test_onnx_cascade_verifies_the_stage_graphs_sha256(base: torch.nn.Module, images: torch.Tensor,
+                                                        tmp_path: Path) -> None:
+    import onnx
+
+    from vitprune.cascade import OnnxCascade, export_cascade_onnx
+    from vitprune.models import file_sha256
+
+    cascade = build_cascade(base, parse_stages("32,64", depth=12, base_size=64), thresholds=[0.5])
+    folder = export_cascade_onnx(cascade, tmp_path / "onnx")
+    manifest = json.loads((folder / "cascade_onnx.json").read_text())
+    assert [s["sha256"] for s in manifest["stages"]] == [file_sha256(folder / s["file"]) for s in manifest["stages"]]
+    OnnxCascade(folder, provider="cpu", threads=1)  # as written: verified and loaded
+
+    graph = onnx.load(str(folder / "stage2.onnx"))
+    graph.doc_string = "optimised offline"
+    onnx.save(graph, str(folder / "stage2.onnx"))
+    with pytest.raises(VitpruneError) as caught:
+        OnnxCascade(folder, provider="cpu", threads=1)
+    assert str(caught.value) == (f"{folder / 'stage2.onnx'} changed since it was written (sha256 mismatch with "
+                                 "cascade_onnx.json); pass verify=False to load it anyway")
+    logits, _ = OnnxCascade(folder, provider="cpu", threads=1, verify=False).run(images[:2].numpy())
+    assert logits.shape == (2, 1000)
+
+    (folder / "stage2.onnx").unlink()
+    with pytest.raises(VitpruneError, match="is missing stage2.onnx"):
+        OnnxCascade(folder, provider="cpu", verify=False)
+
+
+@pytest.mark.parametrize("path, value, fragment", [
+    (("stages", 0, "threshold"), "abc", "stages[0].threshold must be a number or null, got 'abc'"),
+    (("stages", 1, "file"), "../stage2.onnx", "stages[1].file must be a file name in the folder"),
+    (("stages", 0, "sha256"), "xyz", "stages[0].sha256 must be 64 hexadecimal digits or null"),
+    (("input_size",), DELETE, "input_size is missing"),
+])
+def test_a_broken_onnx_manifest_is_refused_naming_the_file_and_field(tmp_path: Path, path: tuple, value: object,
+                                                                     fragment: str) -> None:
+    from vitprune.cascade import OnnxCascade
+
+    stages = [{"file": f"stage{i}.onnx", "sha256": None, "img_size": size, "threshold": 0.5, "exit_always": False,
+               "gmacs": 0.1} for i, size in ((1, 32), (2, 64))]
+    manifest = {"format": 1, "criterion": "maxprob", "input_size": 64, "stages": stages}
+    _set(manifest, path, value)
+    (tmp_path / "cascade_onnx.json").write_text(json.dumps(manifest))
+    with pytest.raises(VitpruneError) as caught:
+        OnnxCascade(tmp_path, provider="cpu")
+    assert str(caught.value).startswith(str(tmp_path / "cascade_onnx.json")) and fragment in str(caught.value)

@@ -1,6 +1,7 @@
 """`vitprune export`: ONNX with the reduction in the graph, parity on ONNX Runtime, refusals."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -21,6 +22,7 @@ from vitprune.export import (
     onnx_session,
     verify_onnx,
 )
+from vitprune.models import file_sha256
 
 IMG = 64  # 16 patch tokens + CLS: exports and ORT runs stay well under a second each
 SETTINGS = {"evit": {"keep": 0.7}, "tome": {"r": 4}, "ats": {"keep": 1.0}}
@@ -191,6 +193,9 @@ def test_cli_apply_and_export_with_safetensors_round_trip(tmp_path, capsys):
     assert report["onnx"]["parity"]["images"].startswith("8 random")
     assert sorted(p.name for p in out.iterdir()) == ["m.onnx", "m.safetensors", "report.json", "report.md"]
     assert "## ONNX" in (out / "report.md").read_text()
+    assert report["onnx"]["sha256"] == file_sha256(out / "m.onnx")
+    assert json.loads((out / "report.json").read_text())["onnx"]["sha256"] == report["onnx"]["sha256"]
+    assert report["onnx"]["sha256"] in (out / "report.md").read_text()
 
     rebuilt = vitprune.load(out / "m.safetensors")
     assert vitprune.plan_of(rebuilt).method == "ats"
@@ -267,3 +272,56 @@ def test_tome_protect_exports_and_matches(tmp_path):
     model = tiny()
     vitprune.apply(model, method="tome", r=4, protect=0.3)
     assert_onnx_matches(model, tmp_path / "m.onnx")
+
+
+EVIT = ["vit_tiny_patch16_224", "--no-pretrained", "--img-size", IMG, "--method", "evit", "--keep", 0.7]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err, err
+    return err
+
+
+def test_cli_refuses_an_onnx_path_it_cannot_write_before_any_work(tmp_path, capsys, monkeypatch):
+    import vitprune.commands.export as command
+
+    monkeypatch.setattr(command, "build_reduced", lambda *args: pytest.fail("a model was built first"))
+    assert cli(*EVIT, "--onnx", "/proc/m.onnx") == 2
+    assert "cannot write /proc/m.onnx" in _one_error_line(capsys)
+    assert cli(*EVIT, "--onnx", tmp_path / "m.onnx", "--safetensors", "/proc/m.safetensors") == 2
+    assert "cannot write /proc/m.safetensors" in _one_error_line(capsys)
+    if os.geteuid() != 0:  # root writes into a read-only folder: /proc above stands for it
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert cli(*EVIT, "--onnx", locked / "m.onnx") == 2
+        assert "not writable" in _one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["locked"])
+
+
+def test_cli_disk_full_while_exporting_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    def disk_full(model, args, path, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"partial graph")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch.onnx, "export", disk_full)
+    assert cli(*EVIT, "--onnx", tmp_path / "m.onnx") == 2
+    assert f"disk full while writing {tmp_path / 'm.onnx'}" in _one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_disk_full_while_writing_the_report_leaves_nothing(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    write_text = Path.write_text
+
+    def full_for_the_report(self, *args, **kwargs):
+        if self.name.startswith(".report.json."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_for_the_report)
+    assert cli(*EVIT, "--onnx", tmp_path / "m.onnx", "--safetensors", tmp_path / "m.safetensors", "--json") == 2
+    assert f"disk full while writing {tmp_path / 'report.json'}" in _one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []  # the ONNX file, the weights and every temporary file are gone

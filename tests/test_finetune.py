@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
 import os
 import re
+import shutil
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -288,6 +290,12 @@ def test_two_process_ddp_on_gloo_ends_with_identical_weights(images: Path, tmp_p
     (["--epochs", "0"], "--epochs must be a whole number >= 1, got 0"),
     (["--hard-distill", "-1"], "--hard-distill must be a finite number >= 0, got -1.0"),
     (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number >= 0 and < epochs (3), got inf"),
+    (["--temperature", "nan"], "--temperature must be a finite number > 0, got nan"),
+    (["--ema", "nan"], "--ema must be a decay in (0, 1), e.g. 0.999, got nan"),
+    (["--val-split", "nan"], "--val-split must be a fraction in (0, 1), got nan"),
+    (["--crop-scale", "nan"], "--crop-scale must be in (0, 1], got nan"),
     (["--auto-augment", "bogus"], "unknown --auto-augment policy 'bogus'"),
     (["--auto-augment", "rand-m9", "--no-augment"], "--auto-augment is an augmentation"),
     (["--distill-weight", "0", "--label-weight", "0"], "cannot all be 0"),
@@ -347,3 +355,117 @@ def test_the_request_is_checked_before_any_model_is_built(images: Path, change: 
     with pytest.raises(VitpruneError, match=re.escape(message)) as caught:
         run_finetune(replace(request, **change))
     assert caught.value.param == param
+
+
+FLOAT_FIELDS = ("lr", "min_lr", "warmup_lr", "weight_decay", "clip_grad", "temperature", "distill_weight", "label_weight",
+                "hard_distill", "feature_distill", "warmup_epochs", "crop_scale", "ema", "val_split")
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+def test_non_finite_hyper_parameters_are_refused_up_front(images: Path, name: str, value: float) -> None:
+    request = FinetuneRequest(**{**TINY, "model": "no_such_model"}, data=images / "missing", method="evit", keep=0.5)
+    with pytest.raises(VitpruneError, match=f"^{name} must be .*, got {re.escape(repr(value))}$") as caught:
+        run_finetune(replace(request, **{name: value}))
+    assert caught.value.param == name
+
+
+def test_a_non_whole_seed_is_refused_up_front(images: Path) -> None:
+    request = FinetuneRequest(**{**TINY, "model": "no_such_model"}, data=images, method="evit", keep=0.5)
+    with pytest.raises(VitpruneError, match="seed must be a whole number, got nan") as caught:
+        run_finetune(replace(request, seed=math.nan))
+    assert caught.value.param == "seed"
+
+
+def _cli_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", "vit_tiny_patch16_224", "--no-pretrained", "--img-size", "32", "--method", "evit", "--keep",
+            "0.5", "--data", str(data), "--workers", "0", "--batch-size", "4", "--epochs", "1", "--warmup-epochs", "0",
+            "-o", str(out), "--json", *extra]  # --json: no progress bars on stderr
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err, err
+    return err
+
+
+def test_a_non_finite_loss_stops_the_run_and_the_next_run_is_not_refused(images: Path, tmp_path: Path, capsys,
+                                                                          monkeypatch) -> None:
+    out = tmp_path / "ft"
+    monkeypatch.setattr(finetune_train, "resize_images", lambda batch, size: batch * math.nan)  # the student's input
+    assert run(_cli_args(images, out)) == 2
+    err = _one_error_line(capsys)
+    assert "training diverged: the loss is nan at epoch 1 step 1; lower --lr" in err and "resume" not in err
+    assert sorted(tmp_path.iterdir()) == []  # no output, and the work folder it made is gone
+    monkeypatch.undo()
+    assert run(_cli_args(images, out)) == 0, capsys.readouterr().err
+    assert (out / "model.safetensors").is_file() and not work_dir_for(out).exists()
+
+
+def test_a_failure_after_a_checkpoint_says_how_to_resume(images: Path, tmp_path: Path, monkeypatch) -> None:
+    request = FinetuneRequest(**TINY, data=images, method="evit", keep=0.5, epochs=2, lr=1e-4, output=tmp_path / "ft")
+    calls = []
+    resize = finetune_train.resize_images
+
+    def nan_from_epoch_two(batch, size):  # 12 images in batches of 4: 3 steps per epoch
+        calls.append(1)
+        return resize(batch, size) * (math.nan if len(calls) > 3 else 1.0)
+
+    monkeypatch.setattr(finetune_train, "resize_images", nan_from_epoch_two)
+    with pytest.raises(VitpruneError) as caught:
+        run_finetune(request)
+    assert str(caught.value) == ("training diverged: the loss is nan at epoch 2 step 1; lower lr; run again with "
+                                 "resume to continue from epoch 2 (1 of 2 done)")
+    assert caught.value.param == "lr"
+    work = work_dir_for(request.output)
+    assert not request.output.exists() and torch.load(work / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(finetune_train, "resize_images", resize)
+    result = run_finetune(replace(request, resume=True))
+    assert [row["epoch"] for row in result.metrics] == [0, 1, 2] and not work.exists()
+
+
+def test_a_full_disk_before_the_first_checkpoint_removes_the_work_folder(images: Path, tmp_path: Path, capsys,
+                                                                       monkeypatch) -> None:
+    def disk_full(obj, file, *args, **kwargs):
+        file.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    out = tmp_path / "ft"
+    assert run(_cli_args(images, out)) == 2
+    err = _one_error_line(capsys)
+    assert f"disk full while writing {work_dir_for(out) / 'checkpoint.pt'}" in err
+    assert sorted(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["data", "val"])
+def test_a_corrupt_image_is_named_before_the_first_step(images: Path, tmp_path: Path, capsys, monkeypatch,
+                                                        where: str) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    bad = data / "1" / "2.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # a truncated PNG: the header opens, the data does not
+    monkeypatch.setattr(finetune.Trainer, "step", lambda *args: pytest.fail("a training step ran"))
+    out = tmp_path / "ft"
+    extra = ["--val", str(data)] if where == "val" else []
+    assert run(_cli_args(images if where == "val" else data, out, *extra)) == 2
+    err = _one_error_line(capsys)
+    assert f"cannot read image {bad}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_a_class_index_the_model_lacks_is_refused_before_training(images: Path, tmp_path: Path, capsys,
+                                                                monkeypatch) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    files = sorted(images.rglob("*.png"))[:4]
+    for index, file in enumerate(files):
+        shutil.copy(file, data / f"im{index}.png")
+    (data / "labels.csv").write_text("file,class_index\n" + "".join(
+        f"im{index}.png,{5000 if index == 2 else index}\n" for index in range(len(files))))
+    monkeypatch.setattr(finetune.Trainer, "step", lambda *args: pytest.fail("a training step ran"))
+    out = tmp_path / "ft"
+    assert run(_cli_args(data, out)) == 2
+    err = _one_error_line(capsys)
+    assert str(data / "im2.png") in err and "5000" in err and "1000 classes" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -264,7 +264,7 @@ def test_pretrained_offline_fails_fast_and_cleanly(monkeypatch: pytest.MonkeyPat
     assert message.startswith(
         f"could not get pretrained weights for {TINY} (offline and not in the Hugging Face cache?): "
     )
-    assert message.endswith("; pass --checkpoint PATH or --no-pretrained")
+    assert message.endswith("; give a checkpoint (or use random weights)")
     assert "\n" not in message
     assert time.monotonic() - started < 10
 

@@ -20,13 +20,14 @@ from torch import nn
 from vitprune import __version__
 from vitprune.errors import VitpruneError
 from vitprune.io import atomic_output_dir
-from vitprune.models import create_model, load_state_dict_into
+from vitprune.models import create_model, file_sha256, load_state_dict_into
 from vitprune.patch import apply_plan, model_img_size, plan_of
 from vitprune.plan import Plan
 
 WEIGHTS_FILE = "model.safetensors"
 PLAN_FILE = "vitprune.json"
 METADATA_KEY = "vitprune"
+WEIGHTS_SHA256_KEY = "weights_sha256"
 
 
 def versions() -> dict:
@@ -60,26 +61,36 @@ def artifact_metadata(model: nn.Module, info: dict, plan: Plan) -> dict:
 def save_weights(model: nn.Module, path: Path, metadata: dict, metadata_key: str = METADATA_KEY) -> None:
     """Base weights (the plan adds none) with the metadata, so the one file is a full artifact."""
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    safetensors.torch.save_file(tensors, str(path), metadata={metadata_key: json.dumps(metadata)})
+    try:
+        safetensors.torch.save_file(tensors, str(path), metadata={metadata_key: json.dumps(metadata)})
+    except OSError:
+        raise
+    except Exception as error:  # safetensors' own error type wraps the OS error (a full disk, ...)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "No space left" in reason:
+            raise VitpruneError(f"disk full while writing {path}") from None
+        raise VitpruneError(f"cannot write {path}: {reason}") from None
 
 
 def write_artifact(out_dir: str | Path, model: nn.Module, info: dict, *, report: dict | None = None,
                    report_md: str | None = None, force: bool = False, extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write the artifact folder atomically. `model` must carry its plan (see `vitprune.apply`)."""
+    """Write the artifact folder atomically. `model` must carry its plan (see `vitprune.apply`).
+    vitprune.json records the sha256 of the weights file, which `load_artifact` verifies."""
     plan = plan_of(model) or Plan()
     metadata = artifact_metadata(model, info, plan)
     with atomic_output_dir(out_dir, force=force) as tmp:
         save_weights(model, tmp / WEIGHTS_FILE, metadata)
-        (tmp / PLAN_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        metadata[WEIGHTS_SHA256_KEY] = file_sha256(tmp / WEIGHTS_FILE)
+        (tmp / PLAN_FILE).write_text(json.dumps(metadata, indent=2, allow_nan=False) + "\n")
         write_report_files(tmp, report, report_md, extra_files)
     return Path(out_dir)
 
 
 def write_report_files(folder: Path, report: dict | None, report_md: str | None,
                        extra_files: dict[str, bytes] | None) -> None:
-    """report.json, report.md and any extra files (plots, CSVs) into an artifact folder being written."""
+    """report.json (strict JSON), report.md and any extra files (plots, CSVs) into an artifact folder being written."""
     if report is not None:
-        (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (folder / "report.json").write_text(report_json(report))
     if report_md is not None:
         (folder / "report.md").write_text(report_md)
     for name, data in (extra_files or {}).items():
@@ -87,17 +98,25 @@ def write_report_files(folder: Path, report: dict | None, report_md: str | None,
         (folder / name).write_bytes(data)
 
 
+def report_json(report: dict) -> str:
+    """A report as strict JSON: a non-finite figure is an error, never a result."""
+    try:
+        return json.dumps(report, indent=2, allow_nan=False) + "\n"
+    except ValueError:
+        raise VitpruneError("a measured figure is not finite (NaN or infinity); nothing was written") from None
+
+
 def read_metadata(path: str | Path) -> dict:
-    """The artifact metadata of a folder (its vitprune.json) or of a .safetensors file."""
+    """The artifact metadata of a folder (its vitprune.json) or of a .safetensors file, schema-checked."""
     path = Path(path)
     if path.is_dir():
         plan_file = path / PLAN_FILE
         if not plan_file.is_file():
             raise VitpruneError(f"{path} is not a vitprune artifact: no {PLAN_FILE}")
         try:
-            return json.loads(plan_file.read_text())
+            return check_metadata(json.loads(plan_file.read_text()), str(plan_file))
         except (OSError, ValueError) as exc:
-            raise VitpruneError(f"cannot read {plan_file}: {exc}") from None
+            raise VitpruneError(f"cannot read {plan_file}: {str(exc).splitlines()[0]}") from None
     if not path.exists():
         raise VitpruneError(f"no such artifact: {path}")
     try:
@@ -106,19 +125,46 @@ def read_metadata(path: str | Path) -> dict:
     except Exception as exc:  # safetensors raises several error types for a corrupt header
         raise VitpruneError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
     if METADATA_KEY not in metadata:
-        raise VitpruneError(f"{path} has no vitprune plan in its metadata; pass a model name and --checkpoint instead")
-    return json.loads(metadata[METADATA_KEY])
+        raise VitpruneError(f"{path} has no vitprune plan in its metadata; give a model name and its checkpoint instead")
+    try:
+        return check_metadata(json.loads(metadata[METADATA_KEY]), str(path))
+    except ValueError as exc:
+        raise VitpruneError(f"cannot read the vitprune metadata of {path}: {exc}") from None
 
 
-def load_artifact(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """The reduced model saved at `path` (an artifact folder or its .safetensors), in eval mode."""
+def check_metadata(metadata: object, source: str) -> dict:
+    """The fields `load_artifact` reads, with their types: a bad file is a VitpruneError naming the field."""
+    if not isinstance(metadata, dict):
+        raise VitpruneError(f"{source}: artifact metadata must be a JSON object, got {type(metadata).__name__}")
+    identity = metadata.get("model")
+    if not isinstance(identity, dict):
+        raise VitpruneError(f"{source}: field model must be an object naming the base model")
+    for key, kinds, what in (("name", (str,), "a timm model name"), ("img_size", (int,), "a whole number"),
+                             ("num_classes", (int,), "a whole number"), ("tag", (str, type(None)), "a string or null")):
+        value = identity.get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise VitpruneError(f"{source}: field model.{key} must be {what}, got {value!r}")
+    if "plan" not in metadata:
+        raise VitpruneError(f"{source}: field plan is missing")
+    Plan.from_dict(metadata["plan"], source=source)  # checks every field of the plan
+    return metadata
+
+
+def load_artifact(path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
+    """The reduced model saved at `path` (an artifact folder or its .safetensors), in eval mode.
+
+    From a folder, the weights file must match the sha256 vitprune.json recorded (`verify=False`
+    loads an artifact whose weights were changed on purpose)."""
     path = Path(path)
     metadata = read_metadata(path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     if not weights.is_file():
         raise VitpruneError(f"{path} is missing {WEIGHTS_FILE}")
+    if verify and path.is_dir() and metadata.get(WEIGHTS_SHA256_KEY) not in (None, file_sha256(weights)):
+        raise VitpruneError(f"{weights} changed since it was written (sha256 mismatch with {PLAN_FILE}); "
+                            "pass verify=False to load it anyway")
     identity = metadata["model"]
-    plan = Plan.from_dict(metadata["plan"])
+    plan = Plan.from_dict(metadata["plan"], source=str(path))
     name = identity["name"] + (f".{identity['tag']}" if identity.get("tag") else "")
     model, _ = create_model(name, pretrained=False, img_size=identity["img_size"], num_classes=identity["num_classes"])
     try:

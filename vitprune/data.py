@@ -6,6 +6,7 @@ import csv
 import io
 import random
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,16 @@ def _random_subset(image_set: ImageSet, limit: int | None, seed: int) -> ImageSe
     return image_set.subset(chosen)
 
 
+def check_labels(image_set: ImageSet, num_classes: int) -> None:
+    """Every label names one of the model's classes (checked when the images are listed)."""
+    if image_set.labels is None or num_classes <= 0:
+        return
+    worst = max(range(len(image_set)), key=lambda index: image_set.labels[index])
+    if image_set.labels[worst] >= num_classes:
+        raise VitpruneError(f"{image_set.files[worst]} is labelled class {image_set.labels[worst]}, but the model "
+                            f"has {num_classes} classes (0..{num_classes - 1})")
+
+
 def split(image_set: ImageSet, holdout_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """Deterministic random split into (calibration, holdout); both keep the original order."""
     if not 0.0 < holdout_fraction < 1.0:
@@ -204,8 +215,11 @@ class ImageDataset(Dataset):
         file = self.files[index]
         label = self.labels[index] if self.labels is not None else -1
         try:
-            with Image.open(file) as image:
-                rgb = image.convert("RGB")
+            with warnings.catch_warnings():
+                # a decompression-bomb warning is refused as an error, not printed as a warning
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(file) as image:
+                    rgb = image.convert("RGB")
         except Exception as error:  # PIL raises many types for corrupt, truncated or non-image files
             return None, label, f"cannot read image {file}: {_first_line(error)}"
         try:
@@ -281,7 +295,11 @@ def predict(
         task = bar.add_task(description, total=len(images))
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].to(device)
-            outputs.append(model(batch).float().cpu())
+            logits = model(batch).float().cpu()
+            if not torch.isfinite(logits).all():
+                raise VitpruneError(f"the model gives non-finite logits (NaN or infinity) on images {start}.."
+                                    f"{start + len(batch) - 1}: its weights or inputs are broken")
+            outputs.append(logits)
             bar.advance(task, len(batch))
     return torch.cat(outputs)
 

@@ -196,6 +196,7 @@ def create_model(
         model = _build(full_name, pretrained=False, **build_kwargs)
         tag = None
     _raise_if_unsupported(model, architecture)
+    _check_patch_multiple(model, img_size)
     model.eval()
 
     info = {
@@ -208,9 +209,17 @@ def create_model(
     return model, info
 
 
+def _check_patch_multiple(model: nn.Module, img_size: int | None) -> None:
+    """One rule everywhere: an input size is a whole number of patches."""
+    patch = model.patch_embed.patch_size
+    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    if img_size is not None and img_size % patch:
+        raise VitpruneError(f"img_size must be a multiple of the patch size {patch}, got {img_size}", param="img_size")
+
+
 def _build_kwargs(img_size: int | None, num_classes: int | None) -> dict[str, int]:
     if img_size is not None and not _is_int_at_least(img_size, 1):
-        raise VitpruneError(f"img_size must be a positive integer, got {img_size!r}")
+        raise VitpruneError(f"img_size must be a positive integer, got {img_size!r}", param="img_size")
     if num_classes is not None and not _is_int_at_least(num_classes, 0):
         raise VitpruneError(f"num_classes must be a non-negative integer, got {num_classes!r}")
     kwargs = {"img_size": img_size, "num_classes": num_classes}
@@ -249,7 +258,7 @@ def _build_pretrained(full_name: str, **build_kwargs: int) -> nn.Module:
     pretrained_cfg = timm.models.get_pretrained_cfg(full_name)
     if pretrained_cfg is None or not (pretrained_cfg.hf_hub_id or pretrained_cfg.url or pretrained_cfg.file):
         raise VitpruneError(
-            f"{architecture} has no pretrained weights in timm; pass --checkpoint PATH or --no-pretrained"
+            f"{architecture} has no pretrained weights in timm; give a checkpoint (or use random weights)"
         )
     try:
         # timm fetches through the Hugging Face hub, so HF_HUB_OFFLINE and the HF cache apply.
@@ -258,7 +267,7 @@ def _build_pretrained(full_name: str, **build_kwargs: int) -> nn.Module:
         reason = _first_line(str(error)) or type(error).__name__
         raise VitpruneError(
             f"could not get pretrained weights for {full_name} (offline and not in the Hugging Face cache?): "
-            f"{reason}; pass --checkpoint PATH or --no-pretrained"
+            f"{reason}; give a checkpoint (or use random weights)"
         ) from error
 
 
@@ -274,6 +283,10 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor], *, 
     mismatch = describe_state_dict_mismatch(converted, model)
     if mismatch:
         raise VitpruneError(f"checkpoint {source} does not fit {architecture}: {mismatch}")
+    not_finite = next((key for key, value in converted.items()
+                       if value.is_floating_point() and not torch.isfinite(value).all()), None)
+    if not_finite is not None:
+        raise VitpruneError(f"checkpoint {source} holds non-finite weights (NaN or infinity in {not_finite})")
     model.load_state_dict(converted, strict=True)
 
 

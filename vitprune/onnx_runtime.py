@@ -158,7 +158,7 @@ def _write_graph(graph: nn.Module, example: Tensor, path: Path, opset: int, fixe
                           dynamic_axes=dynamic_axes, do_constant_folding=True)
         _pin_batch(path, fixed_batch)
         onnx.checker.check_model(str(path))
-    except VitpruneError:
+    except (VitpruneError, OSError):  # an OS error (a full disk) names the output: `atomic_output_file`
         raise
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

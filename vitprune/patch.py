@@ -124,18 +124,20 @@ class ReducedVisionTransformer:
         """
         attn = block.attn
         batch, width, _ = x.shape
-        qkv = _unpack(attn.qkv(block.norm1(_pack(x, state.valid))), state.valid, batch, width)
+        rows = _real_rows(state.valid)  # once per mask: each costs a device sync
+        qkv = _unpack(attn.qkv(block.norm1(_pack(x, rows))), rows, batch, width)
         q, k, v = _heads(attn, qkv, 3)
         q, k = attn.q_norm(q), attn.k_norm(k)
         ctx = self._context(block, q, k, v, state, num_input_tokens, None)
         if reduction is not None and reduction.spec.selects_queries:
             index, state = reduction.spec.select(ctx, reduction.settings)
             q, x = _take_queries(q, index), gather_tokens(x, index)
-        out = _pack(_merge_heads(self._attend(attn, q, k, v, ctx.key_bias)), state.valid)
-        residual = _pack(x, state.valid)
+            rows = _real_rows(state.valid)
+        out = _pack(_merge_heads(self._attend(attn, q, k, v, ctx.key_bias)), rows)
+        residual = _pack(x, rows)
         gate_input = block.norm1(residual) if getattr(attn, "gate", None) is not None else None
         packed = _mlp_residual(block, residual + block.drop_path1(block.ls1(_project(attn, out, gate_input))))
-        x = _unpack(packed, state.valid, batch, q.shape[2])
+        x = _unpack(packed, rows, batch, q.shape[2])
         self._record(layer, reduction, width, ctx.state, state, q.shape[2], x)
         return x, state
 
@@ -198,16 +200,14 @@ def _take_queries(q: Tensor, index: Tensor) -> Tensor:
     return q.gather(2, index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
 
 
-def _pack(x: Tensor, valid: Tensor | None) -> Tensor:
-    """The real tokens of a padded batch as rows: (B, W, C) -> (real, C)."""
+def _pack(x: Tensor, rows: Tensor | None) -> Tensor:
+    """The real tokens of a padded batch as rows: (B, W, C) -> (real, C); `rows` from `_real_rows`."""
     flat = x.reshape(-1, x.shape[-1])
-    rows = _real_rows(valid)
     return flat if rows is None else flat.index_select(0, rows)
 
 
-def _unpack(rows_out: Tensor, valid: Tensor | None, batch: int, width: int) -> Tensor:
+def _unpack(rows_out: Tensor, rows: Tensor | None, batch: int, width: int) -> Tensor:
     """The inverse of `_pack`: padding rows are zeros. -> (B, W, C)."""
-    rows = _real_rows(valid)
     if rows is None:
         return rows_out.view(batch, width, -1)
     full = rows_out.new_zeros(batch * width, rows_out.shape[-1]).index_copy_(0, rows, rows_out)

@@ -14,8 +14,11 @@ from vitprune import methods
 from vitprune.errors import VitpruneError
 
 PLAN_FORMAT = 1
-# Plans written before the methods registry list every method's fields, the unused ones blank.
-_BLANK_FIELD_VALUES = (None, 0.0, True)
+
+
+def _is_blank(value: object) -> bool:
+    """Plans written before the methods registry list every method's fields, the unused ones blank."""
+    return value is None or value is True or (type(value) is float and value == 0.0)
 
 
 class Reduction:
@@ -93,7 +96,7 @@ class Reduction:
         layer, method = data.pop("layer"), data.pop("method")
         known = {param.name for param in methods.get(method).params} if method in methods.names() else set(data)
         for key in [key for key in data if key not in known]:
-            if data[key] not in _BLANK_FIELD_VALUES:
+            if not _is_blank(data[key]):
                 raise VitpruneError(f"{key} is not a parameter of {method}")
             del data[key]
         return cls(layer, method, **data)
@@ -192,13 +195,42 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> Plan:
-        try:
-            reductions = tuple(Reduction.from_dict(red) for red in data["reductions"])
-            return cls(reductions=reductions, img_size=data.get("img_size"), head_only=bool(data.get("head_only", False)),
-                       notes=data.get("notes") or {})
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise VitpruneError(f"malformed plan: {exc}") from None
+    def from_dict(cls, data: dict, source: str = "plan") -> Plan:
+        """A plan from its JSON form, checked field by field (`source` names the file in errors)."""
+        if not isinstance(data, dict):
+            raise VitpruneError(f"{source}: a plan must be a JSON object, got {type(data).__name__}")
+        reductions = data.get("reductions")
+        if not isinstance(reductions, list):
+            raise VitpruneError(f"{source}: plan field reductions must be a list, got {_json_type(reductions)}")
+        img_size, head_only, notes = data.get("img_size"), data.get("head_only", False), data.get("notes") or {}
+        if img_size is not None and not (isinstance(img_size, int) and not isinstance(img_size, bool) and img_size > 0):
+            raise VitpruneError(f"{source}: plan field img_size must be a positive whole number or null, got {img_size!r}")
+        if not isinstance(head_only, bool) or not isinstance(notes, dict):
+            field_name = "head_only" if not isinstance(head_only, bool) else "notes"
+            raise VitpruneError(f"{source}: plan field {field_name} has the wrong type")
+        return cls(reductions=tuple(_reduction_from(red, f"{source}: reductions[{index}]")
+                                    for index, red in enumerate(reductions)),
+                   img_size=img_size, head_only=head_only, notes=notes)
+
+
+def _reduction_from(data: object, where: str) -> Reduction:
+    if not isinstance(data, dict):
+        raise VitpruneError(f"{where} must be a JSON object, got {_json_type(data)}")
+    layer, method = data.get("layer"), data.get("method")
+    if not (isinstance(layer, int) and not isinstance(layer, bool)):
+        raise VitpruneError(f"{where}.layer must be a whole number, got {layer!r}")
+    if method not in methods.names():
+        raise VitpruneError(f"{where}.method: unknown method {method!r}; choose one of {', '.join(methods.names())}")
+    try:
+        reduction = Reduction.from_dict(data)
+        reduction.spec.validate(reduction.settings)
+    except VitpruneError as error:
+        raise VitpruneError(f"{where}: {error}") from None
+    return reduction
+
+
+def _json_type(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def _ordered_keys(settings: list[dict]) -> list[str]:
@@ -240,6 +272,6 @@ def read_plan_file(path: str | Path) -> tuple[Plan, dict]:
         raise VitpruneError(f"cannot read plan {path}: {exc}") from None
     if not isinstance(data, dict):
         raise VitpruneError(f"cannot read plan {path}: not a JSON object")
-    return Plan.from_dict(data.get("plan", data)), data.get("model", {})
+    return Plan.from_dict(data.get("plan", data), source=str(path)), data.get("model", {})
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from vitprune.artifact import identity_info, load_artifact, read_metadata
-from vitprune.data import ImageSet, find_images, load_images, transform_for
+from vitprune.data import ImageSet, check_labels, find_images, load_images, transform_for
 from vitprune.errors import VitpruneError
 from vitprune.models import create_model
 from vitprune.patch import model_img_size, plan_of, remove_plan
@@ -55,6 +55,7 @@ def load_images_for(model: nn.Module, data: Path, *, limit: int | None, workers:
                     batch_size: int = 64, progress: bool = True) -> tuple[Tensor, Tensor | None, ImageSet]:
     """(images, labels or None, ImageSet) preprocessed with timm's data config for `model`."""
     image_set = find_images(data, limit=limit)
+    check_labels(image_set, model.num_classes)
     images, labels = load_images(image_set, transform_for(model, img_size=img_size), num_workers=workers,
                                  batch_size=batch_size, progress=progress)
     return images, labels, image_set

@@ -17,7 +17,8 @@ preprocessed tensor feeds every stage.
 
 Modules: grammar (the stage list), exits (confidence and the one exit loop), model (CascadeModel),
 thresholds (cached stage outputs, calibration to a budget), evaluation (held-out figures, single
-models), artifact (the cascade folder), onnx_cascade (one graph per stage, OnnxCascade), report.
+models), artifact (the cascade folder), schema (cascade.json and the ONNX manifest checked field by
+field when read), onnx_cascade (one graph per stage with their sha256, OnnxCascade), report.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from vitprune.cascade.exits import RESIZE
 from vitprune.cascade.grammar import describe_stage
 from vitprune.cascade.model import CascadeModel, build_cascade
 from vitprune.cascade.onnx_cascade import write_onnx
+from vitprune.cascade.schema import check_cascade_metadata
 from vitprune.cascade.thresholds import threshold_entry, threshold_of
 from vitprune.errors import VitpruneError
 from vitprune.io import atomic_output_dir
@@ -56,7 +57,7 @@ def save_cascade(out_dir: str | Path, cascade: CascadeModel, info: dict, *, repo
     metadata = cascade_metadata(cascade, info)
     with atomic_output_dir(out_dir, force=force) as tmp:
         save_weights(cascade.base, tmp / WEIGHTS_FILE, metadata, metadata_key=METADATA_KEY)
-        (tmp / CASCADE_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        (tmp / CASCADE_FILE).write_text(json.dumps(metadata, indent=2, allow_nan=False) + "\n")
         write_report_files(tmp, report, report_md, extra_files)
         if onnx:
             write_onnx(cascade, tmp / "onnx", opset=17, fp16=False)
@@ -64,19 +65,17 @@ def save_cascade(out_dir: str | Path, cascade: CascadeModel, info: dict, *, repo
 
 
 def read_cascade_metadata(path: str | Path) -> dict:
+    """cascade.json of the folder `path`, checked field by field (`schema.check_cascade_metadata`)."""
     path = Path(path)
     file = path / CASCADE_FILE
     if not file.is_file():
         raise VitpruneError(f"{path} is not a vitprune cascade: no {CASCADE_FILE}")
     try:
         metadata = json.loads(file.read_text())
-        if not isinstance(metadata, dict) or not metadata.get("stages") or "model" not in metadata:
-            raise ValueError("no stages or model")
-    except (OSError, ValueError) as exc:
-        raise VitpruneError(f"cannot read {file}: {exc}") from None
-    if metadata.get("format") != CASCADE_FORMAT:
-        raise VitpruneError(f"{file} has format {metadata.get('format')}; this vitprune reads format {CASCADE_FORMAT}")
-    return metadata
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VitpruneError(f"cannot read {file}: {reason}") from None
+    return check_cascade_metadata(metadata, str(file), CASCADE_FORMAT)
 
 
 def load_cascade(path: str | Path, *, device: str | torch.device = "cpu") -> CascadeModel:
@@ -85,7 +84,8 @@ def load_cascade(path: str | Path, *, device: str | torch.device = "cpu") -> Cas
     metadata = read_cascade_metadata(path)
     base = _load_base(path / WEIGHTS_FILE, metadata["model"], path)
     stages = metadata["stages"]
-    plans = [Plan.from_dict(stage["plan"]) for stage in stages]
+    plans = [Plan.from_dict(stage["plan"], source=f"{path / CASCADE_FILE}: stages[{index}].plan")
+             for index, stage in enumerate(stages)]
     thresholds = [threshold_of(stage) for stage in stages[:-1]]
     cascade = build_cascade(base, plans, thresholds, criterion=metadata.get("criterion", "maxprob"),
                             info=identity_info(metadata), stage_gmacs=[stage["gmacs"] for stage in stages])

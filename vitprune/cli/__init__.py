@@ -5,9 +5,13 @@ one-line error and exit code 2 (`run`).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import sys
+import threading
+import warnings
 
 import click
 import typer
@@ -20,48 +24,98 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 
 
+class Stopped(BaseException):
+    """Ctrl-C (SIGINT) or SIGTERM (timeout, Slurm, docker stop, Kubernetes), raised where the run is so
+    that every `finally` removes its temporary outputs. A BaseException: no `except Exception` swallows
+    it, and unlike KeyboardInterrupt no library turns it into something else (Typer makes that exit 130)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
+STOPS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143)}
+
+
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code, errors printed as one line on stderr."""
+    """Run the CLI and return its exit code, errors printed as one line on stderr (and, with
+    --json, as {"error": ...} on stdout)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    previous = {signum: signal.signal(signum, _stop) for signum in STOPS} if _main_thread() else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return _dispatch(argv)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _dispatch(argv: list[str]) -> int:
     try:
         result = app(args=argv, prog_name="vitprune", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except VitpruneError as error:
-        _error(_with_flag(str(error), error.param, argv if argv is not None else sys.argv[1:]))
-        return EXIT_BAD_INPUT
+        return _fail(_with_flag(str(error), error.param, argv), EXIT_BAD_INPUT, argv)
     except (click.exceptions.Exit, typer.Exit) as done:
         return done.exit_code
     except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
-        _error("interrupted")
-        return 130
+        return _fail("interrupted", 130, argv, fresh_line=True)
+    except Stopped as stop:
+        message, code = STOPS[stop.signum]
+        return _fail(message, code, argv, fresh_line=True)
     except Exception as error:
         if _is_usage_error(error):
-            if error.format_message():  # no arguments at all: the help was printed, nothing to add
-                _error(error.format_message())
-            return error.exit_code
+            if not error.format_message():  # no arguments at all: the help was printed, nothing to add
+                return error.exit_code
+            return _fail(error.format_message(), error.exit_code, argv)
         if os.environ.get("VITPRUNE_DEBUG"):  # a bug, not bad input: still one line unless debugging
             raise
-        _error(f"internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
-               "(set VITPRUNE_DEBUG=1 for the traceback)")
-        return EXIT_INTERNAL
+        return _fail(f"internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+                     "(set VITPRUNE_DEBUG=1 for the traceback)", EXIT_INTERNAL, argv)
+
+
+def _fail(message: str, code: int, argv: list[str], fresh_line: bool = False) -> int:
+    _error(message, fresh_line=fresh_line)
+    if "--json" in argv:
+        sys.stdout.write(json.dumps({"error": " ".join(message.split())}) + "\n")
+    return code
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """torch/PIL warnings as one `warning:` line each, not a source excerpt."""
+    text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+    print(f"warning: {text}", file=sys.stderr)
 
 
 def _with_flag(message: str, param: str | None, argv: list[str]) -> str:
-    """The library names its parameters (`keep must be ...`); say the command's flag (`--keep`)."""
-    flag = _flag_of(param, argv)
-    if flag is None:
+    """The library names its parameters (`keep must be ...`); say the command's flags (`--keep`):
+    the parameter the error is about, and any other option name with an underscore (never an
+    ordinary word, e.g. no_pretrained)."""
+    if param is None:  # not about a parameter (a file's field, a model): nothing to translate
         return message
-    return re.sub(rf"(?<![\w-]){re.escape(param)}(?![\w-])", flag, message, count=1)
+    flags = _flags(argv)
+    names = [name for name in flags if name == param or "_" in name]
+    for name in sorted(names, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flags[name], message, count=1)
+    return message
 
 
-def _flag_of(param: str | None, argv: list[str]) -> str | None:
-    if param is None or not argv:
-        return None
-    command = typer.main.get_command(app)
-    sub = getattr(command, "commands", {}).get(argv[0])
-    for option in getattr(sub, "params", []):
-        if option.name == param and option.opts and option.opts[0].startswith("--"):
-            return max(option.opts, key=len)
-    return None
+def _flags(argv: list[str]) -> dict[str, str]:
+    """Parameter name -> its long flag, for the command in `argv`."""
+    if not argv:
+        return {}
+    sub = getattr(typer.main.get_command(app), "commands", {}).get(argv[0])
+    return {option.name: max(option.opts, key=len) for option in getattr(sub, "params", [])
+            if option.opts and option.opts[0].startswith("--")}
 
 
 def _is_usage_error(error: Exception) -> bool:
@@ -71,8 +125,9 @@ def _is_usage_error(error: Exception) -> bool:
         callable(getattr(error, "format_message", None)) and isinstance(getattr(error, "exit_code", None), int))
 
 
-def _error(message: str) -> None:
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+def _error(message: str, fresh_line: bool = False) -> None:
+    # an interrupt can land in the middle of a progress bar's line: start a fresh one
+    print(("\n" if fresh_line and sys.stderr.isatty() else "") + f"error: {' '.join(message.split())}", file=sys.stderr)
 
 
 def main() -> None:

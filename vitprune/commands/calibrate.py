@@ -15,6 +15,7 @@ from vitprune import calibrate
 from vitprune.artifact import model_identity
 from vitprune.budget import Budget
 from vitprune.commands.common import check_finite, check_whole
+from vitprune.data import check_labels
 from vitprune.errors import VitpruneError
 from vitprune.io import check_output_dir
 from vitprune.patch import apply_plan
@@ -92,6 +93,8 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
     setup = calibrate.prepare(base.model.eval(), request.img_sizes, request.head_only, request.budget)
     sets = calibrate.split_images(request.data, limit=request.limit, holdout=request.holdout, seed=request.seed,
                                   swap_split=request.swap_split)
+    for part in sets:
+        check_labels(part, setup.base_model.num_classes)
     calibrate.check_objective(request.objective, sets[0], request.data)
     images = calibrate.load_split(setup, sets, workers=request.workers, progress=request.progress)
     evals = calibrate.make_evaluators(setup, images, request.search_images, request.seed)

@@ -24,12 +24,12 @@ from vitprune.cascade import (
     save_cascade,
 )
 from vitprune.commands.common import check_device, check_whole
-from vitprune.data import ImageSet, split
+from vitprune.data import ImageSet, check_labels, find_images, load_images, split, transform_for
 from vitprune.errors import VitpruneError
 from vitprune.flops import count_macs
 from vitprune.io import check_output_dir
 from vitprune.patch import model_img_size
-from vitprune.source import BaseModel, load_base, load_images_for
+from vitprune.source import BaseModel, load_base
 
 BUDGET_PARAMS = ("target_gmacs", "target_ratio")
 
@@ -104,12 +104,14 @@ def run_cascade(request: CascadeRequest) -> CascadeResult:
     """Build the cascade, calibrate its thresholds to the budget, report held-out figures, the
     accuracy-vs-budget curve next to single fixed plans, and write the artifact if asked."""
     budget = request.check()
+    image_set = find_images(request.data, limit=request.limit)
     base = load_base(request.model, request.checkpoint, request.no_pretrained, None)
+    check_labels(image_set, base.model.num_classes)  # before any stage is built or run
     model = base.model.to(request.device).eval()
     cascade = _build(request, model, base.info)
     base_gmacs = count_macs(model).gmacs
     budget_gmacs = _budget_gmacs(request, budget, base_gmacs, cascade)
-    data, image_set = _load_images(request, model, cascade)
+    data = _load_images(request, model, cascade, image_set)
     options = EvalOptions(batch_size=request.batch_size, progress=request.progress, frontier=request.frontier)
     figures = evaluate_cascade(cascade, model, data, budget_gmacs, base_gmacs, options)
     report = cascade_report(cascade, base.info, img_size=model_img_size(model), base_gmacs=base_gmacs,
@@ -140,15 +142,13 @@ def _budget_gmacs(request: CascadeRequest, budget: Budget, base_gmacs: float, ca
     return gmacs
 
 
-def _load_images(request: CascadeRequest, model: nn.Module, cascade: CascadeModel) -> tuple[CascadeImages, ImageSet]:
+def _load_images(request: CascadeRequest, model: nn.Module, cascade: CascadeModel, image_set: ImageSet) -> CascadeImages:
     """The images at the cascade's input size (on the device), split into calibration and held-out."""
-    images, labels, image_set = load_images_for(model, request.data, limit=request.limit, workers=request.workers,
-                                                img_size=cascade.input_size, batch_size=request.batch_size,
-                                                progress=request.progress)
+    images, labels = load_images(image_set, transform_for(model, img_size=cascade.input_size),
+                                 num_workers=request.workers, batch_size=request.batch_size, progress=request.progress)
     calibration_set, holdout_set = split(image_set, request.holdout, request.seed)
-    data = CascadeImages(images=images.to(request.device), labels=labels,
+    return CascadeImages(images=images.to(request.device), labels=labels,
                          calib_idx=_indices(image_set, calibration_set), hold_idx=_indices(image_set, holdout_set))
-    return data, image_set
 
 
 def _indices(image_set: ImageSet, part: ImageSet) -> Tensor:

@@ -2,15 +2,16 @@
 timed against the unreduced graph and saved as one .safetensors file, with the report beside it."""
 from __future__ import annotations
 
-import json
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor, nn
 
-from vitprune.artifact import model_identity, versions
+from vitprune.artifact import model_identity, report_json, versions
 from vitprune.commands.common import ReducedModelSpec, build_reduced, check_whole
+from vitprune.errors import VitpruneError
 from vitprune.export import (
     RANDOM_VERIFY_IMAGES,
     bench_against_base,
@@ -85,6 +86,7 @@ def run_export(request: ExportRequest) -> dict:
     images = evidence.images if evidence.images is not None else random_images(reduced)
     with ExitStack() as outputs:
         onnx_tmp = outputs.enter_context(atomic_output_file(request.onnx, force=True))
+        outputs.enter_context(_named_as(onnx_tmp, Path(request.onnx)))
         section = _export_and_verify(request, reduced, plan, onnx_tmp, images, evidence.images is not None)
         if request.safetensors is not None:
             weights_tmp = outputs.enter_context(atomic_output_file(request.safetensors, force=True))
@@ -97,6 +99,17 @@ def run_export(request: ExportRequest) -> dict:
         report["onnx"] = section
         _write_reports(outputs, report_path, report)
     return report
+
+
+@contextmanager
+def _named_as(tmp: Path, final: Path) -> Iterator[None]:
+    """An error about the temporary file (a full disk, a graph ONNX Runtime refuses) names the output it becomes."""
+    try:
+        yield
+    except VitpruneError as error:
+        if str(tmp) not in str(error):
+            raise
+        raise VitpruneError(str(error).replace(str(tmp), str(final)), param=error.param) from None
 
 
 def _evidence(request: ExportRequest, base: BaseModel, reduced: nn.Module) -> Evidence:
@@ -132,6 +145,6 @@ def _bench(request: ExportRequest, base: nn.Module, reduced_path: Path, evidence
 def _write_reports(outputs: ExitStack, report_path: Path, report: dict) -> None:
     """report.json and report.md (with its ONNX part), kept when every output is."""
     json_tmp = outputs.enter_context(atomic_output_file(report_path, force=True))
-    json_tmp.write_text(json.dumps(report, indent=2) + "\n")
+    json_tmp.write_text(report_json(report))  # strict JSON: absent figures are null, never NaN
     md_tmp = outputs.enter_context(atomic_output_file(report_path.with_name("report.md"), force=True))
     md_tmp.write_text(render_markdown(report) + render_onnx_markdown(report["onnx"]))

@@ -115,6 +115,8 @@ class FinetuneRequest(ReducedModelSpec):
             raise VitpruneError(f"the loss weights ({', '.join(LOSS_WEIGHTS)}) cannot all be 0", param=LOSS_WEIGHTS[0])
 
     def _check_data(self) -> None:
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise VitpruneError(f"seed must be a whole number, got {self.seed!r}", param="seed")
         if self.limit is not None:
             check_whole(self.limit, "limit", 1)
         if self.val_split is not None:

@@ -4,6 +4,8 @@ caller gives temporary paths (`vitprune.io.atomic_output_file`) and keeps them o
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -12,7 +14,8 @@ from torch import Tensor, nn
 from vitprune.artifact import artifact_metadata, load_artifact, save_weights
 from vitprune.errors import VitpruneError
 from vitprune.export.verify import verify_onnx
-from vitprune.io import writable_parent
+from vitprune.io import writable_parent, write_error
+from vitprune.models import file_sha256
 from vitprune.onnx_runtime import EXPORTER, export_onnx
 from vitprune.patch import model_img_size
 from vitprune.plan import Plan
@@ -31,7 +34,18 @@ def check_outputs(onnx: Path, safetensors: Path | None, force: bool) -> None:
             raise VitpruneError(f"output {path} is a folder; give a file name")
         if path.exists() and not force:
             raise VitpruneError(f"output file {path} already exists; pass force to replace it", param="force")
-        writable_parent(path)
+        _probe_folder(path, writable_parent(path))
+
+
+def _probe_folder(path: Path, folder: Path) -> None:
+    """Create and remove a file where `path` goes: the permission bits do not tell (root, /proc, a
+    read-only mount, a full disk)."""
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as error:
+        raise write_error(path, error) from None
 
 
 def existing_report(report_path: Path, model_name: str, plan_text: str, force: bool) -> dict | None:
@@ -99,8 +113,8 @@ def onnx_file_summary(path: str | Path) -> dict:
 
 def onnx_section(name: str, path: Path, plan: Plan, ats_padding: str, parity: dict,
                  safetensors: Path | None) -> dict:
-    """The report's "onnx" section (timings are added by the bench step)."""
-    section = {"file": name, **onnx_file_summary(path), "exporter": EXPORTER,
+    """The report's "onnx" section (timings are added by the bench step); `sha256` is the file's."""
+    section = {"file": name, **onnx_file_summary(path), "sha256": file_sha256(path), "exporter": EXPORTER,
                "ats_padding": ats_padding if plan.varies_per_image else None, "parity": parity}
     if safetensors is not None:
         section["safetensors"] = Path(safetensors).name

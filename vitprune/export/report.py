@@ -17,6 +17,8 @@ def render_onnx_markdown(section: dict) -> str:
              f"top-1 agreement {parity['agreement']:.2f}%, max |logit diff| {parity['max_abs_diff']:.3g} "
              f"(median {parity['median_abs_diff']:.3g}; {parity['within_tolerance']:.2f}% of images within "
              f"{parity['tolerance']:g})"]
+    if section.get("sha256"):
+        lines.append(f"- sha256: `{section['sha256']}`")
     if section.get("safetensors"):
         lines.append(f"- single-file artifact: `{section['safetensors']}` (vitprune.load rebuilds identical logits)")
     if "latency_ms" in section:

@@ -8,7 +8,9 @@ rates at once: the largest variant learns from the teacher, the others from the 
 Runs as one process (CPU by default) or unchanged under `torchrun` (DDP, one process per GPU).
 Checkpoints go to `<output>.partial/` every epoch; at the end the artifact is written to
 `<output>` in one rename and the work folder is removed, so a resumed run continues from the
-partial folder and `<output>` never holds a half-trained model.
+partial folder and `<output>` never holds a half-trained model. A run that fails before its first
+checkpoint removes the work folder it made; after one, its error says how to resume. Every image is
+verified to decode before the first step, and a non-finite loss stops the run ("training diverged").
 
 The modules, in the order a run uses them: distributed (the torchrun job), data (images,
 augmentation, loader), supervit (the variants), setup, train (Trainer, train_one_epoch),
@@ -22,6 +24,7 @@ from vitprune.finetune.checkpoint import (
     CHECKPOINT_FORMAT,
     RESUMABLE_FIELDS,
     Checkpoint,
+    WorkFolder,
     bound_settings,
     check_work_dir,
     work_dir_for,
@@ -33,6 +36,7 @@ from vitprune.finetune.data import (
     find_training_images,
     train_loader,
     train_transform,
+    verify_images,
 )
 from vitprune.finetune.distributed import Distributed, distributed_job, init_distributed
 from vitprune.finetune.losses import (
@@ -68,10 +72,10 @@ from vitprune.finetune.validate import Validation, prepare_validation
 __all__ = [
     "AMP_DTYPES", "CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "METRICS_FILE", "PLOT_FILE", "RESUMABLE_FIELDS",
     "Checkpoint", "DataOptions", "Distributed", "FinetuneConfig", "FinetuneResult", "History", "LossWeights",
-    "OutputOptions", "RunState", "TrainOptions", "Trainer", "TrainingImages", "Validation", "Variant",
+    "OutputOptions", "RunState", "TrainOptions", "Trainer", "TrainingImages", "Validation", "Variant", "WorkFolder",
     "before_after_table", "bound_settings", "check_auto_augment", "check_work_dir", "distill_loss", "distributed_job",
     "feature_distill_loss", "find_training_images", "finetune_markdown", "fit", "forward_with_features",
     "grid_variants", "hard_distill_loss", "init_distributed", "list_variants", "load_variant", "plot_training",
     "prepare_validation", "seed_everything", "served_model", "single_variant", "supervit_variants", "train_loader",
-    "train_one_epoch", "train_transform", "work_dir_for", "write_metrics_csv",
+    "train_one_epoch", "train_transform", "verify_images", "work_dir_for", "write_metrics_csv",
 ]

@@ -6,6 +6,8 @@ other ones is refused, naming them.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from torch import nn
 from vitprune.errors import VitpruneError
 from vitprune.finetune.report import History
 from vitprune.finetune.train import Training
-from vitprune.io import atomic_output_file, check_output_dir
+from vitprune.io import atomic_output_file, check_output_dir, write_error
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -57,7 +59,57 @@ def check_work_dir(output: Path | None, *, force: bool, resume: bool) -> Path | 
 def start_work_dir(work: Path) -> None:
     """A fresh, empty work folder (whatever an earlier run left there is removed)."""
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    try:
+        work.mkdir()
+    except OSError as error:
+        raise write_error(work, error) from None
+
+
+@dataclass
+class WorkFolder:
+    """Rank 0's `<output>.partial/` during a run (path None: no output, or another rank), and what
+    a failure does with it: removed when it holds no checkpoint yet (so that the next run is not
+    refused), kept with a hint to resume otherwise."""
+
+    path: Path | None
+    epochs: int  # the run's epochs
+    saved: int = 0  # epochs done in its checkpoint (0: none yet)
+    created: bool = False  # made by this run (a resumed run continues an existing one)
+
+    def start(self) -> None:
+        if self.path is not None:
+            start_work_dir(self.path)
+            self.created = True
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """Around a run: on any failure, remove or keep the folder; the error says how to resume."""
+        try:
+            yield
+        except VitpruneError as error:
+            self._tidy()
+            raise self._with_hint(error) from None
+        except OSError as error:
+            self._tidy()
+            if self.path is None:
+                raise
+            raise self._with_hint(write_error(Path(error.filename or self.path), error)) from None
+        except BaseException:  # Ctrl-C, SIGTERM, a bug: the folder is tidied, the error is not ours to change
+            self._tidy()
+            raise
+
+    def _tidy(self) -> None:
+        if self.path is not None and self.created and self.saved == 0:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def _with_hint(self, error: VitpruneError) -> VitpruneError:
+        if self.path is None or self.saved == 0:
+            return error
+        if self.saved >= self.epochs:
+            hint = f"run again with resume to write the output ({self.epochs} of {self.epochs} epochs done)"
+        else:
+            hint = f"run again with resume to continue from epoch {self.saved + 1} ({self.saved} of {self.epochs} done)"
+        return VitpruneError(f"{error}; {hint}", param=error.param)
 
 
 @dataclass
@@ -88,8 +140,8 @@ class Checkpoint:
         for key in ("ema", "scaler"):
             if getattr(self, key) is not None:
                 payload[key] = getattr(self, key)
-        with atomic_output_file(path) as tmp:
-            torch.save(payload, tmp)
+        with atomic_output_file(path) as tmp, open(tmp, "wb") as handle:
+            torch.save(payload, handle)  # through a Python file: a full disk is an OSError, not torch's RuntimeError
 
     @classmethod
     def load(cls, path: Path) -> Checkpoint:

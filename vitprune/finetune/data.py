@@ -1,7 +1,9 @@
 """Training and validation images: which files, timm's training augmentation, the training loader."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,9 +12,11 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from vitprune.data import ImageDataset, ImageSet, collate_images, data_config_for, find_images, split
+from vitprune.data import ImageDataset, ImageSet, check_labels, collate_images, data_config_for, find_images, split
 from vitprune.errors import VitpruneError
 from vitprune.finetune.distributed import Distributed
+
+VERIFY_CHUNK = 256  # images verified per batch of threads
 
 
 @dataclass(frozen=True)
@@ -58,12 +62,32 @@ def find_training_images(options: DataOptions) -> TrainingImages:
 
 def check_images(images: TrainingImages, num_classes: int, world_size: int) -> None:
     """Labels the model can predict, and at least one training image per process."""
-    for image_set, what in ((images.train, "training"), (images.val, "validation")):
-        if image_set is not None and image_set.labels and max(image_set.labels) >= num_classes:
-            raise VitpruneError(f"the {what} images have class index {max(image_set.labels)} but the model has "
-                                f"{num_classes} classes")
+    for image_set in (images.train, images.val):
+        if image_set is not None:
+            check_labels(image_set, num_classes)
     if len(images.train) < world_size:
         raise VitpruneError(f"{len(images.train)} training images cannot feed {world_size} processes")
+
+
+def verify_images(images: TrainingImages, workers: int) -> None:
+    """Every training and validation image opens and passes PIL's verify (a fast check, no full
+    decode), before the first step: a bad file is named now, not hours into the run."""
+    files = [*images.train.files, *(images.val.files if images.val is not None else [])]
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=max(1, min(workers, 8))) as pool:
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused by the loader too
+        for start in range(0, len(files), VERIFY_CHUNK):  # in chunks: a bad file stops the pass early
+            for problem in pool.map(_verify_image, files[start:start + VERIFY_CHUNK]):
+                if problem is not None:
+                    raise VitpruneError(problem)
+
+
+def _verify_image(file: Path) -> str | None:
+    try:
+        with Image.open(file) as image:
+            image.verify()
+    except Exception as error:  # PIL raises many types for corrupt, truncated or non-image files
+        return f"cannot read image {file}: {_first_line(error)}"
+    return None
 
 
 def train_transform(model: nn.Module, crop_scale: float, augment: bool = True,

@@ -1,6 +1,7 @@
 """This process's place in a torchrun job: one process alone, or one per GPU under DDP."""
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,15 @@ class Distributed:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def all_finite(self, value: float) -> bool:
+        """Whether `value` is finite on every process (alone: here), so that all ranks stop together."""
+        finite = math.isfinite(value)
+        if self.world_size <= 1:
+            return finite
+        flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() == 0.0)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """`model` itself alone, its DDP wrapper (gradients averaged across ranks) in a job."""

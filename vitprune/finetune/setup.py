@@ -1,13 +1,14 @@
-"""Setup: the input checked against the model, the student, its optimiser, schedule, EMA and
-batches, a resumed checkpoint, the validation images. Nothing is written before every check."""
+"""Setup: the input checked against the model (labels, every image decodes), the student, its
+optimiser, schedule, EMA and batches, a resumed checkpoint, the validation images. Nothing is
+written here: the work folder is made afterwards (`run.fit`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from torch import nn
 
-from vitprune.finetune.checkpoint import Checkpoint, start_work_dir
-from vitprune.finetune.data import TrainingImages, check_images, train_loader, train_transform
+from vitprune.finetune.checkpoint import Checkpoint
+from vitprune.finetune.data import TrainingImages, check_images, train_loader, train_transform, verify_images
 from vitprune.finetune.distributed import Distributed
 from vitprune.finetune.report import History
 from vitprune.finetune.state import FinetuneConfig, RunState
@@ -29,12 +30,11 @@ def setup(config: FinetuneConfig, base: BaseModel, variants: list[Variant], imag
     """Everything a run trains with, resumed from the checkpoint in `work` when asked."""
     teacher = base.model
     check_images(images, teacher.num_classes, job.world_size)
+    verify_images(images, config.data.workers)
     student = make_student(teacher, variants[0].plan, config.supervit)
     params = select_trainable(student, config.train.trainable)
     checkpoint = Checkpoint.resume(work, config.settings) if config.output.resume else None
-    job.barrier()  # every rank has checked the input before rank 0 touches the disk
-    if job.is_main and work is not None and not config.output.resume:
-        start_work_dir(work)  # force: a fresh start
+    job.barrier()  # every rank has checked the input before rank 0 touches the disk (`run.fit`)
     teacher.eval().requires_grad_(False).to(job.device)
     student.to(job.device).train()
     training, history = _training(config, teacher, student, params, variants, images, job, checkpoint)

@@ -5,6 +5,7 @@ largest learns from the teacher (and the labels), the smaller SuperViT ones from
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 from contextlib import nullcontext
@@ -187,6 +188,7 @@ def train_one_epoch(training: Training, epoch: int, steps: list[tuple[float, flo
             if error is not None:
                 raise VitpruneError(error)
             losses = trainer.step(images, labels)
+            check_loss(losses["loss"], job, epoch, index)
             training.after_update(epoch * updates + index + 1)
             stats.add(losses, len(images))
             steps.append((epoch + (index + 1) / updates, losses["loss"]))
@@ -194,6 +196,15 @@ def train_one_epoch(training: Training, epoch: int, steps: list[tuple[float, flo
             bar.update(task, advance=1, loss=stats.mean("loss"), speed=speed)
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def check_loss(loss: float, job: Distributed, epoch: int, index: int) -> None:
+    """Stop the run (every process at the same step) when the loss is no longer a finite number."""
+    if job.all_finite(loss):
+        return
+    found = f"{loss}" if not math.isfinite(loss) else "not finite on another process"
+    raise VitpruneError(f"training diverged: the loss is {found} at epoch {epoch + 1} step {index + 1}; lower lr",
+                        param="lr")
 
 
 def optimizer_and_schedule(student: nn.Module, options: TrainOptions,

@@ -143,9 +143,6 @@ class Method:
             raise VitpruneError(f"cannot read {self.name} {param.name} {value!r}: give a number") from None
         return {param.name: number}
 
-    def stage_text(self, settings: dict[str, Any]) -> str:
-        return f"{self.name}:{settings[self.stage_param]:g}"
-
     # -- the block hooks (see vitprune.patch) ------------------------------------------------------
     def select(self, ctx: BlockContext, settings: dict[str, Any]) -> tuple[Tensor, TokenState] | None:
         """Before attention (`selects_queries`): (kept token indices (B, K), their state)."""

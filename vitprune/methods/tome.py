@@ -36,9 +36,6 @@ class ToMe(Method):
     def needs_class_token(self, settings: dict[str, Any]) -> bool:
         return bool(settings["protect"])
 
-    def stage_text(self, settings: dict[str, Any]) -> str:
-        return f"tome:{settings['r']}"
-
     def reduce(self, x: Tensor, ctx: BlockContext, settings: dict[str, Any]) -> tuple[Tensor, TokenState]:
         size = ctx.state.size if ctx.state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
         penalty = None

@@ -1,0 +1,251 @@
+"""Bad input is one `error:` line and exit 2 (or a VitpruneError in the API); nothing half-written is left.
+
+Non-finite numbers are errors, never results; artifacts are schema-checked and integrity-checked
+when read; outputs are atomic under Ctrl-C and SIGTERM and get the usual permissions.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import build_family
+from PIL import Image
+
+import vitprune
+from vitprune.artifact import report_json
+from vitprune.cli import run
+from vitprune.errors import VitpruneError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def apply_args(*extra):
+    return ["apply", "vit_tiny", "--no-pretrained", "--img-size", "96", *extra]
+
+
+def assert_one_line_exit_2(args, message, capsys, written=None):
+    code = run(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, f"exit {code}: {err!r}"
+    assert err.count("\n") == 0 and err.startswith("error: ") and "Traceback" not in err, err
+    assert message in err, err
+    if written is not None:
+        assert not Path(written).exists()
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    out = tmp_path / "artifact"
+    assert run(apply_args("--method", "tome", "--r", "2", "-o", str(out))) == 0
+    return out
+
+
+@pytest.fixture
+def images(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (80, 90, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+# 1. non-finite numbers are errors, never results
+
+
+def test_non_finite_checkpoint_weights_are_refused(tmp_path, capsys):
+    state = build_family("vit").state_dict()
+    state["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    path = tmp_path / "nan.pth"
+    torch.save(state, path)
+    out = tmp_path / "out"
+    args = ["apply", "vit_tiny", "--img-size", "96", "--checkpoint", str(path), "--method", "tome", "--r", "2"]
+    assert_one_line_exit_2([*args, "-o", str(out)],
+                           "non-finite weights (NaN or infinity in blocks.0.attn.qkv.weight)", capsys, out)
+
+
+def test_non_finite_logits_are_an_error_not_agreement(images):
+    from vitprune.data import predict
+
+    model = build_family("vit")
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    with pytest.raises(VitpruneError, match="non-finite logits"):
+        predict(model, torch.randn(2, 3, 96, 96), progress=False)
+
+
+def test_reports_are_strict_json():
+    with pytest.raises(VitpruneError, match="not finite"):
+        report_json({"top1": float("nan")})
+    assert json.loads(report_json({"top1": None})) == {"top1": None}
+
+
+def test_infinite_settings_are_refused_in_the_api():
+    model = build_family("vit")
+    with pytest.raises(VitpruneError, match="tome r must be a whole number"):
+        vitprune.apply(model, method="tome", r=float("inf"))
+    with pytest.raises(VitpruneError, match="ats keep must be"):
+        vitprune.apply(model, method="ats", keep=float("inf"))
+    with pytest.raises(VitpruneError, match="not a supported timm ViT"):
+        vitprune.apply(timm.create_model("resnet18", pretrained=False), method="tome", r=2)
+
+
+# 3. malformed artifacts and plans
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda meta: {}, "field model"),
+    (lambda meta: [1, 2], "must be a JSON object"),
+    (lambda meta: {k: v for k, v in meta.items() if k != "plan"}, "field plan is missing"),
+    (lambda meta: {**meta, "model": {**meta["model"], "img_size": "big"}}, "model.img_size must be a whole number"),
+    (lambda meta: {**meta, "plan": {**meta["plan"], "img_size": "big"}}, "img_size must be a positive whole number"),
+    (lambda meta: {**meta, "plan": {**meta["plan"], "reductions": [{"layer": 1, "method": "tome", "r": "abc"}]}},
+     "reductions[0]: tome r must be a whole number"),
+    (lambda meta: {**meta, "plan": {**meta["plan"], "reductions": [{"layer": "x", "method": "tome", "r": 2}]}},
+     "reductions[0].layer must be a whole number"),
+    (lambda meta: {**meta, "plan": {**meta["plan"], "reductions": {"a": 1}}}, "reductions must be a list"),
+])
+def test_malformed_artifacts_name_the_file_and_the_field(artifact, edit, field, capsys):
+    plan_file = artifact / "vitprune.json"
+    plan_file.write_text(json.dumps(edit(json.loads(plan_file.read_text()))))
+    with pytest.raises(VitpruneError, match="vitprune.json") as error:
+        vitprune.load(artifact)
+    assert field in str(error.value)
+    assert_one_line_exit_2(["apply", str(artifact), "--method", "tome", "--r", "2"], field, capsys)
+
+
+def test_a_malformed_plan_file_is_one_line(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"reductions": [{"layer": 3, "method": "evit", "keep": "abc"}]}))
+    assert_one_line_exit_2(apply_args("--plan", str(plan)), "reductions[0]: evit keep must be in (0, 1]", capsys)
+
+
+# 4. integrity of our own artifacts
+
+
+def test_changed_weights_are_refused_unless_asked(artifact):
+    weights = artifact / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8192:-4096] = bytes(4096)  # zeros: still finite weights, only the checksum tells
+    weights.write_bytes(bytes(data))
+    with pytest.raises(VitpruneError, match="sha256 mismatch"):
+        vitprune.load(artifact)
+    assert vitprune.load(artifact, verify=False) is not None
+    assert len(json.loads((artifact / "vitprune.json").read_text())["weights_sha256"]) == 64
+
+
+# 5. bad outputs and a full disk
+
+
+def test_unusable_outputs_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_exit_2(apply_args("--method", "tome", "--r", "2", "-o", ".", "--force"),
+                           "is the current folder", capsys)
+    assert_one_line_exit_2(apply_args("--method", "tome", "--r", "2", "-o", "/proc/vitprune-out"),
+                           "cannot write /proc/vitprune-out", capsys)
+    (tmp_path / "taken").mkdir()
+    assert_one_line_exit_2(apply_args("--method", "tome", "--r", "2", "-o", "taken"), "pass --force", capsys)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_says_so_and_leaves_nothing(small_disk, capsys):
+    out = small_disk / "nested" / "artifact"
+    assert_one_line_exit_2(apply_args("--method", "tome", "--r", "2", "-o", str(out)), "disk full while writing",
+                           capsys, out)
+    assert list(small_disk.iterdir()) == []  # neither the temporary folder nor the parents it made
+
+
+# 6. Ctrl-C and SIGTERM mid-write
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return [path.name for path in folder.iterdir()]
+
+
+def _signal_while_writing(command: list[str], folder: Path, sig: int) -> tuple[int, str]:
+    """Start `command`, wait for its temporary output in `folder`, send `sig`."""
+    process = subprocess.Popen([sys.executable, "-m", "vitprune", *command], cwd=REPO, stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if any(name.endswith(".tmp") for name in _leftovers(folder)):
+            process.send_signal(sig)
+            break
+        time.sleep(0.005)
+    _, err = process.communicate(timeout=300)
+    return process.returncode, err.strip()
+
+
+@pytest.mark.parametrize("sig,code,message", [(signal.SIGTERM, 143, "error: terminated"),
+                                              (signal.SIGINT, 130, "error: interrupted")])
+def test_apply_killed_mid_write_leaves_nothing(tmp_path, sig, code, message):
+    # ViT-L's 1.2 GB of weights take long enough to write that the signal lands mid-write
+    returned, err = _signal_while_writing(["apply", "vit_large_patch16_224", "--no-pretrained", "--method", "tome",
+                                           "--r", "2", "-o", str(tmp_path / "out")], tmp_path, sig)
+    assert returned == code and err.splitlines()[-1] == message, err
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("sig,code,message", [(signal.SIGTERM, 143, "error: terminated"),
+                                              (signal.SIGINT, 130, "error: interrupted")])
+def test_export_killed_mid_write_leaves_nothing(tmp_path, sig, code, message):
+    returned, err = _signal_while_writing(["export", "vit_small_patch16_224", "--no-pretrained", "--method", "tome",
+                                           "--r", "2", "--onnx", str(tmp_path / "m.onnx")], tmp_path, sig)
+    assert returned == code and err.splitlines()[-1] == message, err
+    assert _leftovers(tmp_path) == []
+
+
+# 7. permissions
+
+
+def test_outputs_get_the_umask_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        out = tmp_path / "artifact"
+        assert run(apply_args("--method", "tome", "--r", "2", "-o", str(out))) == 0
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {path.stat().st_mode & 0o777 for path in out.iterdir()} == {0o644}
+
+
+# 8 and 9. early checks and small ones
+
+
+def test_labels_beyond_the_model_classes_are_refused_when_listed(images, capsys):
+    (images / "labels.csv").write_text("file,class_index\n0.png,1\n1.png,5000\n2.png,3\n")
+    assert_one_line_exit_2(apply_args("--method", "tome", "--r", "2", "--data", str(images)),
+                           "is labelled class 5000, but the model has 1000 classes", capsys)
+
+
+def test_one_input_size_rule(capsys):
+    assert_one_line_exit_2(["apply", "vit_tiny", "--no-pretrained", "--img-size", "225", "--method", "tome", "--r", "2"],
+                           "--img-size must be a multiple of the patch size 16, got 225", capsys)
+
+
+def test_json_errors_go_to_stdout_too(capsys):
+    assert run(apply_args("--method", "evit", "--keep", "1.5", "--json")) == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"error": "evit --keep must be in (0, 1], got 1.5"}
+
+
+def test_no_arguments_prints_the_help_without_a_bare_error(capsys):
+    run([])
+    assert "error:" not in capsys.readouterr().err
