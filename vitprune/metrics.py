@@ -20,9 +20,15 @@ def classification_metrics(logits: Tensor, labels: Tensor | None, reference_logi
         metrics["top5"] = hits.any(dim=1).double().mean().item() * 100.0
     if reference_logits is not None:
         terms = per_image_terms(logits, reference_logits, None)
-        metrics["agreement"] = (1.0 - terms["disagree"]).mean().item() * 100.0
+        metrics["agreement"] = match_percent(logits.argmax(dim=1), reference_logits.argmax(dim=1))
         metrics["kl"] = terms["kl"].mean().item()
     return metrics
+
+
+def match_percent(predicted: Tensor, target: Tensor) -> float:
+    """Percent of images whose predicted class index is the target's: top-1 against labels, or
+    agreement against a reference's predictions (for callers that keep classes, not logits)."""
+    return float((predicted == target).double().mean()) * 100.0
 
 
 def per_image_terms(logits: Tensor, reference_logits: Tensor, labels: Tensor | None) -> dict[str, Tensor]:

@@ -19,6 +19,7 @@ from vitprune.cascade.grammar import describe_stage
 from vitprune.cascade.model import CascadeModel, Resized
 from vitprune.data import predict, resize_images
 from vitprune.errors import VitpruneError
+from vitprune.metrics import match_percent
 
 MAX_GRID = 40_000  # threshold sets in the first, full grid
 CHUNK = 2_048
@@ -190,9 +191,8 @@ def _search(table: StageTable, right: Tensor, budget: float, trials: Tensor, bes
 
 
 def percent_equal(predicted: Tensor, target: Tensor) -> float:
-    """Percent of the images whose predicted class is the target class (labels: top-1; the base's
-    predictions: agreement), rounded as the reports show it."""
-    return round(100.0 * float((predicted == target).double().mean()), 2)
+    """`vitprune.metrics.match_percent`, rounded as the reports show it."""
+    return round(match_percent(predicted, target), 2)
 
 
 def evaluate(table: StageTable, thresholds: Sequence[float], labels: Tensor | None, reference: Tensor) -> dict:
