@@ -24,16 +24,16 @@ class DataOptions:
     """Where the images come from and how they are batched (the request's fields of the same names)."""
 
     data: Path
-    val: Path | None = None
-    val_split: float | None = None  # hold out this fraction of `data` for validation
-    limit: int | None = None
-    seed: int = 0
-    batch_size: int = 32  # per process
-    eval_batch_size: int = 64
-    workers: int = 2
-    crop_scale: float = 0.08  # smallest random-resized-crop area (timm's default)
-    augment: bool = True  # False: timm's un-augmented train transform (resize + centre crop)
-    auto_augment: str | None = None  # a timm AutoAugment/RandAugment policy, e.g. "rand-m9-mstd0.5"
+    val: Path | None
+    val_split: float | None  # hold out this fraction of `data` for validation
+    limit: int | None
+    seed: int
+    batch_size: int  # per process
+    eval_batch_size: int
+    workers: int
+    crop_scale: float  # smallest random-resized-crop area (timm's default)
+    augment: bool  # False: timm's un-augmented train transform (resize + centre crop)
+    auto_augment: str | None  # a timm AutoAugment/RandAugment policy, e.g. "rand-m9-mstd0.5"
 
 
 @dataclass(frozen=True)

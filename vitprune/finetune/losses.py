@@ -11,11 +11,11 @@ from torch import Tensor, nn
 class LossWeights:
     """How the loss terms add up (the request's temperature and weights)."""
 
-    temperature: float = 1.0
-    distill_weight: float = 1.0  # KL(teacher || student)
-    label_weight: float = 1.0  # cross-entropy with the labels (labelled images only)
-    hard_distill: float = 0.0  # cross-entropy with the teacher's top-1 (DeiT's hard distillation)
-    feature_distill: float = 0.0  # relative MSE to the teacher's pre-logits features
+    temperature: float
+    distill_weight: float  # KL(teacher || student)
+    label_weight: float  # cross-entropy with the labels (labelled images only)
+    hard_distill: float  # cross-entropy with the teacher's top-1 (DeiT's hard distillation)
+    feature_distill: float  # relative MSE to the teacher's pre-logits features
 
     def distillation(self, logits: Tensor, target_logits: Tensor) -> tuple[Tensor, float]:
         """Soft (KL) plus hard (teacher's top-1) distillation towards `target_logits`, and the KL."""

@@ -20,11 +20,11 @@ from vitprune.source import BaseModel
 class OutputOptions:
     """Where the artifact goes and what the run shows (the request's fields of the same names)."""
 
-    output: Path | None = None  # None: train and report, write nothing
-    force: bool = False
-    resume: bool = False  # continue from the checkpoint in `<output>.partial/`
-    keep_checkpoint: bool = False  # also put the last checkpoint into the artifact
-    progress: bool = True
+    output: Path | None  # None: train and report, write nothing
+    force: bool
+    resume: bool  # continue from the checkpoint in `<output>.partial/`
+    keep_checkpoint: bool  # also put the last checkpoint into the artifact
+    progress: bool
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,10 @@ class FinetuneConfig:
     """Everything a run needs besides the model and its variants."""
 
     data: DataOptions
-    train: TrainOptions = field(default_factory=TrainOptions)
-    losses: LossWeights = field(default_factory=LossWeights)
-    output: OutputOptions = field(default_factory=OutputOptions)
-    supervit: bool = False
+    train: TrainOptions
+    losses: LossWeights
+    output: OutputOptions
+    supervit: bool
     settings: dict = field(default_factory=dict)  # what checkpoints are bound to (checkpoint.bound_settings)
 
 

@@ -36,16 +36,16 @@ LOSS_PARTS = ("loss", "distill", "label", "feature")
 class TrainOptions:
     """The optimiser, its schedule and what it trains (the request's fields of the same names)."""
 
-    epochs: int = 3
-    lr: float = 5e-5
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    warmup_epochs: float = 0.5
-    warmup_lr: float = 1e-6
-    clip_grad: float = 1.0  # max gradient norm; 0 turns clipping off
-    amp: str = "none"  # none, bf16 or fp16 (CUDA only)
-    ema: float | None = None  # EMA decay; the EMA weights are validated and saved
-    trainable: tuple[str, ...] = ("*",)  # parameter-name patterns to train (fnmatch)
+    epochs: int
+    lr: float
+    min_lr: float
+    weight_decay: float
+    warmup_epochs: float
+    warmup_lr: float
+    clip_grad: float  # max gradient norm; 0 turns clipping off
+    amp: str  # none, bf16 or fp16 (CUDA only)
+    ema: float | None  # EMA decay; the EMA weights are validated and saved
+    trainable: tuple[str, ...]  # parameter-name patterns to train (fnmatch)
 
 
 @dataclass(kw_only=True)
@@ -57,9 +57,9 @@ class Trainer:
     runner: nn.Module
     variants: list[Variant]
     optimizer: torch.optim.Optimizer
-    losses: LossWeights = field(default_factory=LossWeights)
-    clip_grad: float = 1.0
-    amp: str = "none"
+    losses: LossWeights
+    clip_grad: float
+    amp: str
     supervit: bool = False  # the student takes every variant's input size (one set of weights)
     labelled: bool = True  # the label term applies
     scaler: torch.amp.GradScaler | None = None
