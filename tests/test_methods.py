@@ -23,7 +23,6 @@ from vitprune.plan import Plan, make_plan
 
 class KeepFirst(Method):
     name = "keepfirst"
-    summary = "keep the first patch tokens (a toy)"
     params = (Param("keep", float, "share of the patch tokens kept", check=lambda value: 0 < value <= 1,
                     rule="in (0, 1]"),)
     stage_param = "keep"

@@ -56,9 +56,14 @@ class Budget:
             raise VitpruneError(f"{_PARAM[kind]} is not a budget here; give {names}")
         return cls(kind, float(value), batch=batch)
 
+    @property
+    def has_gmacs_target(self) -> bool:
+        """A gmacs or ratio budget: a GMACs figure to fit (latency and max_drop are measured)."""
+        return self.kind in ("gmacs", "ratio")
+
     def gmacs(self, base_gmacs: float) -> float:
         """The GMACs target of a gmacs or ratio budget."""
-        if self.kind not in ("gmacs", "ratio"):
+        if not self.has_gmacs_target:
             raise VitpruneError(f"a {self.kind} budget has no GMACs target")
         return self.value if self.kind == "gmacs" else self.value * base_gmacs
 

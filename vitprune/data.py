@@ -19,6 +19,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from vitprune.checks import is_whole
 from vitprune.errors import VitpruneError
 from vitprune.progress import progress_bar
 
@@ -145,7 +146,7 @@ def _labels_csv_entry(root: Path, labels_csv: Path, line: int, row: dict[str, An
 def _random_subset(image_set: ImageSet, limit: int | None, seed: int) -> ImageSet:
     if limit is None:
         return image_set
-    if not _is_positive_int(limit):
+    if not is_whole(limit, 1):
         raise VitpruneError(f"image limit must be a positive integer, got {limit!r}")
     if limit >= len(image_set):
         return image_set
@@ -192,7 +193,7 @@ def transform_for(model: nn.Module, img_size: int | None = None) -> Callable[[Im
     """timm's eval transform for ``model``; ``img_size`` changes the crop size, keeping timm's crop_pct."""
     config = data_config_for(model)
     if img_size is not None:
-        if not _is_positive_int(img_size):
+        if not is_whole(img_size, 1):
             raise VitpruneError(f"img_size must be a positive integer, got {img_size!r}")
         config["input_size"] = (config["input_size"][0], img_size, img_size)
     return timm.data.create_transform(**config, is_training=False)
@@ -302,10 +303,6 @@ def predict(
             outputs.append(logits)
             bar.advance(task, len(batch))
     return torch.cat(outputs)
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _first_line(error: BaseException) -> str:

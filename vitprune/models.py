@@ -19,6 +19,7 @@ from timm.models import vision_transformer
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
+from vitprune.checks import is_whole
 from vitprune.errors import VitpruneError
 
 SUPPORTED_MODELS_HINT = (
@@ -196,7 +197,6 @@ def create_model(
         model = _build(full_name, pretrained=False, **build_kwargs)
         tag = None
     _raise_if_unsupported(model, architecture)
-    _check_patch_multiple(model, img_size)
     model.eval()
 
     info = {
@@ -209,35 +209,38 @@ def create_model(
     return model, info
 
 
+def patch_size_of(model: nn.Module) -> int:
+    """The side of the model's square patches in pixels."""
+    patch = model.patch_embed.patch_size
+    return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+
+
 def _check_patch_multiple(model: nn.Module, img_size: int | None) -> None:
     """One rule everywhere: an input size is a whole number of patches."""
-    patch = model.patch_embed.patch_size
-    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-    if img_size is not None and img_size % patch:
-        raise VitpruneError(f"img_size must be a multiple of the patch size {patch}, got {img_size}", param="img_size")
+    if img_size is not None and img_size % patch_size_of(model):
+        raise VitpruneError(f"img_size must be a multiple of the patch size {patch_size_of(model)}, got {img_size}",
+                            param="img_size")
 
 
 def _build_kwargs(img_size: int | None, num_classes: int | None) -> dict[str, int]:
-    if img_size is not None and not _is_int_at_least(img_size, 1):
+    if img_size is not None and not is_whole(img_size, 1):
         raise VitpruneError(f"img_size must be a positive integer, got {img_size!r}", param="img_size")
-    if num_classes is not None and not _is_int_at_least(num_classes, 0):
+    if num_classes is not None and not is_whole(num_classes, 0):
         raise VitpruneError(f"num_classes must be a non-negative integer, got {num_classes!r}")
     kwargs = {"img_size": img_size, "num_classes": num_classes}
     return {key: value for key, value in kwargs.items() if value is not None}
 
 
-def _is_int_at_least(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
 def _refuse_unsupported_architecture(full_name: str, build_kwargs: dict[str, int]) -> None:
-    """Check the architecture before any weights are read or downloaded; a meta-device build allocates nothing."""
+    """Check the architecture and the input size before any weights are read or downloaded; a meta-device
+    build allocates nothing."""
     try:
         with torch.device("meta"):
             skeleton = timm.create_model(full_name, pretrained=False, **build_kwargs)
     except Exception:
         return  # the real build reports the error, and the built model is checked again
     _raise_if_unsupported(skeleton, full_name.partition(".")[0])
+    _check_patch_multiple(skeleton, build_kwargs.get("img_size"))
 
 
 def _raise_if_unsupported(model: nn.Module, architecture: str) -> None:

@@ -40,7 +40,7 @@ class ReducedVisionTransformer:
         return self.vitprune_blocks(self.vitprune_embed(x))
 
     def vitprune_forward(self, x: Tensor, pad_to: int | None = None) -> Tensor:
-        """Logits, with per-image methods (ATS) padding every batch to `pad_to` tokens: static
+        """Logits, with per-image methods (ATS) padding every batch to `pad_to` patch tokens: static
         shapes for graph export (`vitprune.export`)."""
         return self.forward_head(self.vitprune_blocks(self.vitprune_embed(x), pad_to=pad_to))
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vitprune import methods
+from vitprune.checks import is_whole
 from vitprune.errors import VitpruneError
 
 PLAN_FORMAT = 1
@@ -159,7 +160,7 @@ class Plan:
                 f"the head-only last block already keeps only the class token in block {depth - 1}; "
                 "a reduction there has nothing to reduce"
             )
-        if self.img_size is not None and not (isinstance(self.img_size, int) and self.img_size > 0):
+        if self.img_size is not None and not is_whole(self.img_size, 1):
             raise VitpruneError(f"img_size must be a positive whole number, got {self.img_size!r}")
 
     def params(self) -> dict:
@@ -203,7 +204,7 @@ class Plan:
         if not isinstance(reductions, list):
             raise VitpruneError(f"{source}: plan field reductions must be a list, got {_json_type(reductions)}")
         img_size, head_only, notes = data.get("img_size"), data.get("head_only", False), data.get("notes") or {}
-        if img_size is not None and not (isinstance(img_size, int) and not isinstance(img_size, bool) and img_size > 0):
+        if img_size is not None and not is_whole(img_size, 1):
             raise VitpruneError(f"{source}: plan field img_size must be a positive whole number or null, got {img_size!r}")
         if not isinstance(head_only, bool) or not isinstance(notes, dict):
             field_name = "head_only" if not isinstance(head_only, bool) else "notes"
@@ -217,7 +218,7 @@ def _reduction_from(data: object, where: str) -> Reduction:
     if not isinstance(data, dict):
         raise VitpruneError(f"{where} must be a JSON object, got {_json_type(data)}")
     layer, method = data.get("layer"), data.get("method")
-    if not (isinstance(layer, int) and not isinstance(layer, bool)):
+    if not is_whole(layer):
         raise VitpruneError(f"{where}.layer must be a whole number, got {layer!r}")
     if method not in methods.names():
         raise VitpruneError(f"{where}.method: unknown method {method!r}; choose one of {', '.join(methods.names())}")

@@ -13,6 +13,7 @@ from vitprune.budget import Budget
 from vitprune.calibrate.evaluate import MacsCounter
 from vitprune.calibrate.shapes import Geometry, auto_sizes, constant_shape, shape_plan
 from vitprune.errors import VitpruneError
+from vitprune.models import patch_size_of
 from vitprune.patch import apply_plan, check_plan_fits, model_img_size, tokens_before
 from vitprune.plan import Plan, make_plan
 
@@ -94,8 +95,7 @@ def prepare(base_model: nn.Module, img_sizes: list[int] | None, head_only: bool,
 def search_sizes(base_model: nn.Module, img_sizes: list[int] | None) -> list[int]:
     """The sizes asked for (default: auto_sizes) and the model's own, largest first, each checked."""
     base_size = model_img_size(base_model)
-    patch = base_model.patch_embed.patch_size
-    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    patch = patch_size_of(base_model)
     sizes = sorted(set(img_sizes or auto_sizes(base_size, patch)) | {base_size}, reverse=True)
     bad = [size for size in sizes if size % patch]
     if bad:
@@ -113,7 +113,7 @@ def usable_methods(base_model: nn.Module) -> tuple[str, ...]:
 
 def budget_targets(budget: Budget, base_gmacs: float) -> tuple[float, list[float]]:
     """(the GMACs target the shapes are fitted to, the GMACs of the frontier's budgets)."""
-    if budget.kind in ("gmacs", "ratio"):
+    if budget.has_gmacs_target:
         target = budget.gmacs(base_gmacs)
         ladder = sorted({round(r, 2) for r in LADDER if r * base_gmacs > target * 1.02}, reverse=True)
         return target, [r * base_gmacs for r in ladder] + [target]

@@ -266,7 +266,7 @@ def guard_frontier(search: Search, ladder: Ladder, top: list[Ranked]) -> tuple[l
     ladder_plans = [guarded(search, min(options, key=lambda plan: search.validated(plan).loss(objective)), tome)
                     for options, tome in zip(ladder.options, ladder.tome, strict=True)]
     chosen = None
-    if search.budget.kind in ("gmacs", "ratio"):
+    if search.budget.has_gmacs_target:
         at_target = [plan for _, _, plan in top] + [p for p in ladder_plans if search.validated(p).gmacs <= target]
         chosen = min(at_target, key=lambda plan: (search.validated(plan).loss(objective), search.validated(plan).gmacs))
         chosen = guarded(search, chosen, ladder.tome_at_target)

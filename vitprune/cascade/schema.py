@@ -4,11 +4,11 @@ hand-edited file is refused with one line naming the file and the field
 or TypeError deep inside loading."""
 from __future__ import annotations
 
-import math
 import re
 from pathlib import PurePath
 
 from vitprune.cascade.exits import CRITERIA
+from vitprune.checks import is_finite_number, is_whole
 from vitprune.errors import VitpruneError
 from vitprune.plan import Plan
 
@@ -75,13 +75,13 @@ def _stages(data: dict, source: str) -> list:
 def _stage_numbers(stage: dict, source: str, where: str, *, last: bool) -> None:
     """A stage's GMACs and, for every stage but the last, its threshold (null: nobody leaves)."""
     gmacs = _field(stage, "gmacs", source, f"{where}.")
-    _check(_is_number(gmacs) and gmacs >= 0, source, f"{where}.gmacs", "a number >= 0", gmacs)
+    _check(is_finite_number(gmacs) and gmacs >= 0, source, f"{where}.gmacs", "a number >= 0", gmacs)
     exit_always = stage.get("exit_always", False)
     _check(isinstance(exit_always, bool), source, f"{where}.exit_always", "true or false", exit_always)
     if last:
         return
     threshold = _field(stage, "threshold", source, f"{where}.")
-    _check(threshold is None or _is_number(threshold), source, f"{where}.threshold", "a number or null", threshold)
+    _check(threshold is None or is_finite_number(threshold), source, f"{where}.threshold", "a number or null", threshold)
 
 
 def _field(data: dict, key: str, source: str, where: str = "") -> object:
@@ -91,12 +91,7 @@ def _field(data: dict, key: str, source: str, where: str = "") -> object:
 
 
 def _whole(value: object, source: str, name: str, minimum: int) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-    _check(ok, source, name, f"a whole number >= {minimum}", value)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    _check(is_whole(value, minimum), source, name, f"a whole number >= {minimum}", value)
 
 
 def _check(ok: object, source: str, name: str, rule: str, value: object) -> None:

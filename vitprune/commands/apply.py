@@ -7,7 +7,8 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from vitprune.artifact import model_identity, versions, write_artifact
-from vitprune.commands.common import ReducedModelSpec, build_reduced, check_device, check_whole
+from vitprune.checks import check_whole
+from vitprune.commands.common import ReducedModelSpec, build_reduced, check_device
 from vitprune.io import check_output_dir
 from vitprune.report import Evidence, compare, make_report, render_markdown
 from vitprune.source import load_eval_images

@@ -3,7 +3,6 @@ held-out images, write the artifact."""
 from __future__ import annotations
 
 import copy
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from torch import nn
 from vitprune import calibrate
 from vitprune.artifact import model_identity
 from vitprune.budget import Budget
-from vitprune.commands.common import check_finite, check_whole
+from vitprune.checks import check_finite, check_whole
 from vitprune.data import check_labels
 from vitprune.errors import VitpruneError
 from vitprune.io import check_output_dir
@@ -59,8 +58,7 @@ class CalibrateRequest:
         if self.objective not in calibrate.OBJECTIVES:
             raise VitpruneError(f"objective must be one of {', '.join(calibrate.OBJECTIVES)}, got {self.objective!r}",
                                 param="objective")
-        if not (isinstance(self.holdout, (int, float)) and math.isfinite(self.holdout) and 0 < self.holdout < 1):
-            raise VitpruneError(f"holdout must be a fraction in (0, 1), got {self.holdout!r}", param="holdout")
+        check_finite(self.holdout, "holdout", low=0, high=1, low_open=True, high_open=True, rule="a fraction in (0, 1)")
         check_whole(self.search_images, "search_images", 1)
         check_whole(self.refine_steps, "refine_steps", 0)
         check_whole(self.bench_repeats, "bench_repeats", 1)

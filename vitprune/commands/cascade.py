@@ -23,15 +23,15 @@ from vitprune.cascade import (
     render_cascade_markdown,
     save_cascade,
 )
-from vitprune.commands.common import check_device, check_whole
+from vitprune.checks import check_finite, check_whole
+from vitprune.commands.common import check_device
 from vitprune.data import ImageSet, check_labels, find_images, load_images, split, transform_for
 from vitprune.errors import VitpruneError
 from vitprune.flops import count_macs
 from vitprune.io import check_output_dir
+from vitprune.models import patch_size_of
 from vitprune.patch import model_img_size
 from vitprune.source import BaseModel, load_base
-
-BUDGET_PARAMS = ("target_gmacs", "target_ratio")
 
 
 @dataclass
@@ -63,9 +63,7 @@ class CascadeRequest:
         if self.criterion not in CRITERIA:
             raise VitpruneError(f"unknown criterion '{self.criterion}'; choose {' or '.join(CRITERIA)}",
                                 param="criterion")
-        holdout = self.holdout
-        if not (isinstance(holdout, (int, float)) and not isinstance(holdout, bool) and 0 < holdout < 1):
-            raise VitpruneError(f"holdout must be a fraction in (0, 1), got {holdout!r}", param="holdout")
+        check_finite(self.holdout, "holdout", low=0, high=1, low_open=True, high_open=True, rule="a fraction in (0, 1)")
         check_whole(self.batch_size, "batch_size", 1)
         check_whole(self.workers, "workers", 0)
         if self.limit is not None:
@@ -81,12 +79,8 @@ class CascadeRequest:
 
     def budget(self) -> Budget:
         """The GMACs budget: target_gmacs, or target_ratio in (0, 1] of the base model's GMACs."""
-        try:
-            return Budget.from_targets(target_gmacs=self.target_gmacs, target_ratio=self.target_ratio,
-                                       allowed=("gmacs", "ratio"))
-        except VitpruneError as error:
-            given = [name for name in BUDGET_PARAMS if getattr(self, name) is not None]
-            raise VitpruneError(str(error), param=error.param or (given[0] if len(given) == 1 else None)) from None
+        return Budget.from_targets(target_gmacs=self.target_gmacs, target_ratio=self.target_ratio,
+                                   allowed=("gmacs", "ratio"))
 
     def budget_param(self) -> str:
         return "target_gmacs" if self.target_gmacs is not None else "target_ratio"
@@ -125,9 +119,8 @@ def run_cascade(request: CascadeRequest) -> CascadeResult:
 
 def _build(request: CascadeRequest, model: nn.Module, info: dict) -> CascadeModel:
     """The stages of `request.stages` on `model`'s weights (thresholds not calibrated yet)."""
-    patch = model.patch_embed.patch_size
     plans = parse_stages(request.stages, depth=len(model.blocks), base_size=model_img_size(model),
-                         patch_size=int(patch[0] if isinstance(patch, (tuple, list)) else patch))
+                         patch_size=patch_size_of(model))
     return build_cascade(model, plans, criterion=request.criterion, info=info)
 
 

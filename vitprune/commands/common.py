@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from vitprune import methods
+from vitprune.checks import check_whole
 from vitprune.errors import VitpruneError
 from vitprune.patch import apply_plan
 from vitprune.plan import Plan, make_plan, read_plan_file
@@ -51,21 +51,6 @@ class ReducedModelSpec:
             spec.validate(spec.settings(self.settings()))
         if self.img_size is not None:
             check_whole(self.img_size, "img_size", 1)
-
-
-def check_whole(value: object, name: str, minimum: int) -> None:
-    """A whole number >= `minimum` (bools and floats refused)."""
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
-        raise VitpruneError(f"{name} must be a whole number >= {minimum}, got {value!r}", param=name)
-
-
-def check_finite(value: object, name: str, *, low: float = -math.inf, high: float = math.inf,
-                 low_open: bool = False, rule: str = "") -> None:
-    """A finite number in [low, high] (or (low, high] with `low_open`)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        raise VitpruneError(f"{name} must be {rule or 'a finite number'}, got {value!r}", param=name)
 
 
 def check_device(device: str) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from vitprune.artifact import model_identity, report_json, versions
-from vitprune.commands.common import ReducedModelSpec, build_reduced, check_whole
+from vitprune.checks import check_whole
+from vitprune.commands.common import ReducedModelSpec, build_reduced
 from vitprune.errors import VitpruneError
 from vitprune.export import (
     RANDOM_VERIFY_IMAGES,

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from vitprune.commands.common import ReducedModelSpec, check_device, check_finite, check_whole, resolve_plan
+from vitprune.checks import check_finite, check_whole
+from vitprune.commands.common import ReducedModelSpec, check_device, resolve_plan
 from vitprune.errors import VitpruneError
 from vitprune.finetune import (
     AMP_DTYPES,
@@ -99,11 +100,11 @@ class FinetuneRequest(ReducedModelSpec):
         check_finite(self.lr, "lr", low=0, low_open=True, rule="a finite number > 0")
         for name in ("min_lr", "warmup_lr", "weight_decay"):
             check_finite(getattr(self, name), name, low=0, rule="a finite number >= 0")
-        _check_below(self.warmup_epochs, "warmup_epochs", low=0, high=self.epochs,
+        check_finite(self.warmup_epochs, "warmup_epochs", low=0, high=self.epochs, high_open=True,
                      rule=f"a finite number >= 0 and < epochs ({self.epochs})")
         check_finite(self.clip_grad, "clip_grad", low=0, rule="a finite number >= 0 (0 turns clipping off)")
         if self.ema is not None:
-            _check_below(self.ema, "ema", low=0, high=1, low_open=True, rule="a decay in (0, 1), e.g. 0.999")
+            check_finite(self.ema, "ema", low=0, high=1, low_open=True, high_open=True, rule="a decay in (0, 1), e.g. 0.999")
         if not self.trainable:
             raise VitpruneError("trainable needs at least one parameter-name pattern", param="trainable")
 
@@ -115,12 +116,12 @@ class FinetuneRequest(ReducedModelSpec):
             raise VitpruneError(f"the loss weights ({', '.join(LOSS_WEIGHTS)}) cannot all be 0", param=LOSS_WEIGHTS[0])
 
     def _check_data(self) -> None:
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise VitpruneError(f"seed must be a whole number, got {self.seed!r}", param="seed")
+        check_whole(self.seed, "seed")
         if self.limit is not None:
             check_whole(self.limit, "limit", 1)
         if self.val_split is not None:
-            _check_below(self.val_split, "val_split", low=0, high=1, low_open=True, rule="a fraction in (0, 1)")
+            check_finite(self.val_split, "val_split", low=0, high=1, low_open=True, high_open=True,
+                         rule="a fraction in (0, 1)")
             if self.val is not None:
                 raise VitpruneError("give val or val_split, not both", param="val_split")
         check_finite(self.crop_scale, "crop_scale", low=0, high=1, low_open=True, rule="in (0, 1]")
@@ -193,10 +194,3 @@ def _variants(request: FinetuneRequest, base: BaseModel) -> list[Variant]:
 def _pick(options: type, request: FinetuneRequest):
     """An options dataclass filled from the request's fields of the same names."""
     return options(**{field.name: getattr(request, field.name) for field in fields(options)})
-
-
-def _check_below(value: object, name: str, *, low: float, high: float, rule: str, low_open: bool = False) -> None:
-    """`check_finite` with an open upper end: below `high`."""
-    check_finite(value, name, low=low, high=high, low_open=low_open, rule=rule)
-    if value == high:
-        raise VitpruneError(f"{name} must be {rule}, got {value!r}", param=name)

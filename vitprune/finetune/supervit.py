@@ -15,6 +15,7 @@ from torch import nn
 
 from vitprune.artifact import load_artifact, read_metadata
 from vitprune.errors import VitpruneError
+from vitprune.models import patch_size_of
 from vitprune.patch import apply_plan, model_img_size, remove_plan, set_dynamic_img_size
 from vitprune.plan import Plan, make_plan
 
@@ -39,7 +40,7 @@ def single_variant(plan: Plan, model: nn.Module) -> Variant:
 
 def grid_variants(model: nn.Module, sizes: tuple[int, ...], keeps: tuple[float, ...]) -> list[Variant]:
     """SuperViT's configurations for `model` (see `supervit_variants`)."""
-    return supervit_variants(len(model.blocks), model_img_size(model), sizes, keeps, model.patch_embed.patch_size[0])
+    return supervit_variants(len(model.blocks), model_img_size(model), sizes, keeps, patch_size_of(model))
 
 
 def supervit_variants(depth: int, model_size: int, sizes: tuple[int, ...], keeps: tuple[float, ...],

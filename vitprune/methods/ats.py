@@ -14,7 +14,6 @@ from vitprune.reducers import ats_cap, ats_sample, ats_scores, ats_select, cls_a
 
 class ATS(Method):
     name = "ats"
-    summary = "sample tokens by the inverse CDF of their significance: a count per image"
     params = (
         Param("keep", float, "cap K: a ratio in (0, 1] of the tokens entering the model, or a whole count > 1",
               check=lambda value: 0 < value <= 1 or (value > 1 and value == int(value)),

@@ -6,7 +6,6 @@ cascade) asks the method instead of comparing names, so a new method is one new 
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vitprune.checks import is_finite_number
 from vitprune.errors import VitpruneError
 
 REQUIRED = object()  # a parameter without a default
@@ -31,13 +31,12 @@ class Param:
     rule: str = ""  # the range `check` accepts, in words, for the error message
 
     def validate(self, method: str, value: Any) -> None:
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if self.kind is bool:
             ok = isinstance(value, bool)
         elif self.kind is int:
-            ok = number and math.isfinite(value) and int(value) == value and self.check(value)
+            ok = is_finite_number(value) and int(value) == value and self.check(value)
         else:
-            ok = number and math.isfinite(value) and self.check(value)
+            ok = is_finite_number(value) and self.check(value)
         if not ok:
             raise VitpruneError(f"{method} {self.name} must be {self.rule or self.kind.__name__}, got {value!r}",
                                 param=self.name)
@@ -91,7 +90,6 @@ class Method:
     """Base class of the methods; subclasses set the class attributes and override the hooks."""
 
     name: str = ""
-    summary: str = ""  # one line for help texts
     params: tuple[Param, ...] = ()
     stage_param: str = ""  # the parameter a cascade stage `METHOD:VALUE` sets
     # The kept count differs per image: the batch is padded (masked) from the first such block on,

@@ -18,7 +18,6 @@ MIN_SEARCH_KEEP = 0.2  # calibrate never keeps fewer than this share of a block'
 
 class EViT(Method):
     name = "evit"
-    summary = "keep the tokens the class token attends to most, fuse the rest"
     params = (
         Param("keep", float, "keep rate in (0, 1] of the patch tokens entering the block",
               check=lambda value: 0 < value <= 1, rule="in (0, 1]"),

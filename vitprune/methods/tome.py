@@ -17,7 +17,6 @@ from vitprune.reducers import cls_attention, protect_penalty, tome_reduce
 
 class ToMe(Method):
     name = "tome"
-    summary = "merge the most similar token pairs (bipartite soft matching)"
     params = (
         Param("r", int, "token pairs merged in the block, a whole number >= 0",
               check=lambda value: value >= 0, rule="a whole number >= 0"),
