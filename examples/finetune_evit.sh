@@ -9,8 +9,9 @@ IMAGES=$SHARED/images/imagenet-sample-images
 OUT=${OUT:-runs}
 
 vitprune apply vit_tiny_patch16_224 --checkpoint "$WEIGHTS" --method evit --keep 0.5 -o "$OUT/evit0.5" --force
-vitprune finetune "$OUT/evit0.5" --data "$IMAGES" --val-split 0.3 --epochs 8 --lr 5e-4 --label-weight 0 --feature-distill 1 \
-    --crop-scale 0.5 --warmup-epochs 0.3 --trainable '*norm*,*bias' --batch-size 32 --workers 1 --threads 2 -o "$OUT/evit0.5-ft" --force
+# finetune's defaults are the measured recipe (docs/finetune.md): 8 epochs of feature + KL distillation
+# of the norms and biases.
+vitprune finetune "$OUT/evit0.5" --data "$IMAGES" --val-split 0.3 --workers 1 --threads 2 -o "$OUT/evit0.5-ft" --force
 # Interrupted? The same command with --resume continues from $OUT/evit0.5-ft.partial/ (drop --force
 # only if you want it to refuse to replace an existing $OUT/evit0.5-ft).
 python -c "import vitprune; m = vitprune.load('$OUT/evit0.5-ft'); print(vitprune.plan_of(m).describe())"

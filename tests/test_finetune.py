@@ -148,7 +148,7 @@ def test_dynamic_img_size_matches_the_served_size() -> None:
 def test_distillation_lowers_the_kl_to_the_teacher(images: Path) -> None:
     # Pure distillation on the very images it is validated on: the KL to the teacher must fall.
     request = FinetuneRequest(**TINY, data=images, val=images, method="evit", keep=0.5, epochs=4, lr=1e-5,
-                              min_lr=1e-5, label_weight=0.0, augment=False)
+                              min_lr=1e-5, label_weight=0.0, feature_distill=0.0, trainable=("*",), augment=False)
     result = run_finetune(request)
     before, after = result.metrics[0], result.metrics[-1]
     assert [row["epoch"] for row in result.metrics] == [0, 1, 2, 3, 4]
@@ -291,14 +291,14 @@ def test_two_process_ddp_on_gloo_ends_with_identical_weights(images: Path, tmp_p
     (["--hard-distill", "-1"], "--hard-distill must be a finite number >= 0, got -1.0"),
     (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
     (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
-    (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number >= 0 and < epochs (3), got inf"),
+    (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number >= 0 and < epochs (8), got inf"),
     (["--temperature", "nan"], "--temperature must be a finite number > 0, got nan"),
     (["--ema", "nan"], "--ema must be a decay in (0, 1), e.g. 0.999, got nan"),
     (["--val-split", "nan"], "--val-split must be a fraction in (0, 1), got nan"),
     (["--crop-scale", "nan"], "--crop-scale must be in (0, 1], got nan"),
     (["--auto-augment", "bogus"], "unknown --auto-augment policy 'bogus'"),
     (["--auto-augment", "rand-m9", "--no-augment"], "--auto-augment is an augmentation"),
-    (["--distill-weight", "0", "--label-weight", "0"], "cannot all be 0"),
+    (["--distill-weight", "0", "--feature-distill", "0"], "cannot all be 0"),
     (["--amp", "bf16"], "--amp bf16 is for CUDA"),
     (["--val", "IMAGES", "--val-split", "0.2"], "not both"),
     (["--supervit", "--sizes", "24,32", "--keeps", "0.5,1"], "multiples of the patch size 16"),
@@ -337,7 +337,7 @@ SUPERVIT = dict(method=None, keep=None, supervit=True)
     (dict(epochs=2, warmup_epochs=2.0), "warmup_epochs", "warmup_epochs must be a finite number >= 0 and < epochs (2)"),
     (dict(clip_grad=math.nan), "clip_grad", "clip_grad must be a finite number >= 0"),
     (dict(temperature=0.0), "temperature", "temperature must be a finite number > 0"),
-    (dict(distill_weight=0.0, label_weight=0.0), "distill_weight", "cannot all be 0"),
+    (dict(distill_weight=0.0, feature_distill=0.0), "distill_weight", "cannot all be 0"),
     (dict(crop_scale=1.5), "crop_scale", "crop_scale must be in (0, 1]"),
     (dict(ema=1.0), "ema", "ema must be a decay in (0, 1)"),
     (dict(amp="fp8"), "amp", "amp must be one of none, bf16, fp16"),

@@ -57,23 +57,23 @@ class FinetuneRequest(ReducedModelSpec):
     limit: int | None = None
     seed: int = 0
     # optimisation
-    epochs: int = 3
+    epochs: int = 8
     batch_size: int = 32  # per process
-    lr: float = 5e-5
+    lr: float = 5e-4
     min_lr: float = 1e-6
     weight_decay: float = 0.05
-    warmup_epochs: float = 0.5
+    warmup_epochs: float = 0.3
     warmup_lr: float = 1e-6
     clip_grad: float = 1.0  # max gradient norm; 0 turns clipping off
     temperature: float = 1.0
     distill_weight: float = 1.0
-    label_weight: float = 1.0
+    label_weight: float = 0.0
     hard_distill: float = 0.0  # weight of cross-entropy with the teacher's top-1 (DeiT's hard distillation)
-    feature_distill: float = 0.0  # weight of the relative MSE to the teacher's pre-logits features
-    crop_scale: float = 0.08  # smallest random-resized-crop area (timm's default)
+    feature_distill: float = 1.0  # weight of the relative MSE to the teacher's pre-logits features
+    crop_scale: float = 0.5  # smallest random-resized-crop area (timm's default is 0.08)
     augment: bool = True  # False: timm's un-augmented train transform (resize + centre crop)
     auto_augment: str | None = None  # a timm AutoAugment/RandAugment policy, e.g. "rand-m9-mstd0.5"
-    trainable: tuple[str, ...] = ("*",)  # parameter-name patterns to train (fnmatch)
+    trainable: tuple[str, ...] = ("*norm*", "*bias")  # parameter-name patterns to train (fnmatch); "*" for all
     amp: str = "none"  # none, bf16 or fp16 (CUDA only)
     ema: float | None = None  # EMA decay; the EMA weights are validated and saved
     # running
