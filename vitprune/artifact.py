@@ -43,6 +43,7 @@ def model_identity(model: nn.Module, info: dict) -> dict:
         "checkpoint_sha256": info.get("checkpoint_sha256"),
         "num_classes": model.num_classes,
         "img_size": model_img_size(model),
+        **({"model_args": info["model_args"]} if info.get("model_args") else {}),
     }
 
 
@@ -166,7 +167,8 @@ def load_artifact(path: str | Path, *, device: str | torch.device = "cpu", verif
     identity = metadata["model"]
     plan = Plan.from_dict(metadata["plan"], source=str(path))
     name = identity["name"] + (f".{identity['tag']}" if identity.get("tag") else "")
-    model, _ = create_model(name, pretrained=False, img_size=identity["img_size"], num_classes=identity["num_classes"])
+    model, _ = create_model(name, pretrained=False, img_size=identity["img_size"], num_classes=identity["num_classes"],
+                            model_args=identity.get("model_args"))
     try:
         state_dict = safetensors.torch.load_file(str(weights))
     except Exception as exc:
@@ -180,4 +182,5 @@ def identity_info(metadata: dict) -> dict:
     """The `create_model` info dict of an artifact's base model (for reports of derived artifacts)."""
     identity = metadata["model"]
     return {"model": identity["name"], "tag": identity.get("tag"), "checkpoint": identity.get("checkpoint"),
-            "checkpoint_sha256": identity.get("checkpoint_sha256"), "img_size": identity["img_size"]}
+            "checkpoint_sha256": identity.get("checkpoint_sha256"), "img_size": identity["img_size"],
+            **({"model_args": identity["model_args"]} if identity.get("model_args") else {})}

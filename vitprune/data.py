@@ -29,13 +29,21 @@ LABELS_CSV_COLUMNS = ("file", "class_index")
 WNID_PATTERN = re.compile(r"n\d{8}")
 
 
+class StoredImage:
+    """An image held by a dataset rather than a file of its own (vitprune.timm_datasets): str()
+    names it in messages, open() decodes it."""
+
+    def open(self) -> Image.Image:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class ImageSet:
     """Image files in a fixed order, with their class indices when the folder layout gives them."""
 
-    files: list[Path]
+    files: list[Path | StoredImage]
     labels: list[int] | None
-    layout: str  # 'imagefolder', 'labels_csv' or 'unlabelled'
+    layout: str  # 'imagefolder', 'labels_csv', 'unlabelled', or the kind of dataset (vitprune.timm_datasets)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -58,7 +66,7 @@ def find_images(path: str | Path, limit: int | None = None, seed: int = 0) -> Im
     image_set = _scan_folder(root)
     if not image_set.files:
         raise VitpruneError(f"no images found in {root}")
-    return _random_subset(image_set, limit, seed)
+    return random_subset(image_set, limit, seed)
 
 
 def _scan_folder(root: Path) -> ImageSet:
@@ -88,7 +96,7 @@ def _images_in(folder: Path, *, recursive: bool) -> list[Path]:
 
 
 def _image_folder(root: Path, class_images: dict[Path, list[Path]]) -> ImageSet:
-    index_by_name = _class_indices(root, [class_dir.name for class_dir in class_images])
+    index_by_name = class_indices(root, [class_dir.name for class_dir in class_images])
     files: list[Path] = []
     labels: list[int] = []
     for class_dir, images in class_images.items():
@@ -97,7 +105,7 @@ def _image_folder(root: Path, class_images: dict[Path, list[Path]]) -> ImageSet:
     return ImageSet(files, labels, "imagefolder")
 
 
-def _class_indices(root: Path, names: list[str]) -> dict[str, int]:
+def class_indices(root: Path | str, names: list[str]) -> dict[str, int]:
     """ImageNet-1k index for wnid folders, the number for '0'..'999' folders, else sorted order (torchvision)."""
     imagenet_index = {wnid: index for index, wnid in enumerate(timm.data.ImageNetInfo().label_names())}
     if all(name in imagenet_index for name in names):
@@ -143,7 +151,7 @@ def _labels_csv_entry(root: Path, labels_csv: Path, line: int, row: dict[str, An
     return file, int(class_index)
 
 
-def _random_subset(image_set: ImageSet, limit: int | None, seed: int) -> ImageSet:
+def random_subset(image_set: ImageSet, limit: int | None, seed: int) -> ImageSet:
     if limit is None:
         return image_set
     if not is_whole(limit, 1):
@@ -219,7 +227,7 @@ class ImageDataset(Dataset):
             with warnings.catch_warnings():
                 # a decompression-bomb warning is refused as an error, not printed as a warning
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(file) as image:
+                with open_image(file) as image:
                     rgb = image.convert("RGB")
         except Exception as error:  # PIL raises many types for corrupt, truncated or non-image files
             return None, label, f"cannot read image {file}: {_first_line(error)}"
@@ -227,6 +235,11 @@ class ImageDataset(Dataset):
             return self.transform(rgb), label, None
         except Exception as error:  # e.g. a random augmentation op Pillow refuses
             return None, label, f"cannot transform image {file}: {_first_line(error)}"
+
+
+def open_image(file: Path | StoredImage) -> Image.Image:
+    """A file of the image set, opened (not yet decoded for a file)."""
+    return file.open() if isinstance(file, StoredImage) else Image.open(file)
 
 
 def collate_images(samples: list[tuple[Tensor | None, int, str | None]]) -> tuple[Tensor | None, Tensor | None, str | None]:

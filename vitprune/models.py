@@ -32,6 +32,7 @@ SAFETENSORS_SUFFIX = ".safetensors"
 STATE_DICT_WRAPPER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
 DDP_PREFIX = "module."
 MISMATCH_EXAMPLES = 3
+LAYER_NORM_EPS = "layer_norm_eps"  # a model_args key vitprune applies after timm's build
 
 
 def resolve_model_name(name: str) -> str:
@@ -172,15 +173,18 @@ def create_model(
     checkpoint: str | Path | None = None,
     img_size: int | None = None,
     num_classes: int | None = None,
+    model_args: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build a supported timm ViT in eval mode, weighted from ``checkpoint``, timm's pretrained weights or random init.
 
     Returns the model and ``{"model", "tag", "checkpoint", "checkpoint_sha256", "img_size"}``, where
-    ``model`` is the timm architecture name without the tag.
+    ``model`` is the timm architecture name without the tag. ``model_args`` (a converted transformers
+    model's sizes, vitprune.hf) are timm's build arguments, plus ``layer_norm_eps``; the info keeps them.
     """
     full_name = resolve_model_name(name)
     architecture, _, given_tag = full_name.partition(".")
-    build_kwargs = _build_kwargs(img_size, num_classes)
+    timm_args = {key: value for key, value in (model_args or {}).items() if key != LAYER_NORM_EPS}
+    build_kwargs = {**timm_args, **_build_kwargs(img_size, num_classes)}
     _refuse_unsupported_architecture(full_name, build_kwargs)
 
     checkpoint_path = Path(checkpoint) if checkpoint is not None else None
@@ -197,6 +201,7 @@ def create_model(
         model = _build(full_name, pretrained=False, **build_kwargs)
         tag = None
     _raise_if_unsupported(model, architecture)
+    _set_layer_norm_eps(model, (model_args or {}).get(LAYER_NORM_EPS))
     model.eval()
 
     info = {
@@ -206,7 +211,17 @@ def create_model(
         "checkpoint_sha256": file_sha256(checkpoint_path) if checkpoint_path is not None else None,
         "img_size": int(model.patch_embed.img_size[0]),
     }
+    if model_args:
+        info["model_args"] = dict(model_args)
     return model, info
+
+
+def _set_layer_norm_eps(model: nn.Module, eps: float | None) -> None:
+    """timm builds LayerNorm with eps 1e-6; a converted model keeps its own (transformers' ViT: 1e-12)."""
+    if eps is not None:
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.eps = float(eps)
 
 
 def patch_size_of(model: nn.Module) -> int:

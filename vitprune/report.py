@@ -6,7 +6,8 @@ report a person reads. Every command that produces a model reports through here.
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,7 @@ from vitprune.flops import count_macs
 from vitprune.metrics import classification_metrics
 from vitprune.patch import model_img_size, plan_of
 from vitprune.plan import Plan
+from vitprune.progress import progress_bar
 from vitprune.tables import ReportTable
 
 
@@ -27,6 +29,8 @@ class Evidence:
     images: Tensor | None = None
     labels: Tensor | None = None
     base_images: Tensor | None = None  # when the plan changes the input size; else `images`
+    # instead of images: batches (images, base images or None, labels or None) read as they are evaluated
+    batches: Iterable[tuple[Tensor, Tensor | None, Tensor | None]] | None = None
     data_path: str | None = None
     bench_batches: tuple[int, ...] = ()
     bench_repeats: int = 10
@@ -58,17 +62,15 @@ def count_gmacs(model: nn.Module, images: Tensor | None, batch_size: int = 64) -
 def compare(base: nn.Module, reduced: nn.Module, evidence: Evidence) -> dict:
     """GMACs of both, accuracy/agreement on the images, latency side by side."""
     out: dict = {}
-    base_images = evidence.base_images if evidence.base_images is not None else evidence.images
-    out["gmacs_base"] = round(count_gmacs(base, base_images, evidence.batch_size), 4)
-    out["gmacs"] = round(count_gmacs(reduced, evidence.images, evidence.batch_size), 4)
+    seen = _streamed(base, reduced, evidence) if evidence.batches is not None else _evaluated(base, reduced, evidence)
+    evidence, base_images = seen.evidence, seen.evidence.base_images
+    out["gmacs_base"], out["gmacs"] = round(seen.gmacs_base, 4), round(seen.gmacs, 4)
     out["gmacs_reduction"] = round(1 - out["gmacs"] / out["gmacs_base"], 4)
-    if evidence.images is not None:
-        base_logits = _predict(base, base_images, evidence, "Base model")
-        logits = _predict(reduced, evidence.images, evidence, "Reduced model")
+    if seen.logits is not None:
+        base_logits, logits = seen.base_logits, seen.logits
         base_metrics = classification_metrics(base_logits, evidence.labels, None)
         metrics = classification_metrics(logits, evidence.labels, base_logits)
-        out["data"] = {"path": evidence.data_path, "n_images": int(evidence.images.shape[0]),
-                       "labelled": evidence.labels is not None}
+        out["data"] = {"path": evidence.data_path, "n_images": len(logits), "labelled": evidence.labels is not None}
         if evidence.labels is not None:
             out["top1_base"], out["top5_base"] = round(base_metrics["top1"], 2), round(base_metrics["top5"], 2)
             out["top1"], out["top5"] = round(metrics["top1"], 2), round(metrics["top5"], 2)
@@ -95,6 +97,62 @@ def compare(base: nn.Module, reduced: nn.Module, evidence: Evidence) -> dict:
             "runtime": "eager PyTorch", "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         }
     return out
+
+
+@dataclass
+class Seen:
+    """What `compare` saw: GMACs, both models' logits (None without images), and the evidence whose
+    images (all of them, or the first batch of a stream) the latency is measured on."""
+
+    evidence: Evidence
+    gmacs_base: float
+    gmacs: float
+    base_logits: Tensor | None = None
+    logits: Tensor | None = None
+
+
+def _evaluated(base: nn.Module, reduced: nn.Module, evidence: Evidence) -> Seen:
+    """Images held as tensors: counted and predicted whole."""
+    if evidence.base_images is None:
+        evidence = replace(evidence, base_images=evidence.images)
+    seen = Seen(evidence, count_gmacs(base, evidence.base_images, evidence.batch_size),
+                count_gmacs(reduced, evidence.images, evidence.batch_size))
+    if evidence.images is not None:
+        seen.base_logits = _predict(base, evidence.base_images, evidence, "Base model")
+        seen.logits = _predict(reduced, evidence.images, evidence, "Reduced model")
+    return seen
+
+
+def _streamed(base: nn.Module, reduced: nn.Module, evidence: Evidence) -> Seen:
+    """Batches read once: both models' logits and per-image GMACs gathered batch by batch; the first
+    batch stays for the latency and for GMACs that do not depend on the image."""
+    outputs: dict[str, list[Tensor]] = {"base": [], "reduced": [], "labels": [], "macs_base": [], "macs": []}
+    first: tuple[Tensor, Tensor] | None = None
+    with progress_bar(evidence.progress) as bar:
+        task = bar.add_task("Base and reduced model", total=None)
+        for images, base_images, labels in evidence.batches:
+            base_images = images if base_images is None else base_images
+            first = first or (images, base_images)
+            for key, model, inputs in (("base", base, base_images), ("reduced", reduced, images)):
+                outputs[key].append(_predict(model, inputs, replace(evidence, progress=False), ""))
+                if _varies(model):
+                    outputs["macs" if model is reduced else "macs_base"].append(count_macs(model, inputs).gmacs_per_image)
+            if labels is not None:
+                outputs["labels"].append(labels)
+            bar.advance(task, len(images))
+    labels = torch.cat(outputs["labels"]) if outputs["labels"] else None
+    sample = replace(evidence, images=first[0], base_images=first[1], labels=labels, batches=None)
+    return Seen(sample, _mean_gmacs(base, outputs["macs_base"], first[1]), _mean_gmacs(reduced, outputs["macs"], first[0]),
+                torch.cat(outputs["base"]), torch.cat(outputs["reduced"]))
+
+
+def _varies(model: nn.Module) -> bool:
+    plan = plan_of(model)
+    return plan is not None and plan.varies_per_image
+
+
+def _mean_gmacs(model: nn.Module, per_image: list[Tensor], first: Tensor) -> float:
+    return float(torch.cat(per_image).mean()) if per_image else count_gmacs(model, first)
 
 
 def _predict(model: nn.Module, images: Tensor, evidence: Evidence, description: str) -> Tensor:

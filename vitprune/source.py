@@ -1,17 +1,21 @@
-"""Where a command's model and images come from: a timm name or an artifact, an image folder."""
+"""Where a command's model and images come from: a timm name, an artifact or a transformers
+folder; an image folder or a dataset timm reads."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor, nn
 
 from vitprune.artifact import identity_info, load_artifact, read_metadata
-from vitprune.data import ImageSet, check_labels, find_images, load_images, transform_for
+from vitprune.data import ImageSet, check_labels, load_images, transform_for
 from vitprune.errors import VitpruneError
+from vitprune.hf import is_transformers_folder, load_transformers
 from vitprune.models import create_model
 from vitprune.patch import model_img_size, plan_of, remove_plan
 from vitprune.plan import Plan
+from vitprune.timm_datasets import Batch, DatasetOptions, dataset_kind, find_image_set, stream_batches
 
 
 @dataclass
@@ -44,6 +48,12 @@ def load_base(source: str, checkpoint: Path | None = None, no_pretrained: bool =
         if img_size is not None and img_size != metadata["model"]["img_size"]:
             model.set_input_size(img_size=img_size)
         return BaseModel(model=model, info=identity_info(metadata), artifact_plan=plan)
+    if is_transformers_folder(source):
+        if checkpoint is not None:
+            raise VitpruneError("checkpoint applies to model names only: a transformers folder carries its own "
+                                "weights", param="checkpoint")
+        model, info = load_transformers(source, img_size=img_size)
+        return BaseModel(model=model, info=info)
     if Path(source).exists():
         raise VitpruneError(f"{source} is not a vitprune artifact (no vitprune.json); give a timm model name and "
                             f"its checkpoint {source}")
@@ -51,10 +61,11 @@ def load_base(source: str, checkpoint: Path | None = None, no_pretrained: bool =
     return BaseModel(model=model, info=info)
 
 
-def load_images_for(model: nn.Module, data: Path, *, limit: int | None, workers: int, img_size: int | None = None,
-                    batch_size: int = 64, progress: bool = True) -> tuple[Tensor, Tensor | None, ImageSet]:
+def load_images_for(model: nn.Module, data: Path | str, *, limit: int | None, workers: int, img_size: int | None = None,
+                    batch_size: int = 64, progress: bool = True,
+                    options: DatasetOptions | None = None) -> tuple[Tensor, Tensor | None, ImageSet]:
     """(images, labels or None, ImageSet) preprocessed with timm's data config for `model`."""
-    image_set = find_images(data, limit=limit)
+    image_set = find_image_set(data, options or DatasetOptions(), limit=limit)
     check_labels(image_set, model.num_classes)
     images, labels = load_images(image_set, transform_for(model, img_size=img_size), num_workers=workers,
                                  batch_size=batch_size, progress=progress)
@@ -69,3 +80,18 @@ def load_eval_images(base: nn.Module, reduced: nn.Module, data: Path, *, limit: 
     if model_img_size(base) != model_img_size(reduced):
         base_images, _, _ = load_images_for(base, data, limit=limit, workers=workers, progress=progress)
     return images, labels, base_images
+
+
+def stream_eval_images(base: nn.Module, reduced: nn.Module, data: str, options: DatasetOptions, *,
+                       limit: int | None, workers: int, batch_size: int) -> Iterator[Batch]:
+    """Batches of a dataset (hfds/, wds/, .tar) for the reduced model, with the base model's input when
+    its size differs, read as they are evaluated."""
+    transforms = [transform_for(reduced)]
+    if model_img_size(base) != model_img_size(reduced):
+        transforms.append(transform_for(base))
+    return stream_batches(data, options, transforms, limit=limit, batch_size=batch_size, workers=workers)
+
+
+def is_dataset(data: str | Path | None) -> bool:
+    """Data that timm's dataset readers read (streamed by apply) rather than an image folder."""
+    return dataset_kind(data) is not None

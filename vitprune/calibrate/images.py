@@ -10,8 +10,9 @@ from torch import Tensor
 
 from vitprune.calibrate.evaluate import Evaluator
 from vitprune.calibrate.prepare import Setup
-from vitprune.data import ImageSet, find_images, load_images, predict, split, transform_for
+from vitprune.data import ImageSet, load_images, predict, split, transform_for
 from vitprune.errors import VitpruneError
+from vitprune.timm_datasets import DatasetOptions, find_image_set
 
 # Finalists are re-ranked, and guarded, on the calibration images outside the search subset: plans
 # the search selected on its subset look better there than they are. With fewer left than this,
@@ -47,10 +48,11 @@ class Evaluators:
     validation_index: list[int]
 
 
-def split_images(data: Path, *, limit: int | None, holdout: float, seed: int,
-                 swap_split: bool) -> tuple[ImageSet, ImageSet, ImageSet]:
-    """(all images, calibration part, held-out part); `swap_split` swaps the parts."""
-    image_set = find_images(data, limit=limit, seed=seed)
+def split_images(data: Path | str, *, limit: int | None, holdout: float, seed: int, swap_split: bool,
+                 options: DatasetOptions | None = None) -> tuple[ImageSet, ImageSet, ImageSet]:
+    """(all images, calibration part, held-out part); `swap_split` swaps the parts. From a dataset
+    timm reads, the images (at most `limit`) are held while the search runs over them."""
+    image_set = find_image_set(data, options or DatasetOptions(), limit=limit, seed=seed)
     calibration_set, holdout_set = split(image_set, holdout, seed)
     if swap_split:
         calibration_set, holdout_set = holdout_set, calibration_set

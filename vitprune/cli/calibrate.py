@@ -1,7 +1,6 @@
 """`vitprune calibrate`: search the best reduction plan for a budget on the user's own images."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -10,12 +9,15 @@ from vitprune.cli.app import app
 from vitprune.cli.common import (
     CheckpointOpt,
     ForceOpt,
+    ImageFieldOpt,
     ImgSizeOpt,
     JsonOpt,
+    LabelFieldOpt,
     LimitOpt,
     ModelArg,
     NoPretrainedOpt,
     OutOpt,
+    SplitOpt,
     ThreadsOpt,
     WorkersOpt,
     console,
@@ -30,7 +32,7 @@ from vitprune.errors import VitpruneError
 @app.command()
 def calibrate(
     model: ModelArg,
-    data: Annotated[Path, typer.Option("--data", "-d", help="Images to calibrate on (part is held out): ImageFolder, a folder with labels.csv, or plain images.")],
+    data: Annotated[str, typer.Option("--data", "-d", help="Images to calibrate on (part is held out): ImageFolder, a folder with labels.csv, plain images, or a dataset timm reads (hfds/..., wds/..., .tar; held in memory: bound it with --limit).")],
     target_gmacs: Annotated[float | None, typer.Option("--target-gmacs", help="Budget: at most this many GMACs per image.")] = None,
     target_ratio: Annotated[float | None, typer.Option("--target-ratio", help="Budget: at most this fraction of the base GMACs, in (0, 1].")] = None,
     target_latency_ms: Annotated[float | None, typer.Option("--target-latency-ms", help="Budget: at most this many ms per image at --batch, measured here.")] = None,
@@ -50,6 +52,9 @@ def calibrate(
     no_pretrained: NoPretrainedOpt = False,
     img_size: ImgSizeOpt = None,
     limit: LimitOpt = None,
+    split: SplitOpt = None,
+    label_field: LabelFieldOpt = None,
+    image_field: ImageFieldOpt = None,
     workers: WorkersOpt = 2,
     threads: ThreadsOpt = None,
     output: OutOpt = None,
@@ -64,7 +69,8 @@ def calibrate(
                                  target_latency_ms=target_latency_ms, max_drop=max_drop, batch=batch)
     request = CalibrateRequest(
         model=model, data=data, budget=budget, checkpoint=checkpoint, no_pretrained=no_pretrained, img_size=img_size,
-        img_sizes=_parse_sizes(img_sizes), limit=limit, holdout=holdout, seed=seed, swap_split=swap_split,
+        img_sizes=_parse_sizes(img_sizes), limit=limit, split=split, label_field=label_field,
+        image_field=image_field, holdout=holdout, seed=seed, swap_split=swap_split,
         objective=objective, head_only=not no_head_only, protect=protect, search_images=search_images,
         refine_steps=refine_steps, bench_repeats=bench_repeats, workers=workers, output=output, force=force,
         progress=not json_out,

@@ -1,7 +1,6 @@
 """`vitprune cascade`: a DVT cascade of stages on one model, thresholds calibrated to a GMACs budget."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,11 +11,14 @@ from vitprune.cli.common import (
     CheckpointOpt,
     DeviceOpt,
     ForceOpt,
+    ImageFieldOpt,
     JsonOpt,
+    LabelFieldOpt,
     LimitOpt,
     ModelArg,
     NoPretrainedOpt,
     OutOpt,
+    SplitOpt,
     ThreadsOpt,
     WorkersOpt,
     console,
@@ -29,7 +31,7 @@ from vitprune.cli.common import (
 def cascade(
     model: ModelArg,
     stages: Annotated[str, typer.Option("--stages", "-s", help="Stages, cheapest first: [SIZE][:METHOD:SETTING],... e.g. '112,160,224', 'evit:0.5,evit:0.7,none', '160:tome:8,224'.")],
-    data: Annotated[Path, typer.Option("--data", "-d", help="Images to calibrate on (and hold out): ImageFolder, a folder with labels.csv, or plain images.")],
+    data: Annotated[str, typer.Option("--data", "-d", help="Images to calibrate on (and hold out): ImageFolder, a folder with labels.csv, plain images, or a dataset timm reads (hfds/..., wds/..., .tar; held in memory: bound it with --limit).")],
     target_gmacs: Annotated[float | None, typer.Option("--target-gmacs", help="Budget: mean GMACs per image.")] = None,
     target_ratio: Annotated[float | None, typer.Option("--target-ratio", help="Budget: a fraction of the base model's GMACs, e.g. 0.6.")] = None,
     criterion: Annotated[str, typer.Option("--criterion", help="Confidence: maxprob (largest softmax probability) or entropy.")] = "maxprob",
@@ -40,6 +42,9 @@ def cascade(
     checkpoint: CheckpointOpt = None,
     no_pretrained: NoPretrainedOpt = False,
     limit: LimitOpt = None,
+    split: SplitOpt = None,
+    label_field: LabelFieldOpt = None,
+    image_field: ImageFieldOpt = None,
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = 2,
     threads: ThreadsOpt = None,
@@ -56,7 +61,7 @@ def cascade(
     request = CascadeRequest(
         model=model, stages=stages, data=data, target_gmacs=target_gmacs, target_ratio=target_ratio,
         criterion=criterion, checkpoint=checkpoint, no_pretrained=no_pretrained, holdout=holdout, seed=seed,
-        limit=limit, batch_size=batch_size, workers=workers, frontier=frontier, onnx=onnx, device=device,
+        limit=limit, split=split, label_field=label_field, image_field=image_field, batch_size=batch_size, workers=workers, frontier=frontier, onnx=onnx, device=device,
         output=output, force=force, progress=not json_out,
     )
     set_threads(threads)

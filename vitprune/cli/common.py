@@ -15,11 +15,14 @@ from vitprune.errors import VitpruneError
 
 console = Console(stderr=True)  # tables and progress on stderr keep stdout clean for --json
 
-ModelArg = Annotated[str, typer.Argument(help="timm model name or alias (deit_small), or a vitprune artifact folder / .safetensors.")]
+ModelArg = Annotated[str, typer.Argument(help="timm model name or alias (deit_small), a vitprune artifact folder / .safetensors, or a transformers ViT/DeiT/DINOv2 folder.")]
 CheckpointOpt = Annotated[Path | None, typer.Option("--checkpoint", "-c", help="Local weights: .pth/.bin/.safetensors, a state_dict or one under 'model'/'state_dict'.")]
 NoPretrainedOpt = Annotated[bool, typer.Option("--no-pretrained", help="Random weights (mechanics only).")]
 ImgSizeOpt = Annotated[int | None, typer.Option("--img-size", help="Input resolution (timm resamples the position embedding).")]
-DataOpt = Annotated[Path | None, typer.Option("--data", "-d", help="Images: ImageFolder (wnid or index folders), a folder with labels.csv, or plain images.")]
+DataOpt = Annotated[str | None, typer.Option("--data", "-d", help="Images: ImageFolder (wnid or index folders), a folder with labels.csv, plain images, or a dataset timm reads: hfds/NAME_OR_FOLDER, wds/SHARD_FOLDER (with --split), a .tar of images.")]
+SplitOpt = Annotated[str | None, typer.Option("--split", help="hfds: the split (default train); wds: a split of the folder's _info.json, or shard names such as 'val-{000..009}.tar'.")]
+LabelFieldOpt = Annotated[str | None, typer.Option("--label-field", help="hfds: the label column (default label; without it, unlabelled); wds: a field of each sample's .json (default: the .cls file).")]
+ImageFieldOpt = Annotated[str | None, typer.Option("--image-field", help="hfds: the image column (default image); wds: the image extensions (default jpg;png;webp).")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use at most this many images (a fixed random subset).")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Batch size for evaluation.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Image decoding workers.")]

@@ -11,14 +11,15 @@ from vitprune.checks import check_whole
 from vitprune.commands.common import ReducedModelSpec, build_reduced, check_device
 from vitprune.io import check_output_dir
 from vitprune.report import Evidence, compare, make_report, render_markdown
-from vitprune.source import load_eval_images
+from vitprune.source import is_dataset, load_eval_images, stream_eval_images
+from vitprune.timm_datasets import DatasetOptions
 
 
 @dataclass(kw_only=True)
-class ApplyRequest(ReducedModelSpec):
+class ApplyRequest(ReducedModelSpec, DatasetOptions):
     """Everything `vitprune apply` takes; the same fields as its options."""
 
-    data: Path | None = None
+    data: Path | str | None = None  # an image folder, or a dataset timm reads (hfds/..., wds/..., .tar), streamed
     limit: int | None = None
     batch_size: int = 64
     workers: int = 2
@@ -32,6 +33,7 @@ class ApplyRequest(ReducedModelSpec):
     def check(self) -> None:
         """Every setting, before any model is built or image read."""
         self.check_reduction()
+        self.check_data_options(self.data)
         check_whole(self.batch_size, "batch_size", 1)
         check_whole(self.workers, "workers", 0)
         check_whole(self.bench_repeats, "bench_repeats", 1)
@@ -60,11 +62,14 @@ def run_apply(request: ApplyRequest) -> ApplyResult:
     request.check()
     base, plan, reduced = build_reduced(request)
     base_model, reduced = base.model.to(request.device), reduced.to(request.device)
-    images = labels = base_images = None
-    if request.data is not None:
+    images = labels = base_images = batches = None
+    if is_dataset(request.data):
+        batches = stream_eval_images(base_model, reduced, str(request.data), request, limit=request.limit,
+                                     workers=request.workers, batch_size=request.batch_size)
+    elif request.data is not None:
         images, labels, base_images = load_eval_images(base_model, reduced, request.data, limit=request.limit,
                                                        workers=request.workers, progress=request.progress)
-    evidence = Evidence(images=images, labels=labels, base_images=base_images,
+    evidence = Evidence(images=images, labels=labels, base_images=base_images, batches=batches,
                         data_path=str(request.data) if request.data else None,
                         bench_batches=request.bench_batches, bench_repeats=request.bench_repeats,
                         batch_size=request.batch_size, device=request.device, progress=request.progress)

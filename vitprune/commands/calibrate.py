@@ -21,16 +21,17 @@ from vitprune.patch import apply_plan
 from vitprune.plan import Plan
 from vitprune.progress import progress_bar
 from vitprune.source import load_base
+from vitprune.timm_datasets import DatasetOptions
 
 __all__ = ["Budget", "CalibrateRequest", "CalibrateResult", "run_calibrate"]
 
 
 @dataclass
-class CalibrateRequest:
+class CalibrateRequest(DatasetOptions):
     """Everything `vitprune calibrate` takes; the same fields as its options."""
 
     model: str
-    data: Path
+    data: Path | str  # an image folder or a dataset timm reads (hfds/..., wds/..., .tar; bound it with limit)
     budget: Budget
     checkpoint: Path | None = None
     no_pretrained: bool = False
@@ -55,6 +56,7 @@ class CalibrateRequest:
         """Every setting, before any model is built or image read."""
         if not isinstance(self.budget, Budget):
             raise VitpruneError(f"budget must be a vitprune.budget.Budget, got {self.budget!r}", param="budget")
+        self.check_data_options(self.data)
         if self.objective not in calibrate.OBJECTIVES:
             raise VitpruneError(f"objective must be one of {', '.join(calibrate.OBJECTIVES)}, got {self.objective!r}",
                                 param="objective")
@@ -90,7 +92,7 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
     started = time.perf_counter()
     setup = calibrate.prepare(base.model.eval(), request.img_sizes, request.head_only, request.budget)
     sets = calibrate.split_images(request.data, limit=request.limit, holdout=request.holdout, seed=request.seed,
-                                  swap_split=request.swap_split)
+                                  swap_split=request.swap_split, options=request)
     for part in sets:
         check_labels(part, setup.base_model.num_classes)
     calibrate.check_objective(request.objective, sets[0], request.data)

@@ -25,22 +25,23 @@ from vitprune.cascade import (
 )
 from vitprune.checks import check_finite, check_whole
 from vitprune.commands.common import check_device
-from vitprune.data import ImageSet, check_labels, find_images, load_images, split, transform_for
+from vitprune.data import ImageSet, check_labels, load_images, split, transform_for
 from vitprune.errors import VitpruneError
 from vitprune.flops import count_macs
 from vitprune.io import check_output_dir
 from vitprune.models import patch_size_of
 from vitprune.patch import model_img_size
 from vitprune.source import BaseModel, load_base
+from vitprune.timm_datasets import DatasetOptions, find_image_set
 
 
 @dataclass
-class CascadeRequest:
+class CascadeRequest(DatasetOptions):
     """Everything `vitprune cascade` takes; the same fields as its options."""
 
     model: str
     stages: str
-    data: Path
+    data: Path | str  # an image folder or a dataset timm reads (hfds/..., wds/..., .tar; bound it with limit)
     target_gmacs: float | None = None
     target_ratio: float | None = None
     criterion: str = "maxprob"
@@ -64,6 +65,7 @@ class CascadeRequest:
             raise VitpruneError(f"unknown criterion '{self.criterion}'; choose {' or '.join(CRITERIA)}",
                                 param="criterion")
         check_finite(self.holdout, "holdout", low=0, high=1, low_open=True, high_open=True, rule="a fraction in (0, 1)")
+        self.check_data_options(self.data)
         check_whole(self.batch_size, "batch_size", 1)
         check_whole(self.workers, "workers", 0)
         if self.limit is not None:
@@ -98,7 +100,7 @@ def run_cascade(request: CascadeRequest) -> CascadeResult:
     """Build the cascade, calibrate its thresholds to the budget, report held-out figures, the
     accuracy-vs-budget curve next to single fixed plans, and write the artifact if asked."""
     budget = request.check()
-    image_set = find_images(request.data, limit=request.limit)
+    image_set = find_image_set(request.data, request, limit=request.limit)
     base = load_base(request.model, request.checkpoint, request.no_pretrained, None)
     check_labels(image_set, base.model.num_classes)  # before any stage is built or run
     model = base.model.to(request.device).eval()

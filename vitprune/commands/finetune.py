@@ -33,6 +33,7 @@ from vitprune.finetune import (
     single_variant,
 )
 from vitprune.source import BaseModel, load_base
+from vitprune.timm_datasets import DatasetOptions
 
 LOSS_WEIGHTS = ("distill_weight", "label_weight", "hard_distill", "feature_distill")
 
@@ -40,19 +41,19 @@ __all__ = ["FinetuneRequest", "FinetuneResult", "before_after_table", "run_finet
 
 
 @dataclass(kw_only=True)
-class FinetuneRequest(ReducedModelSpec):
+class FinetuneRequest(ReducedModelSpec, DatasetOptions):
     """Everything `vitprune finetune` takes; the same fields as its options.
 
     The model and reduction fields are `apply`'s (an apply artifact folder brings its own plan)."""
 
-    data: Path
+    data: Path | str  # an image folder or a dataset timm reads (hfds/..., wds/... held in memory: bound it with limit)
     output: Path | None = None
     # SuperViT: every size x keep rate trained at once
     supervit: bool = False
     sizes: tuple[int, ...] = ()
     keeps: tuple[float, ...] = ()
     # data
-    val: Path | None = None
+    val: Path | str | None = None  # read like data (the same split, label_field, image_field)
     val_split: float | None = None  # hold out this fraction of `data` for validation
     limit: int | None = None
     seed: int = 0
@@ -117,6 +118,7 @@ class FinetuneRequest(ReducedModelSpec):
 
     def _check_data(self) -> None:
         check_whole(self.seed, "seed")
+        self.check_data_options(self.data)
         if self.limit is not None:
             check_whole(self.limit, "limit", 1)
         if self.val_split is not None:

@@ -12,9 +12,19 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from vitprune.data import ImageDataset, ImageSet, check_labels, collate_images, data_config_for, find_images, split
+from vitprune.data import (
+    ImageDataset,
+    ImageSet,
+    StoredImage,
+    check_labels,
+    collate_images,
+    data_config_for,
+    open_image,
+    split,
+)
 from vitprune.errors import VitpruneError
 from vitprune.finetune.distributed import Distributed
+from vitprune.timm_datasets import DatasetOptions, find_image_set
 
 VERIFY_CHUNK = 256  # images verified per batch of threads
 
@@ -23,8 +33,8 @@ VERIFY_CHUNK = 256  # images verified per batch of threads
 class DataOptions:
     """Where the images come from and how they are batched (the request's fields of the same names)."""
 
-    data: Path
-    val: Path | None
+    data: Path | str  # an image folder or a dataset timm reads (vitprune.timm_datasets)
+    val: Path | str | None
     val_split: float | None  # hold out this fraction of `data` for validation
     limit: int | None
     seed: int
@@ -34,6 +44,12 @@ class DataOptions:
     crop_scale: float  # smallest random-resized-crop area (timm's default)
     augment: bool  # False: timm's un-augmented train transform (resize + centre crop)
     auto_augment: str | None  # a timm AutoAugment/RandAugment policy, e.g. "rand-m9-mstd0.5"
+    split: str | None = None  # how a dataset is read (vitprune.timm_datasets.DatasetOptions)
+    label_field: str | None = None
+    image_field: str | None = None
+
+    def dataset_options(self) -> DatasetOptions:
+        return DatasetOptions(split=self.split, label_field=self.label_field, image_field=self.image_field)
 
 
 @dataclass(frozen=True)
@@ -51,9 +67,10 @@ class TrainingImages:
 
 def find_training_images(options: DataOptions) -> TrainingImages:
     """The training images, and the validation images from `val` or held out of `data` by `val_split`."""
-    train = find_images(options.data, limit=options.limit, seed=options.seed)
+    read = options.dataset_options()
+    train = find_image_set(options.data, read, limit=options.limit, seed=options.seed)
     if options.val is not None:
-        return TrainingImages(train, find_images(options.val), str(options.val))
+        return TrainingImages(train, find_image_set(options.val, read), str(options.val))
     if options.val_split is not None:
         train, val = split(train, options.val_split, options.seed)
         return TrainingImages(train, val, f"{options.data} (held-out {options.val_split:g}, seed {options.seed})")
@@ -81,9 +98,9 @@ def verify_images(images: TrainingImages, workers: int) -> None:
                     raise VitpruneError(problem)
 
 
-def _verify_image(file: Path) -> str | None:
+def _verify_image(file: Path | StoredImage) -> str | None:
     try:
-        with Image.open(file) as image:
+        with open_image(file) as image:
             image.verify()
     except Exception as error:  # PIL raises many types for corrupt, truncated or non-image files
         return f"cannot read image {file}: {_first_line(error)}"
