@@ -21,7 +21,7 @@ class TokenTransforming(Method):
               check=lambda value: 0 < value <= 1, rule="in (0, 1]"),
         Param("neighbours", int, "kept tokens each token is spread over (whole number >= 1)", default=4,
               check=lambda value: value >= 1, rule="a whole number >= 1"),
-        Param("temperature", float, "softmax temperature of the cosine similarities, > 0", default=0.1,
+        Param("temperature", float, "softmax temperature of the cosine similarities, > 0", default=0.03,
               check=lambda value: value > 0, rule="a finite number > 0"),
     )
     stage_param = "keep"
