@@ -44,13 +44,14 @@ def keepfirst(monkeypatch):
     monkeypatch.setitem(methods._REGISTRY, "keepfirst", KeepFirst())
 
 
-def test_the_registry_knows_the_three_methods():
-    assert methods.names() == ("evit", "ats", "tome")
-    assert methods.searchable() == ("evit", "tome")
+def test_the_registry_knows_the_methods():
+    assert methods.names() == ("evit", "ats", "tome", "zerotprune", "ppt", "transform")
+    assert methods.searchable() == ("evit", "tome", "ppt")
     assert methods.get("evit").default_layers(12) == [3, 6, 9]
     assert methods.get("ats").default_layers(12) == list(range(3, 12))
     assert methods.get("tome").default_layers(12) == list(range(12))
-    with pytest.raises(VitpruneError, match="unknown method 'prune'; choose one of evit, ats, tome"):
+    assert methods.get("zerotprune").default_layers(12) == [3, 6, 9] and methods.get("zerotprune").needs_attention
+    with pytest.raises(VitpruneError, match="unknown method 'prune'; choose one of evit, ats, tome, zerotprune, ppt, transform"):
         methods.get("prune")
 
 

@@ -19,7 +19,7 @@ from vitprune.errors import VitpruneError
 from vitprune.methods import BlockContext, TokenState
 from vitprune.models import is_supported_vit
 from vitprune.plan import Plan, Reduction, make_plan
-from vitprune.reducers import gather_tokens
+from vitprune.reducers import attention_probs, gather_tokens
 
 
 class ReducedVisionTransformer:
@@ -86,7 +86,10 @@ class ReducedVisionTransformer:
         if spec is not None and spec.selects_queries:
             index, state = spec.select(ctx, reduction.settings)
             q, x, normed = _take_queries(q, index), gather_tokens(x, index), gather_tokens(normed, index)
-        out = _merge_heads(self._attend(block.attn, q, k, v, ctx.key_bias))
+        if spec is not None and spec.needs_attention:
+            out = _merge_heads(self._attend_explicit(block.attn, q, k, v, ctx))
+        else:
+            out = _merge_heads(self._attend(block.attn, q, k, v, ctx.key_bias))
         x = x + block.drop_path1(block.ls1(_project(block.attn, out, normed)))
         if spec is not None and not spec.selects_queries:
             x, state = spec.reduce(x, ctx, reduction.settings)
@@ -152,6 +155,13 @@ class ReducedVisionTransformer:
             q, k, v, attn_mask=None if key_bias is None else key_bias.to(q.dtype),
             dropout_p=attn.attn_drop.p if self.training else 0.0,
         )
+
+    def _attend_explicit(self, attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, ctx: BlockContext) -> Tensor:
+        """The attention as softmax(q k^T) v, its probabilities kept in `ctx.attn` for methods that
+        read all of them (`Method.needs_attention`): the same MACs as the fused kernel."""
+        ctx.attn = attention_probs(q, k, attn.scale, ctx.key_bias)
+        probs = F.dropout(ctx.attn, attn.attn_drop.p) if self.training else ctx.attn
+        return probs.to(v.dtype) @ v
 
     def _record(self, layer: int, reduction: Reduction | str | None, tokens_in: int, state_in: TokenState,
                 state_out: TokenState, queries: int, x: Tensor) -> None:

@@ -18,7 +18,7 @@ from vitprune.patch import apply_plan, check_plan_fits, model_img_size, tokens_b
 from vitprune.plan import Plan, make_plan
 
 # A valid setting of each method, to ask whether the model can run it at all.
-FIT_SETTINGS = {"evit": {"keep": 0.9}, "ats": {"keep": 0.9}, "tome": {"r": 1}}
+FIT_SETTINGS = {"evit": {"keep": 0.9}, "ats": {"keep": 0.9}, "tome": {"r": 1}, "ppt": {"r": 1}}
 LADDER = (0.9, 0.8, 0.7, 0.6, 0.5)  # GMACs budgets: frontier points at these ratios above the target
 # Budgets without a GMACs target (latency, accuracy drop): shapes are found at a middle budget, then
 # scaled along this ladder of ratios.

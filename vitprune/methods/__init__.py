@@ -2,7 +2,7 @@
 
     from vitprune import methods
     methods.get("evit").default_layers(12)     # [3, 6, 9]
-    methods.names()                             # ('evit', 'ats', 'tome')
+    methods.names()                             # ('evit', 'ats', 'tome', 'zerotprune', 'ppt', 'transform')
 
 A new method is a module with a `Method` subclass (parameters, default layers, block hooks,
 FLOPs rule, cascade setting) and one `register` line below.
@@ -13,7 +13,10 @@ from vitprune.errors import VitpruneError
 from vitprune.methods.ats import ATS
 from vitprune.methods.base import REQUIRED, BlockContext, Method, Param, TokenState
 from vitprune.methods.evit import EViT
+from vitprune.methods.ppt import PPT
 from vitprune.methods.tome import ToMe
+from vitprune.methods.transform import TokenTransforming
+from vitprune.methods.zerotprune import ZeroTPrune
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -42,5 +45,8 @@ def searchable() -> tuple[str, ...]:
 register(EViT())
 register(ATS())
 register(ToMe())
+register(ZeroTPrune())
+register(PPT())
+register(TokenTransforming())
 
 __all__ = ["REQUIRED", "BlockContext", "Method", "Param", "TokenState", "get", "names", "register", "searchable"]

@@ -84,6 +84,7 @@ class BlockContext:
     num_prefix: int  # class, distillation and register tokens: never reduced
     num_input_tokens: int  # tokens entering the model (ATS caps are ratios of it)
     pad_to: int | None = None  # per-image methods: pad the batch to this width (static shapes)
+    attn: Tensor | None = None  # (B, H, N, N) softmax attention, for `needs_attention` methods (after attending)
 
 
 class Method:
@@ -97,6 +98,9 @@ class Method:
     varies_per_image: bool = False
     needs_token_pooling: bool = False  # the head must read the class token alone (padding is never pooled)
     selects_queries: bool = False  # reduces before attention: only the kept tokens are queried
+    # reads the whole attention of its block (`BlockContext.attn`): the adapter computes it there in
+    # place of the fused kernel, and the block's own attention product uses it (no extra MACs)
+    needs_attention: bool = False
 
     # -- parameters ------------------------------------------------------------------------------
     def settings(self, given: dict[str, Any]) -> dict[str, Any]:

@@ -35,3 +35,13 @@ def keep_prefix_and(index: Tensor, num_prefix: int) -> Tensor:
     batch = index.shape[0]
     prefix = torch.arange(num_prefix, device=index.device).expand(batch, num_prefix)
     return torch.cat([prefix, index + num_prefix], dim=1)
+
+
+def attention_probs(q: Tensor, k: Tensor, scale: float, key_bias: Tensor | None = None) -> Tensor:
+    """The whole softmax attention (B, H, Nq, N), for the methods that read more than its CLS row
+    (Zero-TPrune). The adapter computes it in place of the fused kernel, only in the blocks those
+    methods reduce, and multiplies it with the values itself: no attention is computed twice."""
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if key_bias is not None:
+        logits = logits + key_bias
+    return logits.softmax(dim=-1)

@@ -1,0 +1,52 @@
+"""Token Transforming: the kept tokens are a many-to-many transformation of all tokens.
+
+Zeng, Yu, Kong and Tang, "Token Transforming: A Unified and Training-Free Token Compression
+Framework for Vision Transformer Acceleration" (arXiv 2506.05709, 2025); docs/methods.md.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from torch import Tensor
+
+from vitprune.methods.base import BlockContext, Method, Param, TokenState, cls_row_macs
+from vitprune.reducers import cls_attention, evit_keep_count, transform_reduce
+
+
+class TokenTransforming(Method):
+    name = "transform"
+    params = (
+        Param("keep", float, "share in (0, 1] of the patch tokens entering the block kept as outputs", default=0.63,
+              check=lambda value: 0 < value <= 1, rule="in (0, 1]"),
+        Param("neighbours", int, "kept tokens each token is spread over (whole number >= 1)", default=4,
+              check=lambda value: value >= 1, rule="a whole number >= 1"),
+        Param("temperature", float, "softmax temperature of the cosine similarities, > 0", default=0.03,
+              check=lambda value: value > 0, rule="a finite number > 0"),
+    )
+    stage_param = "keep"
+
+    def describe(self, settings: dict[str, Any]) -> str:
+        return (f"transform keep={settings['keep']:g} neighbours={settings['neighbours']} "
+                f"temperature={settings['temperature']:g}")
+
+    def default_layers(self, depth: int) -> list[int]:
+        """The 4th, 7th and 10th of 12 blocks, scaled to the depth."""
+        return sorted({round(depth * i / 4) for i in (1, 2, 3)})
+
+    def needs_class_token(self, settings: dict[str, Any]) -> bool:
+        return True
+
+    def reduce(self, x: Tensor, ctx: BlockContext, settings: dict[str, Any]) -> tuple[Tensor, TokenState]:
+        size = ctx.state.size if ctx.state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
+        cls_attn = cls_attention(ctx.q[:, :, :1], ctx.k, ctx.scale, ctx.key_bias).mean(dim=1)
+        keep_count = evit_keep_count(x.shape[1] - ctx.num_prefix, settings["keep"])
+        x, size = transform_reduce(x, size, cls_attn, ctx.k.mean(dim=1), ctx.num_prefix, keep_count,
+                                   settings["neighbours"], settings["temperature"])
+        return x, replace(ctx.state, size=size)
+
+    def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
+                   settings: dict[str, Any]) -> Tensor:
+        """The class-token row, the M x K key similarities and the K x M transformation of the tokens."""
+        patch, kept = n_in - num_prefix, n_out - num_prefix
+        return cls_row_macs(attn, n_in) + patch * kept * (attn.head_dim + attn.qkv.in_features)

@@ -1,0 +1,57 @@
+"""Zero-TPrune: weighted PageRank importance on the attention graph, then similarity and importance pruning.
+
+Wang, Dedhia and Jha, "Zero-TPrune: Zero-Shot Token Pruning through Leveraging of the Attention
+Graph in Pre-Trained Transformers" (CVPR 2024); docs/methods.md.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vitprune.errors import VitpruneError
+from vitprune.methods.base import BlockContext, Method, Param, TokenState
+from vitprune.reducers import zerotprune_counts, zerotprune_reduce
+
+
+class ZeroTPrune(Method):
+    name = "zerotprune"
+    params = (
+        Param("keep", float, "share in (0, 1] of the patch tokens entering the block kept", default=0.7,
+              check=lambda value: 0 < value <= 1, rule="in (0, 1]"),
+        Param("similar", float, "share in [0, 1] of the removed tokens that the similarity stage removes",
+              default=0.5, check=lambda value: 0 <= value <= 1, rule="in [0, 1]"),
+        Param("iters", int, "weighted-PageRank votes of the ranking stage, >= 1", default=30,
+              check=lambda value: value >= 1, rule="a whole number >= 1"),
+    )
+    stage_param = "keep"
+    needs_attention = True
+
+    def describe(self, settings: dict[str, Any]) -> str:
+        return f"zerotprune keep={settings['keep']:g} similar={settings['similar']:g} iters={settings['iters']}"
+
+    def default_layers(self, depth: int) -> list[int]:
+        """The 4th, 7th and 10th of 12 blocks (the stage blocks of EViT and ATS), scaled to the depth."""
+        return sorted({round(depth * i / 4) for i in (1, 2, 3)})
+
+    def reduce(self, x: Tensor, ctx: BlockContext, settings: dict[str, Any]) -> tuple[Tensor, TokenState]:
+        if ctx.attn is None:
+            raise VitpruneError("zerotprune needs the block's attention probabilities, and the adapter gave none")
+        keep_count, similar_count = zerotprune_counts(x.shape[1] - ctx.num_prefix, settings["keep"], settings["similar"])
+        x, size, _ = zerotprune_reduce(x, ctx.state.size, ctx.attn, ctx.k.mean(dim=1), ctx.num_prefix,
+                                       keep_count, similar_count, settings["iters"])
+        return x, replace(ctx.state, size=size)
+
+    def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
+                   settings: dict[str, Any]) -> Tensor:
+        """One vote on all tokens, the A x B key similarities, `iters` votes among the survivors
+        (the attention itself is the block's own)."""
+        patch = n_in - num_prefix
+        similar = torch.tensor([zerotprune_counts(int(m), settings["keep"], settings["similar"])[1] for m in patch],
+                               dtype=torch.float64)
+        half = torch.floor(patch / 2)
+        survivors = n_in - similar
+        return (attn.num_heads * (n_in ** 2 + settings["iters"] * survivors ** 2)
+                + half * (patch - half) * attn.head_dim)
