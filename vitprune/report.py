@@ -17,6 +17,7 @@ from vitprune.flops import count_macs
 from vitprune.metrics import classification_metrics
 from vitprune.patch import model_img_size, plan_of
 from vitprune.plan import Plan
+from vitprune.runtime import Runtime
 from vitprune.tables import ReportTable
 
 
@@ -33,7 +34,14 @@ class Evidence:
     bench_warmup: int = 3
     batch_size: int = 64
     device: str = "cpu"
+    dtype: str = "float32"  # autocast precision of the accuracy and latency runs (vitprune.runtime)
+    compile: bool = False  # torch.compile the models for them
+    compile_mode: str = "default"
     progress: bool = True
+
+    @property
+    def runtime(self) -> Runtime:
+        return Runtime(device=self.device, dtype=self.dtype, compile=self.compile, compile_mode=self.compile_mode)
 
 
 def macs_images(model: nn.Module, images: Tensor | None) -> Tensor | None:
@@ -56,15 +64,18 @@ def count_gmacs(model: nn.Module, images: Tensor | None, batch_size: int = 64) -
 
 
 def compare(base: nn.Module, reduced: nn.Module, evidence: Evidence) -> dict:
-    """GMACs of both, accuracy/agreement on the images, latency side by side."""
-    out: dict = {}
+    """GMACs of both (counted in float32, eager), accuracy/agreement on the images and latency
+    side by side, both run as `evidence.runtime` says (precision, compilation)."""
+    runtime = evidence.runtime
+    out: dict = {"runtime": runtime.to_dict()}
     base_images = evidence.base_images if evidence.base_images is not None else evidence.images
     out["gmacs_base"] = round(count_gmacs(base, base_images, evidence.batch_size), 4)
     out["gmacs"] = round(count_gmacs(reduced, evidence.images, evidence.batch_size), 4)
     out["gmacs_reduction"] = round(1 - out["gmacs"] / out["gmacs_base"], 4)
+    base_run, reduced_run = runtime.prepare(base), runtime.prepare(reduced)
     if evidence.images is not None:
-        base_logits = _predict(base, base_images, evidence, "Base model")
-        logits = _predict(reduced, evidence.images, evidence, "Reduced model")
+        base_logits = _predict(base_run, base_images, evidence, "Base model")
+        logits = _predict(reduced_run, evidence.images, evidence, "Reduced model")
         base_metrics = classification_metrics(base_logits, evidence.labels, None)
         metrics = classification_metrics(logits, evidence.labels, base_logits)
         out["data"] = {"path": evidence.data_path, "n_images": int(evidence.images.shape[0]),
@@ -79,7 +90,7 @@ def compare(base: nn.Module, reduced: nn.Module, evidence: Evidence) -> dict:
         most = max(evidence.bench_batches)
         inputs = {"base": base_images[:most] if base_images is not None else _random_images(base),
                   "reduced": evidence.images[:most] if evidence.images is not None else _random_images(reduced)}
-        timing = measure_latency({"base": base, "reduced": reduced}, inputs, evidence.bench_batches,
+        timing = measure_latency({"base": base_run, "reduced": reduced_run}, inputs, evidence.bench_batches,
                                  warmup=evidence.bench_warmup, repeats=evidence.bench_repeats, device=evidence.device)
         out["latency_ms"] = {
             str(batch): {
@@ -92,8 +103,10 @@ def compare(base: nn.Module, reduced: nn.Module, evidence: Evidence) -> dict:
         out["latency_setup"] = {
             "device": timing["device"], "threads": timing["threads"], "warmup": timing["warmup"],
             "repeats": timing["repeats"], "inputs": "real images" if evidence.images is not None else "random images",
-            "runtime": "eager PyTorch", "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "runtime": runtime.describe(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         }
+        if timing["compile_s"]:
+            out["latency_setup"]["compile_s"] = timing["compile_s"]
     return out
 
 
@@ -147,6 +160,10 @@ def render_markdown(report: dict, title: str = "vitprune report") -> str:
              f"- plan: {report['plan']} (method `{report['method']}`)"]
     if report.get("checkpoint"):
         lines.append(f"- checkpoint: `{report['checkpoint']}`")
+    if report.get("runtime"):
+        run = report["runtime"]
+        lines.append(f"- evaluated on {run['device']} in {run['dtype']}"
+                     + (f", torch.compile ({run['compile_mode']})" if run["compile"] else ", eager"))
     lines += ["", figures_table(report).markdown()]
     if "data" in report:
         data = report["data"]
@@ -155,7 +172,9 @@ def render_markdown(report: dict, title: str = "vitprune report") -> str:
     if "latency_setup" in report:
         setup = report["latency_setup"]
         lines += ["", f"Latency: {setup['runtime']}, {setup['device']}, median of {setup['repeats']} runs after "
-                  f"{setup['warmup']} warm-up runs, base and reduced interleaved, on {setup['inputs']}."]
+                  f"{setup['warmup']} warm-up runs, base and reduced interleaved, on {setup['inputs']}."
+                  + (f" Compilation (first calls, not in the timings): base {setup['compile_s']['base']:.1f} s, "
+                     f"reduced {setup['compile_s']['reduced']:.1f} s." if "compile_s" in setup else "")]
     versions = report.get("versions", {})
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
     return "\n".join(lines)

@@ -9,8 +9,11 @@ from vitprune.cli.app import app
 from vitprune.cli.common import (
     BatchSizeOpt,
     CheckpointOpt,
+    CompileModeOpt,
+    CompileOpt,
     DataOpt,
     DeviceOpt,
+    DtypeOpt,
     ForceOpt,
     HeadOnlyOpt,
     ImgSizeOpt,
@@ -60,6 +63,9 @@ def apply(
     bench_repeats: Annotated[int, typer.Option("--bench-repeats", help="Timed runs per batch size (median reported).")] = 10,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    compile: CompileOpt = False,
+    compile_mode: CompileModeOpt = "default",
     output: OutOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -75,7 +81,8 @@ def apply(
         fuse=False if no_fuse else None, head_only=head_only, plan_file=plan_file, checkpoint=checkpoint,
         no_pretrained=no_pretrained, img_size=img_size, data=data, limit=limit, batch_size=batch_size,
         workers=workers, bench_batches=parse_batches(bench_batch) if bench else (), bench_repeats=bench_repeats,
-        device=device, output=output, force=force, progress=not json_out,
+        device=device, dtype=dtype, compile=compile, compile_mode=compile_mode, output=output, force=force,
+        progress=not json_out,
     )
     set_threads(threads)
     result = run_apply(request)

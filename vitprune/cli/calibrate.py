@@ -9,6 +9,7 @@ import typer
 from vitprune.cli.app import app
 from vitprune.cli.common import (
     CheckpointOpt,
+    DtypeOpt,
     ForceOpt,
     ImgSizeOpt,
     JsonOpt,
@@ -51,6 +52,7 @@ def calibrate(
     img_size: ImgSizeOpt = None,
     limit: LimitOpt = None,
     workers: WorkersOpt = 2,
+    dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
     output: OutOpt = None,
     force: ForceOpt = False,
@@ -66,7 +68,7 @@ def calibrate(
         model=model, data=data, budget=budget, checkpoint=checkpoint, no_pretrained=no_pretrained, img_size=img_size,
         img_sizes=_parse_sizes(img_sizes), limit=limit, holdout=holdout, seed=seed, swap_split=swap_split,
         objective=objective, head_only=not no_head_only, protect=protect, search_images=search_images,
-        refine_steps=refine_steps, bench_repeats=bench_repeats, workers=workers, output=output, force=force,
+        refine_steps=refine_steps, bench_repeats=bench_repeats, workers=workers, dtype=dtype, output=output, force=force,
         progress=not json_out,
     )
     set_threads(threads)
