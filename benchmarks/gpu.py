@@ -1,4 +1,4 @@
-"""GPU throughput: base vs EViT 0.7, ToMe r=13 (r=8 on vit_large) and ATS K=0.7, eager and compiled.
+"""GPU throughput: base vs EViT 0.7, ToMe r=13 (r=8 on vit_large, r=16 too on vit_base) and ATS K=0.7.
 
     python benchmarks/gpu.py                          # one recent GPU, bf16, under 8 minutes
     python benchmarks/gpu.py --device cpu --quick     # a tiny model on the CPU, a few seconds (a test runs it)
@@ -44,9 +44,12 @@ ONNX_MODEL = {"full": "vit_base_patch16_224", "quick": "vit_tiny_patch16_224"}
 
 
 def methods_for(name: str) -> dict[str, dict]:
+    """EViT 0.7, ToMe r=13 (r=8 on vit_large; also r=16 on vit_base 224, the ToMe paper's ViT-B figure), ATS 0.7."""
     r = 8 if "large" in name else 13
-    return {"evit 0.7": {"method": "evit", "keep": 0.7}, f"tome r={r}": {"method": "tome", "r": r},
-            "ats 0.7": {"method": "ats", "keep": 0.7}}
+    plans = {"evit 0.7": {"method": "evit", "keep": 0.7}, f"tome r={r}": {"method": "tome", "r": r}}
+    if name == "vit_base_patch16_224":
+        plans["tome r=16"] = {"method": "tome", "r": 16}
+    return {**plans, "ats 0.7": {"method": "ats", "keep": 0.7}}
 
 
 def build(name: str, size: int, overrides: dict) -> tuple[dict[str, torch.nn.Module], torch.Tensor, dict]:
