@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from vitprune.runtime import Compiled, first_call_seconds
+
 Runner = Callable[[], object]  # one timed run of one model on its prepared batch
 
 
@@ -78,21 +80,27 @@ def measure_latency(
 
     The models take turns within every repeat (`interleaved_timing`). Use real images where the
     token count depends on the image (ATS); a dict gives each model its own images (other input
-    sizes). Returns {"ms_per_image": {name: {batch: ms}}, "threads", "device", "repeats", "warmup"}.
+    sizes). A compiled model's first call at each batch size (its compilation) is timed apart,
+    before the warm-up. Returns {"ms_per_image": {name: {batch: ms}}, "compile_s": {name: seconds,
+    summed over the batch sizes} (compiled models only), "threads", "device", "repeats", "warmup"}.
     """
     device = torch.device(device)
     for model in models.values():
         model.eval().to(device)
     inputs = images if isinstance(images, dict) else {name: images for name in models}
+    compile_s = {name: 0.0 for name, model in models.items() if isinstance(model, Compiled)}
 
     def runners_for(batch_size: int) -> dict[str, Runner]:
         batches = {name: fill_batch(inputs[name], batch_size).to(device) for name in models}
+        for name in compile_s:
+            compile_s[name] += first_call_seconds(models[name], batches[name])
         return {name: (lambda model=model, batch=batches[name]: model(batch)) for name, model in models.items()}
 
     timed = interleaved_timing(runners_for, batch_sizes, warmup=warmup, repeats=repeats,
                                sync=lambda: _sync(device))
     return {
         "ms_per_image": {name: timed.get(name, {}) for name in models},
+        "compile_s": {name: round(seconds, 2) for name, seconds in compile_s.items()},
         "threads": torch.get_num_threads(),
         "device": device_name(device),
         "warmup": warmup,

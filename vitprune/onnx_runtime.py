@@ -177,29 +177,40 @@ def _pin_batch(path: Path, fixed_batch: int | None) -> None:
     onnx.save(model, str(path))
 
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+EXTRA_FOR = {"cuda": "gpu", "tensorrt": "tensorrt"}  # the pip extra that brings a provider
 
 
 def check_provider_name(provider: str) -> str:
     if provider != "auto" and provider not in PROVIDERS:
-        raise VitpruneError(f"provider must be auto, cpu or cuda (the ONNX Runtime provider), got '{provider}'",
+        raise VitpruneError(f"provider must be auto, cpu, cuda or tensorrt (the ONNX Runtime provider), got '{provider}'",
                             param="provider")
     return provider
 
 
-def choose_provider(provider: str = "auto") -> str:
-    """The ONNX Runtime execution provider: CUDA when onnxruntime-gpu sees a GPU, else CPU."""
-    import onnxruntime as ort  # heavy, and only ONNX work needs it: loaded on first use
-
+def choose_provider(provider: str = "auto", available: list[str] | None = None, gpu: bool | None = None) -> str:
+    """The ONNX Runtime execution provider: for auto, CUDA when onnxruntime-gpu sees a GPU, else
+    CPU (TensorRT only when asked: it builds an engine per graph, minutes for a ViT).
+    `available`/`gpu`: ONNX Runtime's providers and whether a GPU is there (default: ask them)."""
     check_provider_name(provider)
-    available = ort.get_available_providers()
+    if available is None:
+        import onnxruntime as ort  # heavy, and only ONNX work needs it: loaded on first use
+
+        available = ort.get_available_providers()
+    gpu = torch.cuda.is_available() if gpu is None else gpu
     if provider == "auto":
-        cuda = PROVIDERS["cuda"] in available and torch.cuda.is_available()
-        return PROVIDERS["cuda"] if cuda else PROVIDERS["cpu"]
+        return PROVIDERS["cuda"] if PROVIDERS["cuda"] in available and gpu else PROVIDERS["cpu"]
     if PROVIDERS[provider] not in available:
         raise VitpruneError(f"ONNX Runtime has no {PROVIDERS[provider]} here "
-                            "(install onnxruntime-gpu: pip install 'vitprune[gpu]')", param="provider")
+                            f"(pip install 'vitprune[{EXTRA_FOR.get(provider, 'gpu')}]')", param="provider")
     return PROVIDERS[provider]
+
+
+def provider_chain(chosen: str) -> list[str]:
+    """The providers a session is given: the chosen one first, then the ones it falls back to for
+    the nodes it cannot run (TensorRT -> CUDA -> CPU)."""
+    order = [PROVIDERS["tensorrt"], PROVIDERS["cuda"], PROVIDERS["cpu"]]
+    return order[order.index(chosen):] if chosen in order else [chosen]
 
 
 def onnx_session(path: str | Path, provider: str = "auto", threads: int | None = None):
@@ -212,7 +223,7 @@ def onnx_session(path: str | Path, provider: str = "auto", threads: int | None =
     if threads is not None:
         options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), options, providers=[choose_provider(provider)])
+        return ort.InferenceSession(str(path), options, providers=provider_chain(choose_provider(provider)))
     except VitpruneError:
         raise
     except Exception as error:

@@ -19,6 +19,7 @@ from vitprune.metrics import classification_metrics
 from vitprune.patch import model_img_size, plan_of
 from vitprune.plan import Plan
 from vitprune.progress import progress_bar
+from vitprune.runtime import Runtime
 from vitprune.tables import ReportTable
 
 
@@ -37,7 +38,14 @@ class Evidence:
     bench_warmup: int = 3
     batch_size: int = 64
     device: str = "cpu"
+    dtype: str = "float32"  # autocast precision of the accuracy and latency runs (vitprune.runtime)
+    compile: bool = False  # torch.compile the models for them
+    compile_mode: str = "default"
     progress: bool = True
+
+    @property
+    def runtime(self) -> Runtime:
+        return Runtime(device=self.device, dtype=self.dtype, compile=self.compile, compile_mode=self.compile_mode)
 
 
 def macs_images(model: nn.Module, images: Tensor | None) -> Tensor | None:
@@ -60,9 +68,13 @@ def count_gmacs(model: nn.Module, images: Tensor | None, batch_size: int = 64) -
 
 
 def compare(base: nn.Module, reduced: nn.Module, evidence: Evidence) -> dict:
-    """GMACs of both, accuracy/agreement on the images, latency side by side."""
-    out: dict = {}
-    seen = _streamed(base, reduced, evidence) if evidence.batches is not None else _evaluated(base, reduced, evidence)
+    """GMACs of both (counted in float32, eager), accuracy/agreement on the images and latency
+    side by side, both run as `evidence.runtime` says (precision, compilation)."""
+    runtime = evidence.runtime
+    out: dict = {"runtime": runtime.to_dict()}
+    runs = (runtime.prepare(base), runtime.prepare(reduced))
+    seen = (_streamed(base, reduced, runs, evidence) if evidence.batches is not None
+            else _evaluated(base, reduced, runs, evidence))
     evidence, base_images = seen.evidence, seen.evidence.base_images
     out["gmacs_base"], out["gmacs"] = round(seen.gmacs_base, 4), round(seen.gmacs, 4)
     out["gmacs_reduction"] = round(1 - out["gmacs"] / out["gmacs_base"], 4)
@@ -81,7 +93,7 @@ def compare(base: nn.Module, reduced: nn.Module, evidence: Evidence) -> dict:
         most = max(evidence.bench_batches)
         inputs = {"base": base_images[:most] if base_images is not None else _random_images(base),
                   "reduced": evidence.images[:most] if evidence.images is not None else _random_images(reduced)}
-        timing = measure_latency({"base": base, "reduced": reduced}, inputs, evidence.bench_batches,
+        timing = measure_latency({"base": runs[0], "reduced": runs[1]}, inputs, evidence.bench_batches,
                                  warmup=evidence.bench_warmup, repeats=evidence.bench_repeats, device=evidence.device)
         out["latency_ms"] = {
             str(batch): {
@@ -94,8 +106,10 @@ def compare(base: nn.Module, reduced: nn.Module, evidence: Evidence) -> dict:
         out["latency_setup"] = {
             "device": timing["device"], "threads": timing["threads"], "warmup": timing["warmup"],
             "repeats": timing["repeats"], "inputs": "real images" if evidence.images is not None else "random images",
-            "runtime": "eager PyTorch", "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "runtime": runtime.describe(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         }
+        if timing["compile_s"]:
+            out["latency_setup"]["compile_s"] = timing["compile_s"]
     return out
 
 
@@ -111,19 +125,19 @@ class Seen:
     logits: Tensor | None = None
 
 
-def _evaluated(base: nn.Module, reduced: nn.Module, evidence: Evidence) -> Seen:
-    """Images held as tensors: counted and predicted whole."""
+def _evaluated(base: nn.Module, reduced: nn.Module, runs: tuple[nn.Module, nn.Module], evidence: Evidence) -> Seen:
+    """Images held as tensors: counted (`base`, `reduced`) and predicted (`runs`) whole."""
     if evidence.base_images is None:
         evidence = replace(evidence, base_images=evidence.images)
     seen = Seen(evidence, count_gmacs(base, evidence.base_images, evidence.batch_size),
                 count_gmacs(reduced, evidence.images, evidence.batch_size))
     if evidence.images is not None:
-        seen.base_logits = _predict(base, evidence.base_images, evidence, "Base model")
-        seen.logits = _predict(reduced, evidence.images, evidence, "Reduced model")
+        seen.base_logits = _predict(runs[0], evidence.base_images, evidence, "Base model")
+        seen.logits = _predict(runs[1], evidence.images, evidence, "Reduced model")
     return seen
 
 
-def _streamed(base: nn.Module, reduced: nn.Module, evidence: Evidence) -> Seen:
+def _streamed(base: nn.Module, reduced: nn.Module, runs: tuple[nn.Module, nn.Module], evidence: Evidence) -> Seen:
     """Batches read once: both models' logits and per-image GMACs gathered batch by batch; the first
     batch stays for the latency and for GMACs that do not depend on the image."""
     outputs: dict[str, list[Tensor]] = {"base": [], "reduced": [], "labels": [], "macs_base": [], "macs": []}
@@ -133,8 +147,8 @@ def _streamed(base: nn.Module, reduced: nn.Module, evidence: Evidence) -> Seen:
         for images, base_images, labels in evidence.batches:
             base_images = images if base_images is None else base_images
             first = first or (images, base_images)
-            for key, model, inputs in (("base", base, base_images), ("reduced", reduced, images)):
-                outputs[key].append(_predict(model, inputs, replace(evidence, progress=False), ""))
+            for key, model, run, inputs in (("base", base, runs[0], base_images), ("reduced", reduced, runs[1], images)):
+                outputs[key].append(_predict(run, inputs, replace(evidence, progress=False), ""))
                 if _varies(model):
                     outputs["macs" if model is reduced else "macs_base"].append(count_macs(model, inputs).gmacs_per_image)
             if labels is not None:
@@ -205,6 +219,10 @@ def render_markdown(report: dict, title: str = "vitprune report") -> str:
              f"- plan: {report['plan']} (method `{report['method']}`)"]
     if report.get("checkpoint"):
         lines.append(f"- checkpoint: `{report['checkpoint']}`")
+    if report.get("runtime"):
+        run = report["runtime"]
+        lines.append(f"- evaluated on {run['device']} in {run['dtype']}"
+                     + (f", torch.compile ({run['compile_mode']})" if run["compile"] else ", eager"))
     lines += ["", figures_table(report).markdown()]
     if "data" in report:
         data = report["data"]
@@ -213,7 +231,9 @@ def render_markdown(report: dict, title: str = "vitprune report") -> str:
     if "latency_setup" in report:
         setup = report["latency_setup"]
         lines += ["", f"Latency: {setup['runtime']}, {setup['device']}, median of {setup['repeats']} runs after "
-                  f"{setup['warmup']} warm-up runs, base and reduced interleaved, on {setup['inputs']}."]
+                  f"{setup['warmup']} warm-up runs, base and reduced interleaved, on {setup['inputs']}."
+                  + (f" Compilation (first calls, not in the timings): base {setup['compile_s']['base']:.1f} s, "
+                     f"reduced {setup['compile_s']['reduced']:.1f} s." if "compile_s" in setup else "")]
     versions = report.get("versions", {})
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
     return "\n".join(lines)

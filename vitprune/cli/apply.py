@@ -9,8 +9,11 @@ from vitprune.cli.app import app
 from vitprune.cli.common import (
     BatchSizeOpt,
     CheckpointOpt,
+    CompileModeOpt,
+    CompileOpt,
     DataOpt,
     DeviceOpt,
+    DtypeOpt,
     ForceOpt,
     HeadOnlyOpt,
     ImageFieldOpt,
@@ -66,6 +69,9 @@ def apply(
     bench_repeats: Annotated[int, typer.Option("--bench-repeats", help="Timed runs per batch size (median reported).")] = 10,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    compile: CompileOpt = False,
+    compile_mode: CompileModeOpt = "default",
     output: OutOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -82,7 +88,8 @@ def apply(
         no_pretrained=no_pretrained, img_size=img_size, data=data, split=split,
         label_field=label_field, image_field=image_field, limit=limit, batch_size=batch_size,
         workers=workers, bench_batches=parse_batches(bench_batch) if bench else (), bench_repeats=bench_repeats,
-        device=device, output=output, force=force, progress=not json_out,
+        device=device, dtype=dtype, compile=compile, compile_mode=compile_mode, output=output, force=force,
+        progress=not json_out,
     )
     set_threads(threads)
     result = run_apply(request)

@@ -8,6 +8,7 @@ import typer
 from vitprune.cli.app import app
 from vitprune.cli.common import (
     CheckpointOpt,
+    DtypeOpt,
     ForceOpt,
     ImageFieldOpt,
     ImgSizeOpt,
@@ -56,6 +57,7 @@ def calibrate(
     label_field: LabelFieldOpt = None,
     image_field: ImageFieldOpt = None,
     workers: WorkersOpt = 2,
+    dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
     output: OutOpt = None,
     force: ForceOpt = False,
@@ -72,7 +74,7 @@ def calibrate(
         img_sizes=_parse_sizes(img_sizes), limit=limit, split=split, label_field=label_field,
         image_field=image_field, holdout=holdout, seed=seed, swap_split=swap_split,
         objective=objective, head_only=not no_head_only, protect=protect, search_images=search_images,
-        refine_steps=refine_steps, bench_repeats=bench_repeats, workers=workers, output=output, force=force,
+        refine_steps=refine_steps, bench_repeats=bench_repeats, workers=workers, dtype=dtype, output=output, force=force,
         progress=not json_out,
     )
     set_threads(threads)

@@ -10,6 +10,7 @@ from vitprune.cli.common import (
     BatchSizeOpt,
     CheckpointOpt,
     DeviceOpt,
+    DtypeOpt,
     ForceOpt,
     ImageFieldOpt,
     JsonOpt,
@@ -47,6 +48,7 @@ def cascade(
     image_field: ImageFieldOpt = None,
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = 2,
+    dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     output: OutOpt = None,
@@ -61,7 +63,8 @@ def cascade(
     request = CascadeRequest(
         model=model, stages=stages, data=data, target_gmacs=target_gmacs, target_ratio=target_ratio,
         criterion=criterion, checkpoint=checkpoint, no_pretrained=no_pretrained, holdout=holdout, seed=seed,
-        limit=limit, split=split, label_field=label_field, image_field=image_field, batch_size=batch_size, workers=workers, frontier=frontier, onnx=onnx, device=device,
+        limit=limit, split=split, label_field=label_field, image_field=image_field, batch_size=batch_size,
+        workers=workers, frontier=frontier, onnx=onnx, device=device, dtype=dtype,
         output=output, force=force, progress=not json_out,
     )
     set_threads(threads)

@@ -11,6 +11,7 @@ from vitprune.checks import check_whole
 from vitprune.commands.common import ReducedModelSpec, build_reduced, check_device
 from vitprune.io import check_output_dir
 from vitprune.report import Evidence, compare, make_report, render_markdown
+from vitprune.runtime import Runtime
 from vitprune.source import is_dataset, load_eval_images, stream_eval_images
 from vitprune.timm_datasets import DatasetOptions
 
@@ -26,6 +27,9 @@ class ApplyRequest(ReducedModelSpec, DatasetOptions):
     bench_batches: tuple[int, ...] = ()
     bench_repeats: int = 10
     device: str = "cpu"
+    dtype: str = "float32"
+    compile: bool = False
+    compile_mode: str = "default"
     output: Path | None = None
     force: bool = False
     progress: bool = True
@@ -42,6 +46,7 @@ class ApplyRequest(ReducedModelSpec, DatasetOptions):
         for batch in self.bench_batches:
             check_whole(batch, "bench_batches", 1)
         check_device(self.device)
+        Runtime(self.device, self.dtype, self.compile, self.compile_mode).check()
         if self.output is not None:
             check_output_dir(self.output, self.force)
 
@@ -72,7 +77,8 @@ def run_apply(request: ApplyRequest) -> ApplyResult:
     evidence = Evidence(images=images, labels=labels, base_images=base_images, batches=batches,
                         data_path=str(request.data) if request.data else None,
                         bench_batches=request.bench_batches, bench_repeats=request.bench_repeats,
-                        batch_size=request.batch_size, device=request.device, progress=request.progress)
+                        batch_size=request.batch_size, device=request.device, dtype=request.dtype,
+                        compile=request.compile, compile_mode=request.compile_mode, progress=request.progress)
     report = make_report(model_identity(reduced, base.info), plan, compare(base_model, reduced, evidence), versions())
     if request.output is not None:
         write_artifact(request.output, reduced.cpu(), base.info, report=report,

@@ -20,6 +20,7 @@ from vitprune.io import check_output_dir
 from vitprune.patch import apply_plan
 from vitprune.plan import Plan
 from vitprune.progress import progress_bar
+from vitprune.runtime import Runtime
 from vitprune.source import load_base
 from vitprune.timm_datasets import DatasetOptions
 
@@ -48,12 +49,14 @@ class CalibrateRequest(DatasetOptions):
     refine_steps: int = 16
     bench_repeats: int = 5
     workers: int = 2
+    dtype: str = "float32"  # autocast precision of every evaluation and timing (vitprune.runtime)
     output: Path | None = None
     force: bool = False
     progress: bool = True
 
     def check(self) -> None:
         """Every setting, before any model is built or image read."""
+        Runtime(dtype=self.dtype).check()
         if not isinstance(self.budget, Budget):
             raise VitpruneError(f"budget must be a vitprune.budget.Budget, got {self.budget!r}", param="budget")
         self.check_data_options(self.data)
@@ -88,6 +91,11 @@ class CalibrateResult:
 def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
     """Search the plan for the budget, measure it and its frontier on held-out images, write the artifact."""
     request.check()
+    with Runtime(dtype=request.dtype).autocast():
+        return _calibrate(request)
+
+
+def _calibrate(request: CalibrateRequest) -> CalibrateResult:
     base = load_base(request.model, request.checkpoint, request.no_pretrained, request.img_size)
     started = time.perf_counter()
     setup = calibrate.prepare(base.model.eval(), request.img_sizes, request.head_only, request.budget)
@@ -117,6 +125,7 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
     reduced = apply_plan(copy.deepcopy(setup.base_model), written)
     report = calibrate.calibration_report(model_identity(reduced, base.info), written, search, found, held, images,
                                           info)
+    report["runtime"] = Runtime(dtype=request.dtype).to_dict()
     if request.output is not None:
         calibrate.write_calibration(request.output, reduced, base.info, report, request.force)
     return CalibrateResult(plan=written, reduced=reduced, report=report, calibration_files=images.calibration_set.files,

@@ -31,6 +31,7 @@ from vitprune.flops import count_macs
 from vitprune.io import check_output_dir
 from vitprune.models import patch_size_of
 from vitprune.patch import model_img_size
+from vitprune.runtime import Runtime
 from vitprune.source import BaseModel, load_base
 from vitprune.timm_datasets import DatasetOptions, find_image_set
 
@@ -55,6 +56,7 @@ class CascadeRequest(DatasetOptions):
     frontier: bool = True
     onnx: bool = False
     device: str = "cpu"
+    dtype: str = "float32"  # autocast precision of every evaluation (vitprune.runtime)
     output: Path | None = None
     force: bool = False
     progress: bool = True
@@ -75,6 +77,7 @@ class CascadeRequest(DatasetOptions):
             raise VitpruneError("output is required with onnx (the ONNX graphs go into the output folder)",
                                 param="output")
         check_device(self.device)
+        Runtime(device=self.device, dtype=self.dtype).check()
         if self.output is not None:
             check_output_dir(self.output, self.force)
         return budget
@@ -109,10 +112,13 @@ def run_cascade(request: CascadeRequest) -> CascadeResult:
     budget_gmacs = _budget_gmacs(request, budget, base_gmacs, cascade)
     data = _load_images(request, model, cascade, image_set)
     options = EvalOptions(batch_size=request.batch_size, progress=request.progress, frontier=request.frontier)
-    figures = evaluate_cascade(cascade, model, data, budget_gmacs, base_gmacs, options)
+    runtime = Runtime(device=request.device, dtype=request.dtype)
+    with runtime.autocast():
+        figures = evaluate_cascade(cascade, model, data, budget_gmacs, base_gmacs, options)
     report = cascade_report(cascade, base.info, img_size=model_img_size(model), base_gmacs=base_gmacs,
                             budget={"gmacs": budget_gmacs, "given": _flag(request.budget_param())},
                             data=_data_section(request, image_set, data), figures=figures, versions=versions())
+    report["runtime"] = runtime.to_dict()
     png = plot_curve(report)
     if request.output is not None:
         _write(request, cascade, base, report, png)

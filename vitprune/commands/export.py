@@ -40,6 +40,7 @@ class ExportRequest(ReducedModelSpec):
     batch: str | int = "dynamic"
     opset: int = 17
     fp16: bool = False
+    dtype: str = "float32"  # the graph's precision: float16 is the same as fp16
     ats_padding: str = "batch"
     data: Path | None = None
     limit: int | None = None
@@ -53,12 +54,19 @@ class ExportRequest(ReducedModelSpec):
     force: bool = False
     progress: bool = True
 
+    @property
+    def graph_fp16(self) -> bool:
+        return self.fp16 or self.dtype == "float16"
+
     def check(self) -> None:
         """Every setting and the outputs, before any model is built or image read."""
         self.check_reduction()
         parse_batch(self.batch)
         check_opset(self.opset)
         check_ats_padding(self.ats_padding)
+        if self.dtype not in ("float32", "float16"):
+            raise VitpruneError(f"an ONNX graph is float32 or float16 (ONNX Runtime's CPU and CUDA providers run "
+                                f"few bfloat16 ops), got dtype {self.dtype!r}", param="dtype")
         check_whole(self.workers, "workers", 0)
         check_whole(self.verify_batch, "verify_batch", 1)
         check_whole(self.bench_repeats, "bench_repeats", 1)
@@ -127,7 +135,7 @@ def _export_and_verify(request: ExportRequest, reduced: nn.Module, plan: Plan, p
                        real_images: bool) -> dict:
     """The graph written to `path` and checked against PyTorch: the report's "onnx" section."""
     parity = export_verified(reduced, path, images, real_images=real_images, batch=request.batch,
-                             opset=request.opset, fp16=request.fp16, ats_padding=request.ats_padding,
+                             opset=request.opset, fp16=request.graph_fp16, ats_padding=request.ats_padding,
                              verify_batch=request.verify_batch, provider=request.provider,
                              threads=request.threads, progress=request.progress)
     return onnx_section(Path(request.onnx).name, path, plan, request.ats_padding, parity, request.safetensors)
@@ -138,7 +146,7 @@ def _bench(request: ExportRequest, base: nn.Module, reduced_path: Path, evidence
     """The unreduced graph timed against the reduced one on ONNX Runtime: the latency entries."""
     inputs = {"base": evidence.base_images if evidence.base_images is not None else images, "reduced": images}
     return bench_against_base(base, reduced_path, inputs, batch=request.batch, opset=request.opset,
-                              fp16=request.fp16, bench_batches=request.bench_batches,
+                              fp16=request.graph_fp16, bench_batches=request.bench_batches,
                               repeats=request.bench_repeats, provider=request.provider,
                               threads=request.threads, real_images=evidence.images is not None)
 

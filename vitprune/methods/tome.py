@@ -36,7 +36,8 @@ class ToMe(Method):
         return bool(settings["protect"])
 
     def reduce(self, x: Tensor, ctx: BlockContext, settings: dict[str, Any]) -> tuple[Tensor, TokenState]:
-        size = ctx.state.size if ctx.state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
+        size = ctx.state.size if ctx.state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1,
+                                                                             dtype=torch.float32)
         penalty = None
         if settings["protect"]:
             cls_attn = cls_attention(ctx.q[:, :, :1], ctx.k, ctx.scale, ctx.key_bias).mean(dim=1)

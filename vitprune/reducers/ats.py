@@ -25,7 +25,7 @@ def ats_scores(cls_attn: Tensor, v: Tensor, num_prefix: int, valid: Tensor | Non
     s_j = sum_h A[h, 0, j] * ||v_j||, with ||v_j|| the norm of token j's value over all heads.
     cls_attn: (B, H, N); v: (B, H, N, hd); valid: (B, N) False on padding.
     """
-    value_norm = v.transpose(1, 2).flatten(2).norm(dim=-1)
+    value_norm = v.float().transpose(1, 2).flatten(2).norm(dim=-1)  # float32: the CDF is sampled
     scores = (cls_attn.sum(dim=1) * value_norm)[:, num_prefix:]
     if valid is not None:
         scores = scores * valid[:, num_prefix:]

@@ -1,8 +1,25 @@
-"""Pieces shared by the attention-based reducers (EViT, ATS)."""
+"""Pieces shared by the reducers: the class token's attention row, row gathers, float32 products."""
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor
+
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def float32_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in float32, also under autocast (which would run it in bfloat16/float16).
+
+    For the scores a reducer ranks or samples (attention rows, similarities, sizes): in half
+    precision near-equal scores round to ties, and which token is kept or merged would then
+    follow rounding instead of the scores. The products are small (one row, or N/2 x N/2).
+    """
+    off = (torch.autocast(a.device.type, enabled=False) if a.device.type in AUTOCAST_DEVICES
+           else contextlib.nullcontext())
+    with off:
+        return a.float() @ b.float()
 
 
 def cls_attention(q_cls: Tensor, k: Tensor, scale: float, key_bias: Tensor | None = None) -> Tensor:
@@ -11,11 +28,11 @@ def cls_attention(q_cls: Tensor, k: Tensor, scale: float, key_bias: Tensor | Non
     q_cls: (B, H, 1, hd) query of the CLS token; k: (B, H, N, hd) all keys; key_bias: additive
     logits bias broadcastable to (B, H, 1, N) (log token sizes, -inf on padding).
     Only this one row is computed (H x N values), so the full attention can keep using the fused
-    scaled-dot-product kernel that never materialises N x N.
+    scaled-dot-product kernel that never materialises N x N. float32 whatever the inputs' precision.
     """
-    logits = (q_cls * scale) @ k.transpose(-2, -1)
+    logits = float32_matmul(q_cls * scale, k.transpose(-2, -1))
     if key_bias is not None:
-        logits = logits + key_bias
+        logits = logits + key_bias.float()
     return logits.softmax(dim=-1).squeeze(2)
 
 

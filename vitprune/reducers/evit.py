@@ -41,9 +41,9 @@ def evit_reduce(
     out_size = gather_tokens(size, index) if size is not None else None
     dropped = order[:, keep_count:]
     if fuse and dropped.shape[1] > 0:
-        weights = patch_scores.gather(1, dropped).unsqueeze(1)
+        weights = patch_scores.gather(1, dropped).unsqueeze(1).to(x.dtype)
         fused = weights @ gather_tokens(x, dropped + num_prefix)
-        out = torch.cat([out, fused], dim=1)
+        out = torch.cat([out, fused.to(x.dtype)], dim=1)
         if out_size is not None:
             # The fused token is a weighted sum, not an average of tokens: it counts as one.
             out_size = torch.cat([out_size, out_size.new_ones(out_size.shape[0], 1, 1)], dim=1)

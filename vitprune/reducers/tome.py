@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from vitprune.reducers.common import gather_tokens
+from vitprune.reducers.common import float32_matmul, gather_tokens
 
 
 class Matching(NamedTuple):
@@ -37,11 +37,13 @@ def bipartite_matching(metric: Tensor, r: int, penalty: Tensor | None = None) ->
     (cosine similarity of `metric`), and choose the r best pairs to merge: the most similar, less
     the A token's `penalty` when given.
 
-    metric: (B, M, C) of the mergeable (non-prefix) tokens; penalty: (B, M) or None.
+    metric: (B, M, C) of the mergeable (non-prefix) tokens; penalty: (B, M) or None. The
+    similarities are float32 in any precision (`float32_matmul`).
     """
+    metric = metric.float()
     metric = metric / metric.norm(dim=-1, keepdim=True)
     set_a, set_b = metric[:, ::2], metric[:, 1::2]
-    similarity = set_a @ set_b.transpose(-1, -2)
+    similarity = float32_matmul(set_a, set_b.transpose(-1, -2))
     best_score, best_partner = similarity.max(dim=-1)
     if penalty is not None:
         best_score = best_score - penalty[:, ::2]
@@ -53,7 +55,8 @@ def bipartite_matching(metric: Tensor, r: int, penalty: Tensor | None = None) ->
 
 
 def merge_tokens(x: Tensor, size: Tensor, matching: Matching, num_prefix: int = 0) -> tuple[Tensor, Tensor]:
-    """Merge by size-weighted average; sizes add. x: (B, N, C), size: (B, N, 1), with `num_prefix`
+    """Merge by size-weighted average; sizes add. x: (B, N, C), size: (B, N, 1) float32 (sizes and
+    weights stay float32 in any precision: bfloat16 counts exactly only up to 256), with `num_prefix`
     tokens first that `matching` (made on the tokens after them) leaves alone.
 
     Output order: the prefix tokens, the unmerged A tokens, then all B tokens.
@@ -76,11 +79,11 @@ def merge_tokens(x: Tensor, size: Tensor, matching: Matching, num_prefix: int = 
     kept_size, merged_size = gather_tokens(size, kept), gather_tokens(size, merged)  # (B, N - r, 1), (B, r, 1)
     # into[b, i, j]: A token j merges into output row i (its B partner's row)
     rows = torch.arange(tokens - r, device=device).view(1, -1, 1)
-    into = (rows == (matching.dst + (num_prefix + num_a - r)).unsqueeze(1)).to(x.dtype)
-    new_size = kept_size + into @ merged_size
-    weights = into * (merged_size.transpose(1, 2) / new_size)
-    out = torch.baddbmm(gather_tokens(x, kept) * (kept_size / new_size), weights, gather_tokens(x, merged))
-    return out, new_size
+    into = (rows == (matching.dst + (num_prefix + num_a - r)).unsqueeze(1)).float()
+    new_size = kept_size + float32_matmul(into, merged_size)
+    weights = (into * (merged_size.transpose(1, 2) / new_size)).to(x.dtype)
+    kept_x = gather_tokens(x, kept) * (kept_size / new_size).to(x.dtype)
+    return torch.baddbmm(kept_x, weights, gather_tokens(x, merged)).to(x.dtype), new_size
 
 
 def tome_reduce(x: Tensor, size: Tensor, metric: Tensor, num_prefix: int, r: int,
