@@ -1,10 +1,12 @@
 """Batch 1 against batch 32: eager speed-up of EViT 0.7, ToMe r=13 and ATS K=197 next to the GMACs
 ratio they promise, on random weights (no downloads).
 
-    python benchmarks/batch1.py                                    # vit_tiny, deit_small, vit_base
-    python benchmarks/batch1.py --baseline /path/to/other/checkout # also that checkout's reduced models
-    python benchmarks/batch1.py --models deit_small_patch16_224 --batches 1 --compile --onnx
-    python benchmarks/batch1.py --profile deit_small_patch16_224 --methods "tome r=13"
+    PYTHONPATH=. .venv/bin/python benchmarks/batch1.py               # vit_tiny, deit_small, vit_base
+    PYTHONPATH=. .venv/bin/python benchmarks/batch1.py --baseline ../old # also that checkout's reduced models
+    PYTHONPATH=. .venv/bin/python benchmarks/batch1.py --models deit_small_patch16_224 --batches 1 --compile --onnx
+    PYTHONPATH=. .venv/bin/python benchmarks/batch1.py --profile deit_small_patch16_224
+
+(PYTHONPATH=. : the checkout's own vitprune, not an installed one.)
 
 For each model, the base and every reduced variant are timed in one interleaved run
 (`vitprune.bench.measure_latency`: median ms/image after warm-up, the models taking turns in every
@@ -202,10 +204,9 @@ def main() -> None:
             ratio = gmacs["base"] / gmacs[method_of[label]]
             speed = {batch: eager["base"][batch] / eager[label][batch] for batch in batches}
             cells = row_cells(name, label, ratio, speed, batches)
-            for times in (compiled, onnx):
-                if (args.compile and times is compiled) or (args.onnx and times is onnx):
-                    up = times["base"] / times[label] if label in times else None
-                    cells += [f"{up:.2f}x", f"{up / ratio:.2f}"] if up else ["-", "-"]
+            for times in [times for times, wanted in ((compiled, args.compile), (onnx, args.onnx)) if wanted]:
+                up = times["base"] / times[label] if label in times else None
+                cells += [f"{up:.2f}x", f"{up / ratio:.2f}"] if up else ["-", "-"]
             table.add_row(*cells)
         base_ms = ", ".join(f"b{batch} {eager['base'][batch]:.2f} ms/img" for batch in batches)
         console.print(f"{name} base: {base_ms}")
