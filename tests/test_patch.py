@@ -9,6 +9,7 @@ import vitprune
 from vitprune.errors import VitpruneError
 from vitprune.patch import logits_from, plan_of, record_tokens, remove_plan, tokens_before
 from vitprune.plan import Plan, Reduction, make_plan
+from vitprune.reducers.common import _TABLES
 
 CLS_FAMILIES = [f for f in FAMILIES if f != "gap_no_cls"]
 
@@ -178,6 +179,21 @@ def test_training_mode_backpropagates_through_reduction():
     out = model(images_for(model, batch=2))
     out.sum().backward()
     assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+@pytest.mark.parametrize("method,kwargs", [("tome", {"r": 3}), ("ats", {"keep": 0.5})])
+def test_shape_tables_cached_in_inference_mode_serve_autograd_and_change_nothing(method, kwargs):
+    # The reducers build their shape-only index tables once (vitprune.reducers.common.shape_table);
+    # one first built under inference mode must still serve a training step, and equal a fresh one.
+    model = vitprune.apply(build_family("vit"), method=method, **kwargs)
+    x = images_for(model, batch=2)
+    cached = run(model, x)
+    _TABLES.clear()
+    torch.testing.assert_close(run(model, x), cached, atol=0, rtol=0)
+    run(model, x[:1])
+    model.train()
+    model(x[:1]).sum().backward()
+    assert model.blocks[-1].attn.qkv.weight.grad is not None
 
 
 def test_deepcopy_keeps_the_plan():

@@ -55,8 +55,8 @@ class ReducedVisionTransformer:
                         pad_to: int | None = None) -> Tensor:
         """Run blocks `start`.. on plain tokens (no reduction may happen before `start`), then the
         final norm. `num_input_tokens`: the tokens that entered the model (ATS caps are ratios of it).
-        Eager per-image methods pack the real tokens; graph capture and `pad_to` use the padded
-        form, whose shapes a graph can hold."""
+        Eager per-image methods pack the real tokens of a batch (one image has no padding to skip);
+        graph capture and `pad_to` use the padded form, whose shapes a graph can hold."""
         num_input_tokens = x.shape[1] if num_input_tokens is None else num_input_tokens
         state = TokenState()
         last = len(self.blocks) - 1
@@ -69,7 +69,8 @@ class ReducedVisionTransformer:
             elif reduction is None and state.is_plain:
                 x = block(x)
                 self._record(layer, None, x.shape[1], state, state, x.shape[1], x)
-            elif pack and (state.valid is not None or (reduction is not None and reduction.spec.varies_per_image)):
+            elif pack and (state.valid is not None or (x.shape[0] > 1 and reduction is not None
+                                                       and reduction.spec.varies_per_image)):
                 x, state = self._packed_block(block, x, state, reduction, num_input_tokens, layer)
             else:
                 x, state = self._reduced_block(block, x, state, reduction, num_input_tokens, layer, pad_to)

@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from vitprune.methods.base import BlockContext, Method, Param, TokenState, cls_row_macs
-from vitprune.reducers import ats_cap, ats_sample, ats_scores, ats_select, cls_attention, gather_tokens
+from vitprune.reducers import ats_cap, ats_sample, ats_scores, ats_select, cls_attention, gather_tokens, graph_capture
 
 
 class ATS(Method):
@@ -43,6 +43,8 @@ class ATS(Method):
         samples = ats_cap(settings["keep"], ctx.num_input_tokens) - num_prefix
         valid_patch = None if ctx.state.valid is None else ctx.state.valid[:, num_prefix:]
         index, valid = ats_select(ats_sample(scores, max(samples, 1), valid_patch), num_prefix, pad_to=ctx.pad_to)
+        if index.shape[0] == 1 and ctx.pad_to is None and not graph_capture():
+            valid = None  # one image is never padded: no mask, and the next blocks run unpacked
         size = gather_tokens(ctx.state.size, index) if ctx.state.size is not None else None
         return index, TokenState(size=size, valid=valid)
 

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from vitprune.reducers.common import keep_prefix_and
+from vitprune.reducers.common import keep_prefix_and, shape_table
 
 
 def ats_cap(keep: float, num_input_tokens: int) -> int:
@@ -41,11 +41,14 @@ def ats_sample(scores: Tensor, num_samples: int, valid: Tensor | None = None) ->
     """
     sorted_scores, order = scores.sort(dim=1)
     cdf = sorted_scores.cumsum(dim=1)
-    points = torch.linspace(0, 1, num_samples, device=scores.device, dtype=scores.dtype)
-    nearest = (cdf.unsqueeze(1) - points.view(1, -1, 1)).abs().argmin(dim=2)
+    device, dtype = scores.device, scores.dtype
+    points = shape_table(("ats points", num_samples, device, dtype),
+                         lambda: torch.linspace(0, 1, num_samples, device=device, dtype=dtype).view(1, -1, 1))
+    nearest = (cdf.unsqueeze(1) - points).abs().argmin(dim=2)
     picked = order.gather(1, nearest)
     # scatter with a tensor source (not a Python bool): the ONNX exporter needs it
-    keep = torch.zeros_like(scores, dtype=torch.bool).scatter(1, picked, torch.ones_like(picked, dtype=torch.bool))
+    picks = shape_table(("ats picks", picked.shape, device), lambda: torch.ones_like(picked, dtype=torch.bool))
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter(1, picked, picks)
     if valid is not None:
         keep = keep & valid
     return keep
@@ -66,7 +69,8 @@ def ats_select(keep: Tensor, num_prefix: int, pad_to: int | None = None) -> tupl
         width = int(width)
     # The kept patch tokens first, in their spatial order: the smallest `width` of unique keys
     # (a TopK, which ONNX has; a stable sort has no ONNX form).
-    order_key = (~keep).to(torch.int64) * num_patch + torch.arange(num_patch, device=keep.device)
+    spatial = shape_table(("arange", num_patch, keep.device), lambda: torch.arange(num_patch, device=keep.device))
+    order_key = (~keep).to(torch.int64) * num_patch + spatial
     kept_first = order_key.topk(width, dim=1, largest=False, sorted=True).indices
     valid_patch = keep.gather(1, kept_first)
     valid_prefix = valid_patch.new_ones(keep.shape[0], num_prefix)

@@ -1,7 +1,9 @@
-"""Pieces shared by the reducers: the class token's attention row, row gathers, float32 products."""
+"""Pieces shared by the reducers: the class token's attention row, row gathers, float32 products,
+shape-only tables."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -20,6 +22,32 @@ def float32_matmul(a: Tensor, b: Tensor) -> Tensor:
            else contextlib.nullcontext())
     with off:
         return a.float() @ b.float()
+
+
+_TABLES: dict[tuple, Tensor] = {}
+_MAX_TABLES = 1024  # distinct (shape, device) keys kept; a forward pass at one input size uses a few dozen
+
+
+def graph_capture() -> bool:
+    """Tracing (ONNX export) or compiling: tensors must come from the graph's own inputs and ops, not
+    from a cache (a cached table would be frozen into the graph as a constant of the traced shapes)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def shape_table(key: tuple, make: Callable[[], Tensor]) -> Tensor:
+    """`make()`, a tensor that depends on shapes only (index ranges, one-hot tables), built once per
+    `key` in eager mode: the reduced forward pass then runs only the operators that depend on the
+    image. Built outside inference mode, so the cached tensor also serves autograd (finetuning);
+    built afresh while a graph is captured (see `graph_capture`)."""
+    if graph_capture():
+        return make()
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) >= _MAX_TABLES:
+            _TABLES.clear()
+        with torch.inference_mode(False), torch.no_grad():
+            table = _TABLES[key] = make()
+    return table
 
 
 def cls_attention(q_cls: Tensor, k: Tensor, scale: float, key_bias: Tensor | None = None) -> Tensor:
@@ -43,14 +71,21 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     every runtime than an element-wise gather, whose index must be expanded over the channels.
     """
     batch, tokens, channels = x.shape
-    rows = index + torch.arange(batch, device=index.device).unsqueeze(1) * tokens
+    rows = index if batch == 1 and not graph_capture() else index + _row_offsets(batch, tokens, index.device)
     return x.reshape(batch * tokens, channels).index_select(0, rows.reshape(-1)).view(batch, index.shape[1], channels)
+
+
+def _row_offsets(batch: int, tokens: int, device: torch.device) -> Tensor:
+    """(B, 1): the first flat row of each image's tokens."""
+    return shape_table(("row offsets", batch, tokens, device),
+                       lambda: torch.arange(batch, device=device).unsqueeze(1) * tokens)
 
 
 def keep_prefix_and(index: Tensor, num_prefix: int) -> Tensor:
     """Token indices of the prefix tokens followed by `index` (indices among the patch tokens)."""
     batch = index.shape[0]
-    prefix = torch.arange(num_prefix, device=index.device).expand(batch, num_prefix)
+    prefix = shape_table(("prefix", batch, num_prefix, index.device),
+                         lambda: torch.arange(num_prefix, device=index.device).expand(batch, num_prefix))
     return torch.cat([prefix, index + num_prefix], dim=1)
 
 

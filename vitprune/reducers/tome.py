@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from vitprune.reducers.common import float32_matmul, gather_tokens
+from vitprune.reducers.common import float32_matmul, gather_tokens, shape_table
 
 
 class Matching(NamedTuple):
@@ -63,27 +64,38 @@ def merge_tokens(x: Tensor, size: Tensor, matching: Matching, num_prefix: int = 
     Every output row is one gathered input row, rescaled, plus (B rows only) a small matmul that
     adds the A tokens merged into it: gathers and a matmul run fast on every runtime, where a
     scatter-add does not (ONNX Runtime's ScatterElements) and strided A/B slices cost copies.
+    One gather of x (and one of the sizes) takes a permutation of the tokens, the kept rows first
+    and the merged-away A tokens last; what depends on shapes only comes from `_merge_tables`.
     """
     batch, tokens, _ = x.shape
-    device = x.device
-    num_b = (tokens - num_prefix) // 2
-    num_a = tokens - num_prefix - num_b
     r = matching.src.shape[1]
-    b_rows = torch.arange(num_b, device=device) * 2 + (num_prefix + 1)
-    kept = torch.cat([
-        torch.arange(num_prefix, device=device).expand(batch, num_prefix),
-        matching.unmerged * 2 + num_prefix,
-        b_rows.expand(batch, num_b),
-    ], dim=1)
-    merged = matching.src * 2 + num_prefix
-    kept_size, merged_size = gather_tokens(size, kept), gather_tokens(size, merged)  # (B, N - r, 1), (B, r, 1)
-    # into[b, i, j]: A token j merges into output row i (its B partner's row)
-    rows = torch.arange(tokens - r, device=device).view(1, -1, 1)
-    into = (rows == (matching.dst + (num_prefix + num_a - r)).unsqueeze(1)).float()
+    a_rows, prefix_rows, b_rows, into_b = _merge_tables(batch, tokens, num_prefix, r, x.device)
+    order = torch.cat([prefix_rows, a_rows.take(matching.unmerged), b_rows, a_rows.take(matching.src)], dim=1)
+    kept, merged = gather_tokens(x, order).split([tokens - r, r], dim=1)
+    kept_size, merged_size = gather_tokens(size, order).split([tokens - r, r], dim=1)  # (B, N - r, 1), (B, r, 1)
+    # into[b, i, j]: A token j merges into output row i (its B partner's row); float32, as the sizes
+    into = F.embedding(matching.dst, into_b).transpose(1, 2)
     new_size = kept_size + float32_matmul(into, merged_size)
     weights = (into * (merged_size.transpose(1, 2) / new_size)).to(x.dtype)
-    kept_x = gather_tokens(x, kept) * (kept_size / new_size).to(x.dtype)
-    return torch.baddbmm(kept_x, weights, gather_tokens(x, merged)).to(x.dtype), new_size
+    out = torch.baddbmm(kept * (kept_size / new_size).to(x.dtype), weights, merged)
+    return out.to(x.dtype), new_size
+
+
+def _merge_tables(batch: int, tokens: int, num_prefix: int, r: int, device: torch.device,
+                  dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The token row of each A token (num_a,); the prefix rows (B, P) and B rows (B, num_b); and
+    `into_b` (num_b, N - r): row j one-hot at the output row of B token j."""
+    num_b = (tokens - num_prefix) // 2
+    num_a = tokens - num_prefix - num_b
+    a_rows = shape_table(("tome a", num_a, num_prefix, device),
+                         lambda: torch.arange(num_a, device=device) * 2 + num_prefix)
+    prefix_rows = shape_table(("prefix", batch, num_prefix, device),
+                              lambda: torch.arange(num_prefix, device=device).expand(batch, num_prefix))
+    b_rows = shape_table(("tome b", batch, num_b, num_prefix, device),
+                         lambda: (torch.arange(num_b, device=device) * 2 + (num_prefix + 1)).expand(batch, num_b))
+    into_b = shape_table(("tome into", tokens, num_prefix, r, device),
+                         lambda: torch.eye(tokens - r, device=device)[num_prefix + num_a - r:])
+    return a_rows, prefix_rows, b_rows, into_b
 
 
 def tome_reduce(x: Tensor, size: Tensor, metric: Tensor, num_prefix: int, r: int,
