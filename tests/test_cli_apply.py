@@ -47,7 +47,7 @@ def test_apply_writes_an_artifact_that_loads_to_identical_logits(tmp_path, image
     assert report["method"] == "evit" and report["params"]["layers"] == [3, 6, 9]
     assert report["gmacs"] < report["gmacs_base"]
     assert set(report["latency_ms"]) == {"1", "2"}
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json", "report.md", "vitprune.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json", "report.md", "tokens.png", "vitprune.json"]
 
     model = vitprune.load(out)
     plan = json.loads((out / "vitprune.json").read_text())

@@ -16,6 +16,7 @@ from vitprune.commands.calibrate import CalibrateRequest
 from vitprune.commands.cascade import CascadeRequest
 from vitprune.commands.export import ExportRequest
 from vitprune.commands.finetune import FinetuneRequest
+from vitprune.commands.show import ShowRequest
 
 CLI_ONLY = {"threads", "json_out"}  # torch's thread count and the output format are the CLI's own
 # request field -> the option(s) the CLI derives it from (a flag that negates it, a switch, a parsed list);
@@ -27,9 +28,10 @@ DERIVED = {
     "calibrate": {"head_only": "no_head_only", "progress": "json_out",
                   "budget": ("target_gmacs", "target_ratio", "target_latency_ms", "max_drop", "batch")},
     "cascade": {"progress": "json_out", "budget": ("target_gmacs", "target_ratio")},
+    "show": {"fuse": "no_fuse"},
 }
 REQUESTS = {"apply": ApplyRequest, "export": ExportRequest, "finetune": FinetuneRequest,
-            "calibrate": CalibrateRequest, "cascade": CascadeRequest}
+            "calibrate": CalibrateRequest, "cascade": CascadeRequest, "show": ShowRequest}
 
 
 def _options(name: str) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from vitprune.methods import BlockContext, TokenState
 from vitprune.models import is_supported_vit
 from vitprune.plan import Plan, Reduction, make_plan
 from vitprune.reducers import attention_probs, gather_tokens
+from vitprune.reducers.sources import gather_sources, initial_sources, split_sources, with_sources
 
 
 class ReducedVisionTransformer:
@@ -59,6 +61,8 @@ class ReducedVisionTransformer:
         graph capture and `pad_to` use the padded form, whose shapes a graph can hold."""
         num_input_tokens = x.shape[1] if num_input_tokens is None else num_input_tokens
         state = TokenState()
+        if getattr(self, "_vitprune_sources", False):  # source tracking (record_tokens(sources=True))
+            state.source = initial_sources(x, self.num_prefix_tokens)
         last = len(self.blocks) - 1
         pack = pad_to is None and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
         for layer in range(start, len(self.blocks)):
@@ -85,7 +89,7 @@ class ReducedVisionTransformer:
         ctx = self._context(block, q, k, v, state, num_input_tokens, pad_to)
         tokens_in, spec = x.shape[1], reduction.spec if reduction is not None else None
         if spec is not None and spec.selects_queries:
-            index, state = spec.select(ctx, reduction.settings)
+            index, state = _select(spec, ctx, reduction.settings)
             q, x, normed = _take_queries(q, index), gather_tokens(x, index), gather_tokens(normed, index)
         if spec is not None and spec.needs_attention:
             out = _merge_heads(self._attend_explicit(block.attn, q, k, v, ctx))
@@ -93,7 +97,7 @@ class ReducedVisionTransformer:
             out = _merge_heads(self._attend(block.attn, q, k, v, ctx.key_bias))
         x = x + block.drop_path1(block.ls1(_project(block.attn, out, normed)))
         if spec is not None and not spec.selects_queries:
-            x, state = spec.reduce(x, ctx, reduction.settings)
+            x, state = _reduce(spec, x, ctx, reduction.settings)
         x = _mlp_residual(block, x)
         self._record(layer, reduction, tokens_in, ctx.state, state, q.shape[2], x)
         return x, state
@@ -134,7 +138,7 @@ class ReducedVisionTransformer:
         q, k = attn.q_norm(q), attn.k_norm(k)
         ctx = self._context(block, q, k, v, state, num_input_tokens, None)
         if reduction is not None and reduction.spec.selects_queries:
-            index, state = reduction.spec.select(ctx, reduction.settings)
+            index, state = _select(reduction.spec, ctx, reduction.settings)
             q, x = _take_queries(q, index), gather_tokens(x, index)
             rows = _real_rows(state.valid)
         out = _pack(_merge_heads(self._attend(attn, q, k, v, ctx.key_bias)), rows)
@@ -174,11 +178,32 @@ class ReducedVisionTransformer:
         n_out = state_out.counts(x.shape[1], batch, device)
         queries_kept = reduction == HEAD_ONLY or (isinstance(reduction, Reduction) and reduction.spec.selects_queries)
         n_query = n_out if queries_kept else state_in.counts(queries, batch, device)
-        self._vitprune_trace.append({"layer": layer, "reduction": reduction, "n_in": n_in.cpu(),
-                                     "n_query": n_query.cpu(), "n_out": n_out.cpu()})
+        entry = {"layer": layer, "reduction": reduction, "n_in": n_in.cpu(), "n_query": n_query.cpu(),
+                 "n_out": n_out.cpu()}
+        if state_out.source is not None:
+            entry["source"] = state_out.source.cpu()
+        self._vitprune_trace.append(entry)
 
 
 HEAD_ONLY = "head"  # the trace's mark of the head-only last block
+
+
+def _reduce(spec: Any, x: Tensor, ctx: BlockContext, settings: dict) -> tuple[Tensor, TokenState]:
+    """The method's reduction after attention; with source tracking on, the sources ride along as
+    extra channels of the tokens, reduced exactly as the tokens are (vitprune.reducers.sources)."""
+    if ctx.state.source is None:
+        return spec.reduce(x, ctx, settings)
+    out, state = spec.reduce(with_sources(x, ctx.state.source), ctx, settings)
+    x, source = split_sources(out, x.shape[-1])
+    return x, replace(state, source=source)
+
+
+def _select(spec: Any, ctx: BlockContext, settings: dict) -> tuple[Tensor, TokenState]:
+    """The method's selection before attention, with the selected tokens' sources when tracked."""
+    index, state = spec.select(ctx, settings)
+    if ctx.state.source is not None:
+        state = replace(state, source=gather_sources(ctx.state.source, index, state.valid))
+    return index, state
 
 
 def _heads(attn: nn.Module, projected: Tensor, parts: int) -> tuple[Tensor, ...]:
@@ -309,7 +334,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
 def remove_plan(model: nn.Module) -> nn.Module:
     """Undo `apply_plan` (the input size stays as it is)."""
     model.__class__ = original_class(model)
-    for name in ("vitprune_plan", "_vitprune_trace"):
+    for name in ("vitprune_plan", "_vitprune_trace", "_vitprune_sources"):
         model.__dict__.pop(name, None)
     return model
 
@@ -357,19 +382,22 @@ def advance_tokens(model: nn.Module, tokens: Tensor, start: int, end: int) -> Te
 
 
 @contextmanager
-def record_tokens(model: nn.Module) -> Iterator[list[dict]]:
-    """Collect each block's per-image token counts during the forward passes inside the block."""
+def record_tokens(model: nn.Module, sources: bool = False) -> Iterator[list[dict]]:
+    """Collect each block's per-image token counts during the forward passes inside the block.
+
+    `sources`: also track which original patches each token stands for, recorded per block as
+    `entry["source"]` (B, N, M) (see vitprune.reducers.sources; off by default, at no cost)."""
     if not isinstance(model, ReducedVisionTransformer):
         apply_plan(model, Plan())
         unpatch = True
     else:
         unpatch = False
     trace: list[dict] = []
-    model._vitprune_trace = trace
+    model._vitprune_trace, model._vitprune_sources = trace, sources
     try:
         yield trace
     finally:
-        model._vitprune_trace = None
+        model._vitprune_trace, model._vitprune_sources = None, False
         if unpatch:
             remove_plan(model)
 

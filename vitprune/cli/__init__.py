@@ -16,7 +16,7 @@ import warnings
 import click
 import typer
 
-from vitprune.cli import apply, calibrate, cascade, export, finetune  # noqa: F401  (each registers its command)
+from vitprune.cli import apply, calibrate, cascade, export, finetune, show  # noqa: F401  (each registers its command)
 from vitprune.cli.app import app
 from vitprune.errors import VitpruneError
 

@@ -12,8 +12,11 @@ from vitprune.commands.common import ReducedModelSpec, build_reduced, check_devi
 from vitprune.io import check_output_dir
 from vitprune.report import Evidence, compare, make_report, render_markdown
 from vitprune.runtime import Runtime
+from vitprune.show import token_maps_png
 from vitprune.source import is_dataset, load_eval_images, stream_eval_images
 from vitprune.timm_datasets import DatasetOptions
+
+TOKEN_MAP_IMAGES = 4  # images drawn in the artifact's tokens.png
 
 
 @dataclass(kw_only=True)
@@ -62,6 +65,17 @@ class ApplyResult:
     extra: dict = field(default_factory=dict)
 
 
+TOKEN_MAPS_SECTION = f"""
+## Token maps
+
+![Token maps of the first {TOKEN_MAP_IMAGES} images](tokens.png)
+
+The first images, as the model sees them, and the tokens at the output of each reducing block
+(`vitprune show`, docs/show.md): kept patches clear, dropped ones dimmed, fused ones orange;
+merged groups one colour each.
+"""
+
+
 def run_apply(request: ApplyRequest) -> ApplyResult:
     """Build the reduced model, measure it against the base, and write the artifact if asked."""
     request.check()
@@ -81,6 +95,10 @@ def run_apply(request: ApplyRequest) -> ApplyResult:
                         compile=request.compile, compile_mode=request.compile_mode, progress=request.progress)
     report = make_report(model_identity(reduced, base.info), plan, compare(base_model, reduced, evidence), versions())
     if request.output is not None:
-        write_artifact(request.output, reduced.cpu(), base.info, report=report,
-                       report_md=render_markdown(report), force=request.force)
+        report_md, extra = render_markdown(report), {}
+        if images is not None and plan.reductions:
+            extra["tokens.png"] = token_maps_png(reduced, images[:TOKEN_MAP_IMAGES])
+            report_md += TOKEN_MAPS_SECTION
+        write_artifact(request.output, reduced.cpu(), base.info, report=report, report_md=report_md,
+                       force=request.force, extra_files=extra)
     return ApplyResult(base=base_model, reduced=reduced, info=base.info, report=report, images=images, labels=labels)

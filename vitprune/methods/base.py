@@ -48,6 +48,9 @@ class TokenState:
 
     size: Tensor | None = None  # (B, N, 1) tokens each token stands for (ToMe); None: all 1
     valid: Tensor | None = None  # (B, N) False on per-image padding (ATS); None: all valid
+    # (B, N, M) the original patches each token stands for, only while `record_tokens(sources=True)`
+    # asks for it (vitprune.reducers.sources); None: not tracked, at no cost
+    source: Tensor | None = None
 
     def key_bias(self) -> Tensor | None:
         """Additive attention-logit bias (B, 1, 1, N): proportional attention and padding."""
@@ -101,6 +104,7 @@ class Method:
     # reads the whole attention of its block (`BlockContext.attn`): the adapter computes it there in
     # place of the fused kernel, and the block's own attention product uses it (no extra MACs)
     needs_attention: bool = False
+    merges: bool = False  # tokens become groups of patches (`vitprune show` paints groups, not kept/dropped)
 
     # -- parameters ------------------------------------------------------------------------------
     def settings(self, given: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +155,10 @@ class Method:
         return None
 
     def reduce(self, x: Tensor, ctx: BlockContext, settings: dict[str, Any]) -> tuple[Tensor, TokenState]:
-        """After the attention residual, before the MLP: the reduced tokens and their state."""
+        """After the attention residual, before the MLP: the reduced tokens and their state.
+
+        Decide from `ctx` (attention, keys), and reduce `x` linearly (gathers, weighted sums): with
+        source tracking on, `x` carries extra channels that must be reduced as the tokens are."""
         return x, ctx.state
 
     # -- FLOPs ------------------------------------------------------------------------------------

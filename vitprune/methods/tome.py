@@ -25,6 +25,7 @@ class ToMe(Method):
     )
     stage_param = "r"
     searchable = True
+    merges = True
 
     def describe(self, settings: dict[str, Any]) -> str:
         return f"tome r={settings['r']}" + (f" protect={settings['protect']:g}" if settings["protect"] else "")
