@@ -81,10 +81,10 @@ def merge_tokens(x: Tensor, size: Tensor, matching: Matching, num_prefix: int = 
     return out.to(x.dtype), new_size
 
 
-def _merge_tables(batch: int, tokens: int, num_prefix: int, r: int, device: torch.device,
-                  dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _merge_tables(batch: int, tokens: int, num_prefix: int, r: int,
+                  device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The token row of each A token (num_a,); the prefix rows (B, P) and B rows (B, num_b); and
-    `into_b` (num_b, N - r): row j one-hot at the output row of B token j."""
+    `into_b` (num_b, N - r), float32: row j one-hot at the output row of B token j."""
     num_b = (tokens - num_prefix) // 2
     num_a = tokens - num_prefix - num_b
     a_rows = shape_table(("tome a", num_a, num_prefix, device),
