@@ -11,6 +11,7 @@ from vitprune.cli.common import (
     CheckpointOpt,
     DataOpt,
     DeviceOpt,
+    FeaturesOpt,
     ForceOpt,
     HeadOnlyOpt,
     ImgSizeOpt,
@@ -51,6 +52,7 @@ def apply(
     checkpoint: CheckpointOpt = None,
     no_pretrained: NoPretrainedOpt = False,
     img_size: ImgSizeOpt = None,
+    features: FeaturesOpt = False,
     data: DataOpt = None,
     limit: LimitOpt = None,
     batch_size: BatchSizeOpt = 64,
@@ -73,7 +75,7 @@ def apply(
     request = ApplyRequest(
         model=model, method=method, keep=keep, r=r, protect=protect, layers=parse_layers(layers),
         fuse=False if no_fuse else None, head_only=head_only, plan_file=plan_file, checkpoint=checkpoint,
-        no_pretrained=no_pretrained, img_size=img_size, data=data, limit=limit, batch_size=batch_size,
+        no_pretrained=no_pretrained, img_size=img_size, features=features, data=data, limit=limit, batch_size=batch_size,
         workers=workers, bench_batches=parse_batches(bench_batch) if bench else (), bench_repeats=bench_repeats,
         device=device, output=output, force=force, progress=not json_out,
     )

@@ -4,12 +4,13 @@ Each reducer takes token tensors (batch-first, prefix tokens first) and scores, 
 reduced tokens. The timm adapter (`vitprune.patch`) decides where they run.
 """
 from vitprune.reducers.ats import ats_cap, ats_sample, ats_scores, ats_select
+from vitprune.reducers.attention import received_attention
 from vitprune.reducers.common import cls_attention, gather_tokens
 from vitprune.reducers.evit import evit_keep_count, evit_reduce
 from vitprune.reducers.tome import bipartite_matching, merge_tokens, protect_penalty, tome_reduce
 
 __all__ = [
-    "cls_attention", "gather_tokens",
+    "cls_attention", "gather_tokens", "received_attention",
     "evit_keep_count", "evit_reduce",
     "ats_cap", "ats_scores", "ats_sample", "ats_select",
     "bipartite_matching", "merge_tokens", "protect_penalty", "tome_reduce",

@@ -41,6 +41,8 @@ def ats_sample(scores: Tensor, num_samples: int, valid: Tensor | None = None) ->
     """
     sorted_scores, order = scores.sort(dim=1)
     cdf = sorted_scores.cumsum(dim=1)
+    if valid is not None:  # padding (score 0, sorted first) is never the nearest: the batch picks what one image would
+        cdf = cdf.masked_fill(~valid.gather(1, order), torch.inf)
     points = torch.linspace(0, 1, num_samples, device=scores.device, dtype=scores.dtype)
     nearest = (cdf.unsqueeze(1) - points.view(1, -1, 1)).abs().argmin(dim=2)
     picked = order.gather(1, nearest)
