@@ -133,7 +133,6 @@ def _bad_inputs(tmp_path, image_folder, checkpoint):
         "mismatched checkpoint": (["apply", "vit_tiny", "--img-size", "96", "--checkpoint", str(mismatched), "--method", "tome", "--r", "2"], "does not fit"),
         "empty image folder": (apply_args("--method", "tome", "--r", "2", "--data", str(empty)), "no images"),
         "missing image folder": (apply_args("--method", "tome", "--r", "2", "--data", str(tmp_path / "nowhere")), "not found"),
-        "evit on a gap model": (["apply", "vit_wee_patch16_reg1_gap_256", "--no-pretrained", "--method", "evit", "--keep", "0.7"], "no class token"),
         "bad bench batch": (apply_args("--method", "tome", "--r", "2", "--bench", "--bench-batch", "0"), "--bench-batch must be positive"),
         "no gpu": (apply_args("--method", "tome", "--r", "2", "--device", "cuda"), "CUDA"),
         "not an artifact": ([ "apply", str(image_folder), "--method", "tome", "--r", "2"], "not a vitprune artifact"),

@@ -24,7 +24,8 @@ CLI_ONLY = {"threads", "json_out"}  # torch's thread count and the output format
 DERIVED = {
     "apply": {"fuse": "no_fuse", "bench_batches": ("bench", "bench_batch"), "progress": "json_out"},
     "export": {"fuse": "no_fuse", "bench_batches": "bench_batch", "progress": "json_out", "verify_batch": None},
-    "finetune": {"fuse": "no_fuse", "augment": "no_augment", "progress": "json_out", "eval_batch_size": None},
+    "finetune": {"fuse": "no_fuse", "augment": "no_augment", "progress": "json_out", "eval_batch_size": None,
+                 "features": None},
     "calibrate": {"head_only": "no_head_only", "progress": "json_out",
                   "budget": ("target_gmacs", "target_ratio", "target_latency_ms", "max_drop", "batch")},
     "cascade": {"progress": "json_out", "budget": ("target_gmacs", "target_ratio")},

@@ -86,15 +86,15 @@ def test_ats_keeps_a_different_count_per_image():
     assert len(set(trace[0]["n_out"].tolist())) > 1
 
 
-def test_gap_model_refuses_cls_methods_but_runs_tome():
+def test_gap_model_runs_every_method_but_protect():
+    # without a class token EViT and ATS rank tokens by the mean attention they receive (tests/test_embeddings.py)
     model = build_family("gap_no_cls")
-    with pytest.raises(VitpruneError, match="no class token"):
-        vitprune.apply(model, method="evit", keep=0.7)
-    with pytest.raises(VitpruneError, match="no class token"):
-        vitprune.apply(model, method="ats", keep=0.7)
     x = images_for(model)
-    vitprune.apply(model, method="tome", r=4)
-    assert torch.isfinite(run(model, x)).all()
+    for kwargs in ({"method": "evit", "keep": 0.7}, {"method": "ats", "keep": 0.7}, {"method": "tome", "r": 4}):
+        vitprune.apply(model, **kwargs)
+        assert torch.isfinite(run(model, x)).all()
+    with pytest.raises(VitpruneError, match="no class token"):
+        vitprune.apply(model, method="tome", r=4, protect=0.2)
 
 
 def test_mixed_plan_tome_then_evit_then_ats():

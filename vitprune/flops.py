@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from vitprune.models import has_class_token
 from vitprune.patch import HEAD_ONLY, model_img_size, record_tokens
 from vitprune.plan import Reduction
 
@@ -28,7 +29,7 @@ class MacsReport:
 
 
 def block_macs(block: nn.Module, n_in: Tensor, n_query: Tensor, n_out: Tensor, reduction: Reduction | str | None,
-               num_prefix: int) -> Tensor:
+               num_prefix: int, class_token: bool = True) -> Tensor:
     """MACs of one timm Block: qkv on the tokens in, attention of the queries over them, output
     projection on the queries, MLP on the tokens out, plus the reduction's own scoring
     (`Method.extra_macs`). reduction: the block's, or HEAD_ONLY for the head-only last block."""
@@ -44,13 +45,22 @@ def block_macs(block: nn.Module, n_in: Tensor, n_query: Tensor, n_out: Tensor, r
         macs = macs + n_query * dim * attn_dim
     macs = macs + 2 * n_out * dim * hidden  # fc1, fc2
     if isinstance(reduction, Reduction):
-        macs = macs + reduction.spec.extra_macs(attn, n_in, n_out, num_prefix, reduction.settings)
+        macs = macs + reduction.spec.extra_macs(attn, n_in, n_out, num_prefix, reduction.settings,
+                                                  class_token=class_token)
     return macs
 
 
-def _counted_macs(fn, *args) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn(*args)
+def _counted_macs(module: nn.Module, fn, *args) -> int:
+    # FlopCounterMode's module tracker fails on parameters that require grad without autograd
+    # (timm's attention pooling, SigLIP): they are counted with requires_grad off, then restored.
+    flags = [param.requires_grad for param in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn(*args)
+    finally:
+        for param, flag in zip(module.parameters(), flags, strict=True):
+            param.requires_grad_(flag)
     return counter.get_total_flops() // 2
 
 
@@ -70,13 +80,13 @@ def count_macs(model: nn.Module, images: Tensor | None = None) -> MacsReport:
     images = images.to(device=param.device, dtype=param.dtype)
     with record_tokens(model) as trace:
         tokens = model.forward_features(images)
-    embed = _counted_macs(model.patch_embed, images[:1])
-    head = _counted_macs(model.forward_head, tokens[:1])
+    embed = _counted_macs(model, model.patch_embed, images[:1])
+    head = _counted_macs(model, model.forward_head, tokens[:1])
     num_prefix = model.num_prefix_tokens
     per_image = torch.full((images.shape[0],), float(embed + head), dtype=torch.float64)
     for entry in trace:
         per_image += block_macs(model.blocks[entry["layer"]], entry["n_in"], entry["n_query"],
-                                entry["n_out"], entry["reduction"], num_prefix)
+                                entry["n_out"], entry["reduction"], num_prefix, has_class_token(model))
     model.train(was_training)
     return MacsReport(
         gmacs=float(per_image.mean()) / 1e9,

@@ -1,6 +1,8 @@
-"""The one set of fidelity metrics: top-1/top-5 against labels, agreement and KL against a reference."""
+"""The one set of fidelity metrics: top-1/top-5 against labels, agreement and KL against a reference;
+cosine and retrieval agreement of embeddings against reference embeddings."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -64,3 +66,79 @@ def _check_metric_inputs(logits: Tensor, labels: Tensor | None, reference_logits
         raise VitpruneError(
             f"reference logits shape {list(reference_logits.shape)} does not match logits shape {list(logits.shape)}"
         )
+
+
+# -- embeddings ----------------------------------------------------------------------------------
+# An embedding model (no classifier head, or a classifier's pre-logits) is compared with its
+# reference by the cosine of each image's two embeddings and by retrieval over the evaluated images:
+# each image's nearest neighbours (cosine, itself excluded) under the model against the reference's.
+
+RECALL_KS = (1, 5)
+COSINE_PERCENTILE = 0.05
+NEIGHBOUR_CHUNK = 1024  # query rows per similarity block: memory grows with chunk x N, never N x N at once
+
+
+def cosine_per_image(embeddings: Tensor, reference: Tensor) -> Tensor:
+    """Cosine similarity of each image's embedding with its reference embedding: (N,) float64."""
+    return F.cosine_similarity(embeddings.double(), reference.double(), dim=1)
+
+
+def nearest_neighbours(embeddings: Tensor, k: int) -> Tensor:
+    """Indices (N, k) of each image's k nearest other images by cosine similarity, nearest first
+    (itself excluded), computed in blocks of NEIGHBOUR_CHUNK query rows."""
+    if not 0 < k < len(embeddings):
+        raise VitpruneError(f"{k} neighbours need more than {k} images, got {len(embeddings)}")
+    unit = F.normalize(embeddings.double(), dim=1)
+    parts = []
+    for start in range(0, len(unit), NEIGHBOUR_CHUNK):
+        similarity = unit[start:start + NEIGHBOUR_CHUNK] @ unit.T
+        rows = torch.arange(similarity.shape[0])
+        similarity[rows, rows + start] = -torch.inf  # not its own neighbour
+        parts.append(similarity.topk(k, dim=1).indices)
+    return torch.cat(parts)
+
+
+def neighbour_recall(neighbours: Tensor, reference_neighbours: Tensor, k: int) -> Tensor:
+    """Per image, the share of the reference's k nearest neighbours among the model's k nearest: (N,) float64."""
+    mine, theirs = neighbours[:, :k], reference_neighbours[:, :k]
+    return (mine.unsqueeze(2) == theirs.unsqueeze(1)).any(dim=2).double().mean(dim=1)
+
+
+def embedding_terms(embeddings: Tensor, reference: Tensor) -> dict[str, Tensor]:
+    """Per image, lower is better (float64): `cosine_loss` (1 - cosine with the reference) and, with
+    two images or more, `nn_miss` (0/1: another nearest neighbour than the reference's)."""
+    _check_embedding_inputs(embeddings, reference)
+    terms = {"cosine_loss": 1.0 - cosine_per_image(embeddings, reference)}
+    if len(embeddings) > 1:
+        terms["nn_miss"] = 1.0 - neighbour_recall(nearest_neighbours(embeddings, 1), nearest_neighbours(reference, 1), 1)
+    return terms
+
+
+def embedding_metrics(embeddings: Tensor, reference: Tensor) -> dict[str, float | int]:
+    """Fidelity of embeddings to reference embeddings of the same images.
+
+    cosine_mean, cosine_p5: mean and 5th percentile of the per-image cosine similarity;
+    retrieval_agreement (percent): images whose nearest neighbour (cosine, itself excluded) is the
+    reference's; recall_at_K (percent): the share of the reference's K nearest neighbours among the
+    model's K nearest, averaged over images (recall_at_1 is retrieval_agreement). Retrieval needs
+    more than K images; K is capped at N - 1.
+    """
+    _check_embedding_inputs(embeddings, reference)
+    cosine = cosine_per_image(embeddings, reference)
+    metrics: dict[str, float | int] = {"n_images": len(embeddings), "cosine_mean": cosine.mean().item(),
+                                       "cosine_p5": torch.quantile(cosine, COSINE_PERCENTILE).item()}
+    if len(embeddings) > 1:
+        most = min(max(RECALL_KS), len(embeddings) - 1)
+        mine, theirs = nearest_neighbours(embeddings, most), nearest_neighbours(reference, most)
+        for k in RECALL_KS:
+            metrics[f"recall_at_{k}"] = neighbour_recall(mine, theirs, min(k, most)).mean().item() * 100.0
+        metrics["retrieval_agreement"] = metrics["recall_at_1"]
+    return metrics
+
+
+def _check_embedding_inputs(embeddings: Tensor, reference: Tensor) -> None:
+    if embeddings.ndim != 2 or len(embeddings) == 0:
+        raise VitpruneError(f"embeddings must be a non-empty [N, dim] tensor, got shape {list(embeddings.shape)}")
+    if reference.shape != embeddings.shape:
+        raise VitpruneError(f"reference embeddings shape {list(reference.shape)} does not match "
+                            f"embeddings shape {list(embeddings.shape)}")

@@ -92,6 +92,19 @@ def has_class_token(model: nn.Module) -> bool:
     return model.cls_token is not None
 
 
+def outputs_embeddings(model: nn.Module) -> bool:
+    """The model has no classifier head (timm num_classes=0): its output is the pooled embedding."""
+    return model.num_classes == 0
+
+
+def use_pre_logits(model: nn.Module) -> nn.Module:
+    """Remove the classifier head in place (timm's `reset_classifier(0)`): the model then outputs its
+    pre-logits embedding, what `forward_head(x, pre_logits=True)` returns (pooled, fc_norm'ed), and
+    every command treats it as an embedding model. Returns the model."""
+    model.reset_classifier(0)
+    return model
+
+
 def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()

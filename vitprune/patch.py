@@ -78,7 +78,10 @@ class ReducedVisionTransformer:
                 x, state = self._packed_block(block, x, state, reduction, num_input_tokens, layer)
             else:
                 x, state = self._reduced_block(block, x, state, reduction, num_input_tokens, layer, pad_to)
-        return self.norm(x)
+        x = self.norm(x)
+        if state.valid is not None and self.global_pool in POOLS_OVER_TOKENS:
+            x = _fill_padding(x, state.valid, self.num_prefix_tokens)
+        return x
 
     def _reduced_block(self, block: nn.Module, x: Tensor, state: TokenState, reduction: Reduction | None,
                        num_input_tokens: int, layer: int, pad_to: int | None) -> tuple[Tensor, TokenState]:
@@ -152,7 +155,8 @@ class ReducedVisionTransformer:
     def _context(self, block: nn.Module, q: Tensor, k: Tensor, v: Tensor, state: TokenState,
                  num_input_tokens: int, pad_to: int | None) -> BlockContext:
         return BlockContext(q=q, k=k, v=v, scale=block.attn.scale, key_bias=state.key_bias(), state=state,
-                            num_prefix=self.num_prefix_tokens, num_input_tokens=num_input_tokens, pad_to=pad_to)
+                            num_prefix=self.num_prefix_tokens, num_input_tokens=num_input_tokens, pad_to=pad_to,
+                            class_token=self.cls_token is not None)
 
     def _attend(self, attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None) -> Tensor:
         """timm's fused scaled-dot-product attention, with the token state's logit bias."""
@@ -186,6 +190,7 @@ class ReducedVisionTransformer:
 
 
 HEAD_ONLY = "head"  # the trace's mark of the head-only last block
+POOLS_OVER_TOKENS = ("avg", "max", "avgmax")  # timm global_pool values that read every patch token
 
 
 def _reduce(spec: Any, x: Tensor, ctx: BlockContext, settings: dict) -> tuple[Tensor, TokenState]:
@@ -250,6 +255,14 @@ def _unpack(rows_out: Tensor, rows: Tensor | None, batch: int, width: int) -> Te
     return full.view(batch, width, -1)
 
 
+def _fill_padding(x: Tensor, valid: Tensor, num_prefix: int) -> Tensor:
+    """Per-image padding rows (ATS) set to the mean of the image's real patch tokens: average pooling
+    over all rows then gives the mean over the real ones (and max pooling their max)."""
+    patch_valid = valid[:, num_prefix:].unsqueeze(-1)
+    real_mean = (x[:, num_prefix:] * patch_valid).sum(dim=1, keepdim=True) / patch_valid.sum(dim=1, keepdim=True)
+    return torch.where(valid.unsqueeze(-1), x, real_mean)
+
+
 def _real_rows(valid: Tensor | None) -> Tensor | None:
     """Flat indices of the real (non-padding) tokens of a (B, W) mask."""
     return None if valid is None else valid.flatten().nonzero().squeeze(1)
@@ -278,13 +291,16 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
     plan.validate(len(model.blocks))
     has_cls = getattr(model, "cls_token", None) is not None
     token_pooling = getattr(model, "global_pool", "token") == "token" and getattr(model, "attn_pool", None) is None
+    # per-image padding is filled with the real tokens' mean (`_fill_padding`): average and max pooling stay exact
+    pools_real_tokens = token_pooling or (getattr(model, "attn_pool", None) is None
+                                          and getattr(model, "global_pool", "token") in POOLS_OVER_TOKENS)
     for red in plan.reductions:
         if red.spec.needs_class_token(red.settings) and not has_cls:
             raise VitpruneError(f"{red.describe()} scores tokens by the class token's attention, and this model has "
                                 "no class token; use tome (without protect)")
-        if red.spec.needs_token_pooling and not token_pooling:
-            raise VitpruneError(f"{red.method} keeps a different token count per image and needs class-token "
-                                f"pooling; this model pools by '{_pooling(model)}'")
+        if red.spec.needs_token_pooling and not pools_real_tokens:
+            raise VitpruneError(f"{red.method} keeps a different token count per image and needs class-token or "
+                                f"average pooling; this model pools by '{_pooling(model)}'")
     if plan.head_only and not token_pooling:
         raise VitpruneError(
             "head-only last block needs class-token pooling (the head must read only the class token); "

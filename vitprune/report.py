@@ -15,12 +15,15 @@ from torch import Tensor, nn
 from vitprune.bench import measure_latency
 from vitprune.data import predict
 from vitprune.flops import count_macs
-from vitprune.metrics import classification_metrics
+from vitprune.metrics import classification_metrics, embedding_metrics
+from vitprune.models import has_class_token, outputs_embeddings
 from vitprune.patch import model_img_size, plan_of
 from vitprune.plan import Plan
 from vitprune.progress import progress_bar
 from vitprune.runtime import Runtime
 from vitprune.tables import ReportTable
+
+EMBEDDING_KEYS = ("cosine_mean", "cosine_p5", "retrieval_agreement", "recall_at_1", "recall_at_5")
 
 
 @dataclass
@@ -79,16 +82,13 @@ def compare(base: nn.Module, reduced: nn.Module, evidence: Evidence) -> dict:
     out["gmacs_base"], out["gmacs"] = round(seen.gmacs_base, 4), round(seen.gmacs, 4)
     out["gmacs_reduction"] = round(1 - out["gmacs"] / out["gmacs_base"], 4)
     if seen.logits is not None:
-        base_logits, logits = seen.base_logits, seen.logits
-        base_metrics = classification_metrics(base_logits, evidence.labels, None)
-        metrics = classification_metrics(logits, evidence.labels, base_logits)
-        out["data"] = {"path": evidence.data_path, "n_images": len(logits), "labelled": evidence.labels is not None}
-        if evidence.labels is not None:
-            out["top1_base"], out["top5_base"] = round(base_metrics["top1"], 2), round(base_metrics["top5"], 2)
-            out["top1"], out["top5"] = round(metrics["top1"], 2), round(metrics["top5"], 2)
-            out["top1_drop"] = round(out["top1_base"] - out["top1"], 2)
-        out["agreement"] = round(metrics["agreement"], 2)
-        out["kl"] = round(metrics["kl"], 5)
+        base_out, reduced_out = seen.base_logits, seen.logits
+        embedding = outputs_embeddings(base)
+        out["data"] = {"path": evidence.data_path, "n_images": len(reduced_out),
+                       "labelled": evidence.labels is not None and not embedding}
+        out.update(embedding_figures(reduced_out, base_out) if embedding else
+                   classification_figures(reduced_out, base_out, evidence.labels))
+    out["token_scores"] = token_scores(reduced)
     if evidence.bench_batches:
         most = max(evidence.bench_batches)
         inputs = {"base": base_images[:most] if base_images is not None else _random_images(base),
@@ -169,6 +169,42 @@ def _mean_gmacs(model: nn.Module, per_image: list[Tensor], first: Tensor) -> flo
     return float(torch.cat(per_image).mean()) if per_image else count_gmacs(model, first)
 
 
+def classification_figures(logits: Tensor, base_logits: Tensor, labels: Tensor | None) -> dict:
+    """top-1/top-5 of both (with labels), agreement and KL of the reduced model against the base."""
+    out: dict = {"output": "logits"}
+    base_metrics = classification_metrics(base_logits, labels, None)
+    metrics = classification_metrics(logits, labels, base_logits)
+    if labels is not None:
+        out["top1_base"], out["top5_base"] = round(base_metrics["top1"], 2), round(base_metrics["top5"], 2)
+        out["top1"], out["top5"] = round(metrics["top1"], 2), round(metrics["top5"], 2)
+        out["top1_drop"] = round(out["top1_base"] - out["top1"], 2)
+    out["agreement"] = round(metrics["agreement"], 2)
+    out["kl"] = round(metrics["kl"], 5)
+    return out
+
+
+def embedding_figures(embeddings: Tensor, base_embeddings: Tensor) -> dict:
+    """Cosine with the base's embeddings (mean, 5th percentile), retrieval agreement and recall@1/5
+    against the base's nearest neighbours (vitprune.metrics.embedding_metrics); labels are not used."""
+    metrics = embedding_metrics(embeddings, base_embeddings)
+    out: dict = {"output": f"embedding (dim {embeddings.shape[1]})"}
+    for key in EMBEDDING_KEYS:
+        if key in metrics:
+            out[key] = round(metrics[key], 5 if key.startswith("cosine") else 2)
+    return out
+
+
+def token_scores(model: nn.Module) -> list[dict]:
+    """Per reduction that scores tokens by attention, the score it uses on this model (which depends
+    on whether the model has a class token: `Method.token_score`)."""
+    plan = plan_of(model)
+    if plan is None:
+        return []
+    class_token = has_class_token(model)
+    return [{"layer": red.layer, "method": red.method, "score": red.spec.token_score(red.settings, class_token)}
+            for red in plan.reductions if red.spec.token_score(red.settings, class_token) is not None]
+
+
 def _predict(model: nn.Module, images: Tensor, evidence: Evidence, description: str) -> Tensor:
     param = next(model.parameters())
     with torch.inference_mode():
@@ -207,9 +243,22 @@ def figures_table(report: dict) -> ReportTable:
     if "agreement" in report:
         table.add("top-1 agreement with base %", "100", f"{report['agreement']:.2f}")
         table.add("mean KL(base ‖ reduced)", "0", f"{report['kl']:.4f}")
+    if "cosine_mean" in report:
+        table.add("cosine with base: mean / 5th pct", "1 / 1", f"{report['cosine_mean']:.4f} / {report['cosine_p5']:.4f}")
+    if "retrieval_agreement" in report:
+        table.add("retrieval agreement (recall@1) %", "100", f"{report['retrieval_agreement']:.2f}")
+        table.add("recall@5 of base neighbours %", "100", f"{report['recall_at_5']:.2f}")
     for batch, timing in report.get("latency_ms", {}).items():
         table.add(f"ms / image, batch {batch}", f"{timing['base']:.2f}", f"{timing['reduced']:.2f} ({timing['speedup']:.2f}x)")
     return table
+
+
+def _token_score_lines(scores: list[dict]) -> list[str]:
+    """One line per token score in use, with the blocks that use it."""
+    by_score: dict[str, list[str]] = {}
+    for entry in scores:
+        by_score.setdefault(entry["score"], []).append(f"{entry['method']}@{entry['layer']}")
+    return [f"- token score: {score} ({', '.join(where)})" for score, where in by_score.items()]
 
 
 def render_markdown(report: dict, title: str = "vitprune report") -> str:
@@ -223,11 +272,15 @@ def render_markdown(report: dict, title: str = "vitprune report") -> str:
         run = report["runtime"]
         lines.append(f"- evaluated on {run['device']} in {run['dtype']}"
                      + (f", torch.compile ({run['compile_mode']})" if run["compile"] else ", eager"))
+    if report.get("output", "logits") != "logits":
+        lines.append(f"- output: {report['output']}, compared with the base's by cosine and nearest neighbours")
+    lines += _token_score_lines(report.get("token_scores", []))
     lines += ["", figures_table(report).markdown()]
     if "data" in report:
         data = report["data"]
-        lines += ["", f"Accuracy on {data['n_images']} images from `{data['path']}`"
-                  + ("" if data["labelled"] else " (unlabelled: agreement and KL only)") + "."]
+        unlabelled = " (unlabelled: agreement and KL only)" if "agreement" in report else ""
+        lines += ["", f"Fidelity on {data['n_images']} images from `{data['path']}`"
+                  + ("" if data["labelled"] else unlabelled) + "."]
     if "latency_setup" in report:
         setup = report["latency_setup"]
         lines += ["", f"Latency: {setup['runtime']}, {setup['device']}, median of {setup['repeats']} runs after "

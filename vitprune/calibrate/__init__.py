@@ -18,6 +18,8 @@ The command (`vitprune.commands.calibrate.run_calibrate`) calls these steps in o
 from __future__ import annotations
 
 from vitprune.calibrate.evaluate import (
+    AUTO_OBJECTIVE,
+    EMBEDDING_OBJECTIVES,
     OBJECTIVE_TEXT,
     OBJECTIVES,
     Evaluator,
@@ -26,6 +28,7 @@ from vitprune.calibrate.evaluate import (
     TokenCache,
     distinct,
     plan_key,
+    resolve_objective,
 )
 from vitprune.calibrate.images import (
     MIN_VALIDATION_IMAGES,
@@ -80,12 +83,12 @@ from vitprune.calibrate.shapes import (
 )
 
 __all__ = [
-    "GUARD_Z", "MIN_VALIDATION_IMAGES", "OBJECTIVES", "OBJECTIVE_TEXT", "PROTECT_WEIGHTS", "AtsShape", "Evaluator",
+    "AUTO_OBJECTIVE", "EMBEDDING_OBJECTIVES", "GUARD_Z", "MIN_VALIDATION_IMAGES", "OBJECTIVES", "OBJECTIVE_TEXT", "PROTECT_WEIGHTS", "AtsShape", "Evaluator",
     "Evaluators", "Found", "Geometry", "HeldOut", "ImageSplit", "MacsCounter", "Rows", "RunInfo", "Score", "Search",
     "Setup", "Shape", "TokenCache", "ats_plan", "auto_sizes", "best_distinct", "calibration_report",
     "calibration_section", "check_objective", "choose", "distinct", "fit_to_budget", "frontier_ladder", "guard_frontier", "ladder_shapes",
     "load_split", "make_evaluators", "make_shapes", "measure_held_out", "measured_figures", "mutate", "pareto_mask",
     "pareto_png", "plan_key", "prepare", "protect_weight", "rank_shapes", "reference_plans", "refine",
-    "render_calibration_markdown", "score_finalists", "sensitivity_probe", "shape_plan", "sized", "split_images",
+    "render_calibration_markdown", "resolve_objective", "score_finalists", "sensitivity_probe", "shape_plan", "sized", "split_images",
     "write_calibration", "written_plan",
 ]

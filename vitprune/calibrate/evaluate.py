@@ -13,55 +13,96 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from vitprune.errors import VitpruneError
 from vitprune.flops import count_macs
-from vitprune.metrics import per_image_terms
+from vitprune.metrics import embedding_metrics, embedding_terms, per_image_terms
 from vitprune.patch import advance_tokens, apply_plan, logits_from, tokens_before
 from vitprune.plan import Plan
 
-OBJECTIVES = ("kl", "agreement", "top1")
+CLASSIFIER_OBJECTIVES = ("kl", "agreement", "top1")
+EMBEDDING_OBJECTIVES = ("cosine", "retrieval")  # an embedding model's (num_classes=0, or a classifier's pre-logits)
+OBJECTIVES = CLASSIFIER_OBJECTIVES + EMBEDDING_OBJECTIVES
+AUTO_OBJECTIVE = "auto"  # kl for a classifier, cosine for an embedding model
 OBJECTIVE_TEXT = {
     "kl": "mean KL divergence from the unreduced model's predictions (lower is better)",
     "agreement": "top-1 agreement with the unreduced model (higher is better; KL breaks ties)",
     "top1": "top-1 accuracy against the labels (higher is better; KL breaks ties)",
+    "cosine": "mean cosine similarity with the unreduced model's embeddings (higher is better)",
+    "retrieval": "retrieval agreement with the unreduced model: images whose nearest neighbour (cosine) is the "
+                 "same (higher is better; cosine breaks ties)",
 }
+# Each objective's per-image term (lower is better), which the guard pairs between two plans.
+PER_IMAGE_TERM = {"kl": "kl", "agreement": "disagree", "cosine": "cosine_loss", "retrieval": "nn_miss"}
 EVAL_BATCH = 50
 COUNT_IMAGES = 32  # per-image methods' GMACs depend on the image: counted on this many images
 
 
 @dataclass
 class Score:
-    """A plan measured on one image set."""
+    """A plan measured on one image set: a classifier's KL / agreement / top-1, or an embedding
+    model's cosine and retrieval figures (`embedding`, vitprune.metrics.embedding_metrics)."""
 
     gmacs: float
-    kl: float
-    agreement: float
+    kl: float | None
+    agreement: float | None
     top1: float | None
     n_images: int
-    # per image, lower is better: KL, and 0/1 misses (against the base model, against the labels)
+    # per image, lower is better: KL, and 0/1 misses (against the base model, against the labels);
+    # embeddings: 1 - cosine, and 0/1 nearest-neighbour misses
     per_image: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
+    embedding: dict[str, float] = field(default_factory=dict)  # cosine_mean, cosine_p5, retrieval_agreement, ...
+
+    @property
+    def divergence(self) -> float:
+        """How far from the base, lower is better: KL, or 1 - mean cosine for embeddings (sensitivity)."""
+        return self.kl if self.kl is not None else 1.0 - self.embedding["cosine_mean"]
+
+    @property
+    def agreement_points(self) -> float:
+        """Agreement with the base in percent: top-1, or nearest-neighbour (retrieval) for embeddings."""
+        if self.agreement is not None:
+            return self.agreement
+        return self.embedding.get("retrieval_agreement", 100.0 * self.embedding["cosine_mean"])
 
     def loss(self, objective: str) -> tuple[float, ...]:
-        if objective == "kl":
-            return (self.kl,)
-        if objective == "agreement":
-            return (-self.agreement, self.kl)
+        if objective in ("kl", "cosine"):
+            return (self.divergence,)
+        if objective in ("agreement", "retrieval"):
+            return (-self.agreement_points, self.divergence)
         return (-(self.top1 if self.top1 is not None else self.agreement), self.kl)
 
     def paired_gain(self, other: Score, objective: str) -> tuple[float, float]:
         """How much better this plan is than `other` on the same images: (mean, standard error) of
-        the per-image difference in the objective's term (KL, or a miss), positive when better."""
-        top1_term = "miss" if "miss" in self.per_image else "disagree"
-        term = {"kl": "kl", "agreement": "disagree", "top1": top1_term}[objective]
+        the per-image difference in the objective's term (KL, 1 - cosine, or a miss), positive when better."""
+        term = PER_IMAGE_TERM.get(objective, "miss" if "miss" in self.per_image else "disagree")
         diff = other.per_image[term] - self.per_image[term]
         return float(diff.mean()), float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
 
+    def figures(self) -> dict:
+        """The fidelity figures a report shows, rounded: agreement and KL, or the embedding figures."""
+        if self.kl is None:
+            return {key: round(value, 5 if key.startswith("cosine") else 2) for key, value in self.embedding.items()
+                    if key != "n_images"}
+        return {"agreement": round(self.agreement, 2), "kl": round(self.kl, 5)}
+
     def to_dict(self) -> dict:
-        out = {"gmacs": round(self.gmacs, 4), "agreement": round(self.agreement, 2), "kl": round(self.kl, 5),
-               "n_images": self.n_images}
+        out = {"gmacs": round(self.gmacs, 4), **self.figures(), "n_images": self.n_images}
         if self.top1 is not None:
             out["top1"] = round(self.top1, 2)
         return out
 
+
+def resolve_objective(objective: str, embedding: bool) -> str:
+    """`auto` -> kl (classifier) or cosine (embedding model); an objective of the other kind is refused."""
+    if objective == AUTO_OBJECTIVE:
+        return EMBEDDING_OBJECTIVES[0] if embedding else CLASSIFIER_OBJECTIVES[0]
+    if embedding and objective in CLASSIFIER_OBJECTIVES:
+        raise VitpruneError(f"objective {objective} needs class predictions, and this model outputs an embedding; "
+                            f"use {' or '.join(EMBEDDING_OBJECTIVES)}", param="objective")
+    if not embedding and objective in EMBEDDING_OBJECTIVES:
+        raise VitpruneError(f"objective {objective} compares embeddings, and this model outputs class logits; "
+                            "use the features option to calibrate its pre-logits embedding", param="objective")
+    return objective
 
 def plan_key(plan: Plan) -> str:
     data = plan.to_dict()
@@ -126,8 +167,9 @@ class Evaluator:
     """Scores plans on one image set against the base model's logits, with caches."""
 
     def __init__(self, models: dict[int, nn.Module], images: dict[int, Tensor], labels: Tensor | None,
-                 base_logits: Tensor, macs: MacsCounter, keep_all_sizes: bool = True) -> None:
+                 base_logits: Tensor, macs: MacsCounter, keep_all_sizes: bool = True, embedding: bool = False) -> None:
         self.models, self.images, self.labels, self.base_logits, self.macs = models, images, labels, base_logits, macs
+        self.embedding = embedding  # the outputs are embeddings (base_logits: the base's embeddings)
         self.keep_all_sizes = keep_all_sizes  # False: cache one input size at a time (large image sets)
         self.caches: dict[int, TokenCache] = {}
         self.scores: dict[str, Score] = {}
@@ -154,14 +196,23 @@ class Evaluator:
         if key not in self.scores:
             logits = self.logits(plan)
             gmacs = self.macs.gmacs(plan, self.images[plan.img_size])
-            # The means are taken from the per-image terms the guard pairs, so each is computed once.
-            per_image = per_image_terms(logits, self.base_logits, self.labels)
-            top1 = None if "miss" not in per_image else (1.0 - per_image["miss"]).mean().item() * 100.0
-            agreement = (1.0 - per_image["disagree"]).mean().item() * 100.0
-            self.scores[key] = Score(gmacs=gmacs, kl=per_image["kl"].mean().item(), agreement=agreement,
-                                     top1=top1, n_images=len(self.base_logits), per_image=per_image)
+            scored = self.embedding_score if self.embedding else self.classifier_score
+            self.scores[key] = scored(logits, gmacs)
             self.evaluations += 1
         return self.scores[key]
+
+    def classifier_score(self, logits: Tensor, gmacs: float) -> Score:
+        # The means are taken from the per-image terms the guard pairs, so each is computed once.
+        per_image = per_image_terms(logits, self.base_logits, self.labels)
+        top1 = None if "miss" not in per_image else (1.0 - per_image["miss"]).mean().item() * 100.0
+        agreement = (1.0 - per_image["disagree"]).mean().item() * 100.0
+        return Score(gmacs=gmacs, kl=per_image["kl"].mean().item(), agreement=agreement,
+                     top1=top1, n_images=len(self.base_logits), per_image=per_image)
+
+    def embedding_score(self, embeddings: Tensor, gmacs: float) -> Score:
+        return Score(gmacs=gmacs, kl=None, agreement=None, top1=None, n_images=len(self.base_logits),
+                     per_image=embedding_terms(embeddings, self.base_logits),
+                     embedding=embedding_metrics(embeddings, self.base_logits))
 
     def known(self, plan: Plan) -> Score | None:
         """The score of a plan already scored here, else None."""

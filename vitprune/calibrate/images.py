@@ -36,7 +36,8 @@ class ImageSplit:
 
     @property
     def labelled(self) -> bool:
-        return self.image_set.labels is not None
+        """Labels in use (an embedding model's images are compared with the base only)."""
+        return self.holdout_labels is not None
 
 
 @dataclass
@@ -60,6 +61,7 @@ def split_images(data: Path | str, *, limit: int | None, holdout: float, seed: i
 
 
 def check_objective(objective: str, image_set: ImageSet, data: Path) -> None:
+    """The objective's data: top1 needs labels (an embedding objective needs none)."""
     if objective == "top1" and image_set.labels is None:
         raise VitpruneError(f"objective top1 needs labelled images, and {data} has no labels", param="objective")
 
@@ -76,6 +78,8 @@ def load_split(setup: Setup, sets: tuple[ImageSet, ImageSet, ImageSet], *, worke
         calib_images[size], labels = load_images(calibration_set, transform, num_workers=workers, progress=progress)
         holdout_images[size], holdout_labels = load_images(holdout_set, transform, num_workers=workers,
                                                            progress=progress)
+    if setup.embedding:
+        labels = holdout_labels = None
     base_calib_logits = predict(setup.base_model, calib_images[setup.base_size], progress=progress,
                                 description="Base model, calibration images")
     base_holdout_logits = predict(setup.base_model, holdout_images[setup.base_size], progress=progress,
@@ -97,11 +101,13 @@ def make_evaluators(setup: Setup, images: ImageSplit, search_images: int, seed: 
     return Evaluators(search=_subset(setup, images, search_index, keep_all_sizes=True),
                       validation=_subset(setup, images, validation_index, keep_all_sizes=False),
                       holdout=Evaluator(setup.models, images.holdout_images, images.holdout_labels,
-                                        images.base_holdout_logits, setup.macs, keep_all_sizes=False),
+                                        images.base_holdout_logits, setup.macs, keep_all_sizes=False,
+                                        embedding=setup.embedding),
                       search_index=search_index, validation_index=validation_index)
 
 
 def _subset(setup: Setup, images: ImageSplit, index: list[int], *, keep_all_sizes: bool) -> Evaluator:
     labels = None if images.labels is None else images.labels[index]
     return Evaluator(setup.models, {size: tensor[index] for size, tensor in images.calib_images.items()}, labels,
-                     images.base_calib_logits[index], setup.macs, keep_all_sizes=keep_all_sizes)
+                     images.base_calib_logits[index], setup.macs, keep_all_sizes=keep_all_sizes,
+                     embedding=setup.embedding)

@@ -13,7 +13,7 @@ from vitprune.budget import Budget
 from vitprune.calibrate.evaluate import MacsCounter
 from vitprune.calibrate.shapes import Geometry, auto_sizes, constant_shape, shape_plan
 from vitprune.errors import VitpruneError
-from vitprune.models import patch_size_of
+from vitprune.models import outputs_embeddings, patch_size_of
 from vitprune.patch import apply_plan, check_plan_fits, model_img_size, tokens_before
 from vitprune.plan import Plan, make_plan
 
@@ -40,6 +40,7 @@ class Setup:
     geometry: Geometry
     target: float  # GMACs the shapes are fitted to
     ladder_targets: list[float]  # GMACs of the frontier's budgets, the target last (GMACs budgets)
+    embedding: bool = False  # the model outputs an embedding: plans are scored by cosine and retrieval
 
     @property
     def depth(self) -> int:
@@ -89,7 +90,7 @@ def prepare(base_model: nn.Module, img_sizes: list[int] | None, head_only: bool,
                             f"(ToMe at every block, {sizes[-1]}px) needs {floor:.3f} GMACs")
     return Setup(base_model=base_model, sizes=sizes, methods=usable, block_methods=block_methods,
                  per_image=per_image, models=models, macs=macs, geometry=geometry, target=target,
-                 ladder_targets=[t for t in ladder_targets if t >= floor])
+                 ladder_targets=[t for t in ladder_targets if t >= floor], embedding=outputs_embeddings(base_model))
 
 
 def search_sizes(base_model: nn.Module, img_sizes: list[int] | None) -> list[int]:

@@ -96,7 +96,9 @@ def measured_figures(rows: Rows, chosen: Plan, images: ImageSplit, info: RunInfo
                                          images.base_holdout_logits)
         measured.update(top1=round(metrics["top1"], 2), top5=round(metrics["top5"], 2),
                         top1_drop=round(base["top1"] - metrics["top1"], 2))
-    measured.update(agreement=round(score.agreement, 2), kl=round(score.kl, 5))
+    if score.kl is None:
+        measured["output"] = f"embedding (dim {images.base_holdout_logits.shape[1]})"
+    measured.update(score.figures())
     measured["latency_ms"] = {str(held.batch): {"base": round(held.base_ms, 3), "reduced": round(held.ms(chosen), 3),
                                                 "speedup": round(held.base_ms / held.ms(chosen), 3)}}
     timing = held.timing
@@ -184,21 +186,35 @@ def _settings_lines(cal: dict) -> list[str]:
     ]
 
 
+EMBEDDING_COLUMNS = {"cosine": ("cosine_mean", ".4f", "1"), "cos p5": ("cosine_p5", ".4f", "1"),
+                     "NN agree %": ("retrieval_agreement", ".1f", "100"), "R@5 %": ("recall_at_5", ".1f", "100")}
+
+
+def _fidelity_cells(hold: dict) -> list[str]:
+    """A row's fidelity cells from its held-out figures: agreement and KL, or the embedding figures."""
+    if "kl" in hold:
+        return [f"{hold['agreement']:.1f}", f"{hold['kl']:.4f}"]
+    return [format(hold[key], spec) if key in hold else "" for key, spec, _ in EMBEDDING_COLUMNS.values()]
+
+
 def frontier_table(cal: dict) -> ReportTable:
     """The base, every frontier point and the published schedules (in bold), on the held-out images."""
     labelled = cal["images"]["labelled"]
+    embedding = "kl" not in cal["chosen"]["holdout"]
+    fidelity = list(EMBEDDING_COLUMNS) if embedding else ["agreement %", "KL"]
     table = ReportTable(["plan", "GMACs", "fewer", "ms/img", *(["top-1 %", "drop"] if labelled else []),
-                         "agreement %", "KL", "Pareto"])
+                         *fidelity, "Pareto"])
     base = cal["base"]
+    base_fidelity = [base_value for _, _, base_value in EMBEDDING_COLUMNS.values()] if embedding else ["100", "0"]
     table.add("base", f"{base['gmacs']:.3f}", "0%", f"{base['ms_per_image']:.2f}",
-              *([f"{base['holdout']['top1']:.1f}", "0"] if labelled else []), "100", "0", "")
+              *([f"{base['holdout']['top1']:.1f}", "0"] if labelled else []), *base_fidelity, "")
     references = [dict(r, plan=f"**{r['name']}** ({r['plan']})", pareto=None) for r in cal["references"]]
     for row in cal["frontier"] + references:
         hold = row["holdout"]
         mark = "" if row.get("pareto") is None else ("yes" if row["pareto"] else "no")
         table.add(row["plan"], f"{row['gmacs']:.3f}", f"{row['gmacs_reduction']:.0%}", f"{row['ms_per_image']:.2f}",
                   *([f"{hold['top1']:.1f}", f"{hold['top1_drop']:.1f}"] if labelled else []),
-                  f"{hold['agreement']:.1f}", f"{hold['kl']:.4f}", mark)
+                  *_fidelity_cells(hold), mark)
     return table
 
 
@@ -207,7 +223,9 @@ def _protect_line(protect: dict | None) -> str:
         return "- ToMe blocks: plain ToMe"
     if protect["given"]:
         return f"- ToMe blocks: protect weight {protect['chosen']:g} (given)"
-    tried = ", ".join(f"{entry['protect']:g}: KL {entry['kl']:.4f}" for entry in protect["tried"])
+    tried = ", ".join(f"{entry['protect']:g}: " + (f"KL {entry['kl']:.4f}" if "kl" in entry
+                                                     else f"cosine {entry['cosine_mean']:.4f}")
+                      for entry in protect["tried"])
     return (f"- ToMe blocks: protect weight {protect['chosen']:g}, the best on the validation images of "
             f"ToMe's constant schedule at the budget ({tried})")
 
@@ -215,6 +233,8 @@ def _protect_line(protect: dict | None) -> str:
 # -- pareto.png -----------------------------------------------------------------------------------
 
 def _metric_name(report: dict) -> str:
+    if "cosine_mean" in report:
+        return "cosine_mean"
     return "top1" if report["calibration"]["images"]["labelled"] else "agreement"
 
 
@@ -233,7 +253,7 @@ def pareto_png(report: dict) -> bytes:
                 label="calibrated (dominated on calibration)")
     chosen = cal["chosen"]
     ax.plot([chosen["gmacs"]], [chosen["holdout"][metric]], "*", color="tab:red", markersize=15, label="chosen plan")
-    base_value = cal["base"]["holdout"].get("top1", 100.0) if metric == "top1" else 100.0
+    base_value = {"top1": cal["base"]["holdout"].get("top1"), "cosine_mean": 1.0}.get(metric, 100.0)
     ax.plot([cal["base"]["gmacs"]], [base_value], "s", color="black", label="base")
     for row in cal["references"]:
         marker = "^" if row["name"].startswith("EViT") else "v"
@@ -241,7 +261,8 @@ def pareto_png(report: dict) -> bytes:
         ax.annotate(row["name"], (row["gmacs"], row["holdout"][metric]), textcoords="offset points", xytext=(5, -10),
                     fontsize=8)
     ax.set_xlabel("GMACs / image")
-    ax.set_ylabel("held-out top-1 %" if metric == "top1" else "held-out agreement with the base %")
+    ax.set_ylabel({"top1": "held-out top-1 %", "cosine_mean": "held-out mean cosine with the base"}.get(
+        metric, "held-out agreement with the base %"))
     ax.set_title(f"{report['model']}: calibrated plans vs published schedules "
                  f"({cal['images']['holdout']} held-out images)", fontsize=9)
     ax.grid(alpha=0.3)

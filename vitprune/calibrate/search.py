@@ -150,8 +150,8 @@ def sensitivity_probe(search: Search) -> list[dict]:
         settings = methods.get(method).probe(unit, tokens, geometry.num_prefix, geometry.protect)
         score = search.evals.search.score(Plan(reductions=(Reduction(row["layer"], method, **settings),),
                                                img_size=size))
-        row[method] = {"kl": score.kl, "saved_gmacs": geometry.base_gmacs - score.gmacs,
-                       "agreement": score.agreement}
+        row[method] = {"divergence": score.divergence, "saved_gmacs": geometry.base_gmacs - score.gmacs,
+                       **score.figures()}
     return rows
 
 
@@ -299,7 +299,7 @@ def choose_by_drop(search: Search, frontier: list[Plan], budget: Budget) -> Plan
 
     def drop(plan: Plan) -> float:
         score = search.validated(plan)
-        return base_top1 - score.top1 if base_top1 is not None else 100.0 - score.agreement
+        return base_top1 - score.top1 if base_top1 is not None else 100.0 - score.agreement_points
 
     fits = [plan for plan in frontier if drop(plan) <= budget.value]
     if not fits:

@@ -157,13 +157,13 @@ def make_shapes(sensitivity: list[dict], geometry: Geometry, block_methods: tupl
 
 
 def block_efficiency(sensitivity: list[dict], block_methods: tuple[str, ...]):
-    """(layer, method) -> GMACs saved per unit of KL at the sensitivity probe."""
-    kls = [row[m]["kl"] for row in sensitivity for m in block_methods]
+    """(layer, method) -> GMACs saved per unit of divergence (KL, or 1 - cosine) at the sensitivity probe."""
+    kls = [row[m]["divergence"] for row in sensitivity for m in block_methods]
     floor = max(sorted(kls)[len(kls) // 2] * 0.05, 1e-6)  # a nearly free block must not take everything
 
     def efficiency(layer: int, method: str) -> float:
         entry = sensitivity[layer][method]
-        return max(entry["saved_gmacs"], 1e-9) / max(entry["kl"], floor)
+        return max(entry["saved_gmacs"], 1e-9) / max(entry["divergence"], floor)
 
     return efficiency
 

@@ -9,6 +9,7 @@ from vitprune.cli.app import app
 from vitprune.cli.common import (
     CheckpointOpt,
     DtypeOpt,
+    FeaturesOpt,
     ForceOpt,
     ImageFieldOpt,
     ImgSizeOpt,
@@ -39,7 +40,7 @@ def calibrate(
     target_latency_ms: Annotated[float | None, typer.Option("--target-latency-ms", help="Budget: at most this many ms per image at --batch, measured here.")] = None,
     max_drop: Annotated[float | None, typer.Option("--max-drop", help="Budget: the cheapest plan within this many top-1 points (agreement points when unlabelled).")] = None,
     batch: Annotated[int, typer.Option("--batch", help="Batch size the latency is measured at.")] = 32,
-    objective: Annotated[str, typer.Option("--objective", help="Search objective on the calibration images: kl, agreement or top1.")] = "kl",
+    objective: Annotated[str, typer.Option("--objective", help="Search objective on the calibration images: kl, agreement or top1 (a classifier); cosine or retrieval (an embedding model); auto: kl or cosine.")] = "auto",
     no_head_only: Annotated[bool, typer.Option("--no-head-only", help="Keep every token in the last block (by default plans compute only the class token there, exact with class-token pooling).")] = False,
     holdout: Annotated[float, typer.Option("--holdout", help="Fraction of the images held out to report the figures on.")] = 0.5,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split and of the search.")] = 0,
@@ -52,6 +53,7 @@ def calibrate(
     checkpoint: CheckpointOpt = None,
     no_pretrained: NoPretrainedOpt = False,
     img_size: ImgSizeOpt = None,
+    features: FeaturesOpt = False,
     limit: LimitOpt = None,
     split: SplitOpt = None,
     label_field: LabelFieldOpt = None,
@@ -70,7 +72,7 @@ def calibrate(
     budget = Budget.from_targets(target_gmacs=target_gmacs, target_ratio=target_ratio,
                                  target_latency_ms=target_latency_ms, max_drop=max_drop, batch=batch)
     request = CalibrateRequest(
-        model=model, data=data, budget=budget, checkpoint=checkpoint, no_pretrained=no_pretrained, img_size=img_size,
+        model=model, data=data, budget=budget, checkpoint=checkpoint, no_pretrained=no_pretrained, img_size=img_size, features=features,
         img_sizes=_parse_sizes(img_sizes), limit=limit, split=split, label_field=label_field,
         image_field=image_field, holdout=holdout, seed=seed, swap_split=swap_split,
         objective=objective, head_only=not no_head_only, protect=protect, search_images=search_images,

@@ -41,6 +41,7 @@ LayersOpt = Annotated[str | None, typer.Option("--layers", "-l", help="Blocks to
 NoFuseOpt = Annotated[bool, typer.Option("--no-fuse", help="evit: drop inattentive tokens instead of fusing them.")]
 PlanOpt = Annotated[Path | None, typer.Option("--plan", help="A plan (vitprune.json from apply/calibrate) instead of --method.")]
 HeadOnlyOpt = Annotated[bool, typer.Option("--head-only", help="The last block computes only the class token the head reads: exact with class-token pooling, about 7% fewer GMACs.")]
+FeaturesOpt = Annotated[bool, typer.Option("--features", help="Use the classifier's pre-logits embedding (head removed): fidelity by cosine and nearest-neighbour retrieval agreement.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
 
 

@@ -10,6 +10,7 @@ from vitprune.cli.app import app
 from vitprune.cli.common import (
     CheckpointOpt,
     DataOpt,
+    FeaturesOpt,
     ForceOpt,
     HeadOnlyOpt,
     ImgSizeOpt,
@@ -51,6 +52,7 @@ def export(
     checkpoint: CheckpointOpt = None,
     no_pretrained: NoPretrainedOpt = False,
     img_size: ImgSizeOpt = None,
+    features: FeaturesOpt = False,
     batch: Annotated[str, typer.Option("--batch", help="'dynamic' (any batch size) or a fixed batch size.")] = "dynamic",
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 17 to 20.")] = 17,
     fp16: Annotated[bool, typer.Option("--fp16", help="float16 weights and compute (float32 input/output).")] = False,
@@ -74,7 +76,7 @@ def export(
     request = ExportRequest(
         model=model, onnx=onnx, safetensors=safetensors, method=method, keep=keep, r=r, protect=protect,
         layers=parse_layers(layers), fuse=False if no_fuse else None, head_only=head_only, plan_file=plan_file,
-        checkpoint=checkpoint, no_pretrained=no_pretrained, img_size=img_size, batch=batch, opset=opset,
+        checkpoint=checkpoint, no_pretrained=no_pretrained, img_size=img_size, features=features, batch=batch, opset=opset,
         fp16=fp16, dtype=dtype, ats_padding=ats_padding, data=data, limit=limit, workers=workers, bench=bench,
         bench_batches=parse_batches(bench_batch), bench_repeats=bench_repeats, provider=provider,
         threads=threads, force=force, progress=not json_out,

@@ -17,6 +17,7 @@ from vitprune.checks import check_finite, check_whole
 from vitprune.data import check_labels
 from vitprune.errors import VitpruneError
 from vitprune.io import check_output_dir
+from vitprune.models import use_pre_logits
 from vitprune.patch import apply_plan
 from vitprune.plan import Plan
 from vitprune.progress import progress_bar
@@ -37,12 +38,13 @@ class CalibrateRequest(DatasetOptions):
     checkpoint: Path | None = None
     no_pretrained: bool = False
     img_size: int | None = None
+    features: bool = False  # the classifier's pre-logits embedding (head removed): an embedding model
     img_sizes: list[int] | None = None  # None: the model's size and up to 3 smaller (calibrate.auto_sizes)
     limit: int | None = None
     holdout: float = 0.5
     seed: int = 0
     swap_split: bool = False  # calibrate on the held-out part and hold out the rest (2-fold cross-checks)
-    objective: str = "kl"
+    objective: str = "auto"  # kl for a classifier, cosine for an embedding model (calibrate.resolve_objective)
     head_only: bool = True  # the head-only last block, where the model pools by class token
     protect: float | None = None  # tome protect weight; None: chosen among calibrate.PROTECT_WEIGHTS
     search_images: int = 128
@@ -60,9 +62,9 @@ class CalibrateRequest(DatasetOptions):
         if not isinstance(self.budget, Budget):
             raise VitpruneError(f"budget must be a vitprune.budget.Budget, got {self.budget!r}", param="budget")
         self.check_data_options(self.data)
-        if self.objective not in calibrate.OBJECTIVES:
-            raise VitpruneError(f"objective must be one of {', '.join(calibrate.OBJECTIVES)}, got {self.objective!r}",
-                                param="objective")
+        if self.objective not in (*calibrate.OBJECTIVES, calibrate.AUTO_OBJECTIVE):
+            raise VitpruneError(f"objective must be one of {', '.join(calibrate.OBJECTIVES)} or "
+                                f"{calibrate.AUTO_OBJECTIVE}, got {self.objective!r}", param="objective")
         check_finite(self.holdout, "holdout", low=0, high=1, low_open=True, high_open=True, rule="a fraction in (0, 1)")
         check_whole(self.search_images, "search_images", 1)
         check_whole(self.refine_steps, "refine_steps", 0)
@@ -97,18 +99,21 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
 
 def _calibrate(request: CalibrateRequest) -> CalibrateResult:
     base = load_base(request.model, request.checkpoint, request.no_pretrained, request.img_size)
+    if request.features:
+        use_pre_logits(base.model)
     started = time.perf_counter()
     setup = calibrate.prepare(base.model.eval(), request.img_sizes, request.head_only, request.budget)
+    objective = calibrate.resolve_objective(request.objective, setup.embedding)
     sets = calibrate.split_images(request.data, limit=request.limit, holdout=request.holdout, seed=request.seed,
                                   swap_split=request.swap_split, options=request)
     for part in sets:
         check_labels(part, setup.base_model.num_classes)
-    calibrate.check_objective(request.objective, sets[0], request.data)
+    calibrate.check_objective(objective, sets[0], request.data)
     images = calibrate.load_split(setup, sets, workers=request.workers, progress=request.progress)
     evals = calibrate.make_evaluators(setup, images, request.search_images, request.seed)
     rng = random.Random(request.seed)
     with progress_bar(request.progress) as bar:
-        search = calibrate.Search(setup, evals, request.objective, request.budget, bar)
+        search = calibrate.Search(setup, evals, objective, request.budget, bar)
         protect_trials = calibrate.protect_weight(search, request.protect)
         sensitivity = calibrate.sensitivity_probe(search)
         shapes = calibrate.make_shapes(sensitivity, setup.geometry, setup.block_methods, setup.sizes, setup.per_image)

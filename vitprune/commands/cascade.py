@@ -29,7 +29,7 @@ from vitprune.data import ImageSet, check_labels, load_images, split, transform_
 from vitprune.errors import VitpruneError
 from vitprune.flops import count_macs
 from vitprune.io import check_output_dir
-from vitprune.models import patch_size_of
+from vitprune.models import outputs_embeddings, patch_size_of
 from vitprune.patch import model_img_size
 from vitprune.runtime import Runtime
 from vitprune.source import BaseModel, load_base
@@ -105,6 +105,9 @@ def run_cascade(request: CascadeRequest) -> CascadeResult:
     budget = request.check()
     image_set = find_image_set(request.data, request, limit=request.limit)
     base = load_base(request.model, request.checkpoint, request.no_pretrained, None)
+    if outputs_embeddings(base.model):
+        raise VitpruneError(f"{request.model} outputs an embedding (no classifier head): a cascade exits on a "
+                            "confident class prediction and an embedding has no confidence; use apply or calibrate")
     check_labels(image_set, base.model.num_classes)  # before any stage is built or run
     model = base.model.to(request.device).eval()
     cascade = _build(request, model, base.info)

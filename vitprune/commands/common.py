@@ -11,6 +11,7 @@ from torch import nn
 from vitprune import methods
 from vitprune.checks import check_whole
 from vitprune.errors import VitpruneError
+from vitprune.models import use_pre_logits
 from vitprune.patch import apply_plan
 from vitprune.plan import Plan, make_plan, read_plan_file
 from vitprune.source import BaseModel, load_base
@@ -34,6 +35,7 @@ class ReducedModelSpec:
     checkpoint: Path | None = None
     no_pretrained: bool = False
     img_size: int | None = None
+    features: bool = False  # the classifier's pre-logits embedding (head removed): an embedding model
 
     def settings(self) -> dict:
         """The method settings given (the method's defaults fill the rest)."""
@@ -83,5 +85,7 @@ def build_reduced(spec: ReducedModelSpec) -> tuple[BaseModel, Plan, nn.Module]:
     """The base model, the plan the spec asks for, and a reduced copy of the base."""
     spec.check_reduction()
     base = load_base(spec.model, spec.checkpoint, spec.no_pretrained, spec.img_size)
+    if spec.features:
+        use_pre_logits(base.model)
     plan = resolve_plan(spec, base)
     return base, plan, apply_plan(copy.deepcopy(base.model), plan)

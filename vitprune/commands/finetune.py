@@ -119,6 +119,9 @@ class FinetuneRequest(ReducedModelSpec, DatasetOptions):
     def _check_data(self) -> None:
         check_whole(self.seed, "seed")
         self.check_data_options(self.data)
+        if self.features:
+            raise VitpruneError("finetune distils a classifier's logits; features (an embedding model) is for "
+                                "apply, calibrate and export", param="features")
         if self.limit is not None:
             check_whole(self.limit, "limit", 1)
         if self.val_split is not None:

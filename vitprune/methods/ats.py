@@ -8,8 +8,16 @@ from typing import Any
 
 from torch import Tensor
 
-from vitprune.methods.base import BlockContext, Method, Param, TokenState, cls_row_macs
-from vitprune.reducers import ats_cap, ats_sample, ats_scores, ats_select, cls_attention, gather_tokens, graph_capture
+from vitprune.methods.base import (
+    BlockContext,
+    Method,
+    Param,
+    TokenState,
+    attention_score_macs,
+    attention_score_name,
+    attention_scores,
+)
+from vitprune.reducers import ats_cap, ats_sample, ats_scores, ats_select, gather_tokens, graph_capture
 
 
 class ATS(Method):
@@ -31,14 +39,14 @@ class ATS(Method):
         """Every block from the 4th of 12 (the official DeiT-S setting)."""
         return list(range(round(depth / 4), depth))
 
-    def needs_class_token(self, settings: dict[str, Any]) -> bool:
-        return True
+    def token_score(self, settings: dict[str, Any], class_token: bool) -> str | None:
+        return attention_score_name(class_token)
 
     def select(self, ctx: BlockContext, settings: dict[str, Any]) -> tuple[Tensor, TokenState]:
         """Sample first, then attend with the kept queries only: the output projection and the
         MLP run on the kept tokens (ATS applies the selection to the attention rows)."""
         num_prefix = ctx.num_prefix
-        cls_attn = cls_attention(ctx.q[:, :, :1], ctx.k, ctx.scale, ctx.key_bias)
+        cls_attn = attention_scores(ctx)  # the class token's attention, or the fallback
         scores = ats_scores(cls_attn, ctx.v, num_prefix, ctx.state.valid)
         samples = ats_cap(settings["keep"], ctx.num_input_tokens) - num_prefix
         valid_patch = None if ctx.state.valid is None else ctx.state.valid[:, num_prefix:]
@@ -49,8 +57,8 @@ class ATS(Method):
         return index, TokenState(size=size, valid=valid)
 
     def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
-                   settings: dict[str, Any]) -> Tensor:
-        return cls_row_macs(attn, n_in)
+                   settings: dict[str, Any], class_token: bool = True) -> Tensor:
+        return attention_score_macs(attn, n_in, class_token)
 
     def static_width(self, settings: dict[str, Any], num_input_tokens: int) -> int:
         """The most tokens a block can keep: the width of static-shape padding."""

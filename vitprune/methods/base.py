@@ -15,6 +15,7 @@ from torch import Tensor
 
 from vitprune.checks import is_finite_number
 from vitprune.errors import VitpruneError
+from vitprune.reducers import cls_attention, received_attention
 
 REQUIRED = object()  # a parameter without a default
 
@@ -88,6 +89,7 @@ class BlockContext:
     num_input_tokens: int  # tokens entering the model (ATS caps are ratios of it)
     pad_to: int | None = None  # per-image methods: pad the batch to this width (static shapes)
     attn: Tensor | None = None  # (B, H, N, N) softmax attention, for `needs_attention` methods (after attending)
+    class_token: bool = True  # the model has a class token (else attention scores fall back, `attention_scores`)
 
 
 class Method:
@@ -99,7 +101,7 @@ class Method:
     # The kept count differs per image: the batch is padded (masked) from the first such block on,
     # so only methods of the same kind may follow, and FLOPs are counted on real images.
     varies_per_image: bool = False
-    needs_token_pooling: bool = False  # the head must read the class token alone (padding is never pooled)
+    needs_token_pooling: bool = False  # the head must pool real tokens only: class token, average or max
     selects_queries: bool = False  # reduces before attention: only the kept tokens are queried
     # reads the whole attention of its block (`BlockContext.attn`): the adapter computes it there in
     # place of the fused kernel, and the block's own attention product uses it (no extra MACs)
@@ -140,6 +142,11 @@ class Method:
     def needs_class_token(self, settings: dict[str, Any]) -> bool:
         return False
 
+    def token_score(self, settings: dict[str, Any], class_token: bool) -> str | None:
+        """The attention score this method ranks tokens by, on a model with or without a class token
+        (the report names it); None: it scores no tokens by attention."""
+        return None
+
     # -- cascade stage grammar (METHOD:VALUE) ------------------------------------------------------
     def stage_settings(self, value: str) -> dict[str, Any]:
         param = next(p for p in self.params if p.name == self.stage_param)
@@ -163,8 +170,9 @@ class Method:
 
     # -- FLOPs ------------------------------------------------------------------------------------
     def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
-                   settings: dict[str, Any]) -> Tensor:
-        """MACs of the method's own scoring inside a block (float64 per image)."""
+                   settings: dict[str, Any], class_token: bool = True) -> Tensor:
+        """MACs of the method's own scoring inside a block (float64 per image); `class_token`: the
+        model has one (scores by attention fall back without it, `attention_scores`)."""
         return torch.zeros_like(n_in)
 
     # -- calibrate's per-block search --------------------------------------------------------------
@@ -182,3 +190,29 @@ class Method:
 def cls_row_macs(attn: Any, n_in: Tensor) -> Tensor:
     """The CLS row of the attention computed once more, for scoring."""
     return n_in * attn.attn_dim
+
+
+# The attention score of the scoring methods (EViT, ATS): the class token's attention row, or, on a
+# model without a class token (`*_gap_*`, attention pooling), the mean attention each token receives
+# from all queries (LTMP's and Zero-TPrune's importance).
+CLS_SCORE = "class-token attention"
+RECEIVED_SCORE = "mean attention received (no class token)"
+
+
+def attention_score_name(class_token: bool) -> str:
+    return CLS_SCORE if class_token else RECEIVED_SCORE
+
+
+def attention_scores(ctx: BlockContext) -> Tensor:
+    """Per head, how much attention each token gets: (B, H, N), a distribution over the tokens."""
+    if ctx.class_token:
+        return cls_attention(ctx.q[:, :, :1], ctx.k, ctx.scale, ctx.key_bias)
+    weight = None if ctx.state.size is None else ctx.state.size.squeeze(-1)
+    if ctx.state.valid is not None:
+        weight = ctx.state.valid.to(ctx.q.dtype) if weight is None else weight * ctx.state.valid
+    return received_attention(ctx.q, ctx.k, ctx.scale, ctx.key_bias, weight)
+
+
+def attention_score_macs(attn: Any, n_in: Tensor, class_token: bool) -> Tensor:
+    """MACs of `attention_scores`: the class row once more, or every query's logits once more."""
+    return cls_row_macs(attn, n_in) if class_token else n_in * n_in * attn.attn_dim

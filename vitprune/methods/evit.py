@@ -10,8 +10,16 @@ from typing import Any
 
 from torch import Tensor
 
-from vitprune.methods.base import BlockContext, Method, Param, TokenState, cls_row_macs
-from vitprune.reducers import cls_attention, evit_keep_count, evit_reduce
+from vitprune.methods.base import (
+    BlockContext,
+    Method,
+    Param,
+    TokenState,
+    attention_score_macs,
+    attention_score_name,
+    attention_scores,
+)
+from vitprune.reducers import evit_keep_count, evit_reduce
 
 MIN_SEARCH_KEEP = 0.2  # calibrate never keeps fewer than this share of a block's patch tokens
 
@@ -33,18 +41,18 @@ class EViT(Method):
         """The 4th, 7th and 10th of 12 blocks, scaled to the depth."""
         return sorted({round(depth * i / 4) for i in (1, 2, 3)})
 
-    def needs_class_token(self, settings: dict[str, Any]) -> bool:
-        return True
+    def token_score(self, settings: dict[str, Any], class_token: bool) -> str | None:
+        return attention_score_name(class_token)
 
     def reduce(self, x: Tensor, ctx: BlockContext, settings: dict[str, Any]) -> tuple[Tensor, TokenState]:
-        cls_attn = cls_attention(ctx.q[:, :, :1], ctx.k, ctx.scale, ctx.key_bias).mean(dim=1)
+        cls_attn = attention_scores(ctx).mean(dim=1)  # the class token's attention, or the fallback
         keep_count = evit_keep_count(x.shape[1] - ctx.num_prefix, settings["keep"])
         x, size, _ = evit_reduce(x, cls_attn, ctx.num_prefix, keep_count, settings["fuse"], ctx.state.size)
         return x, replace(ctx.state, size=size)
 
     def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
-                   settings: dict[str, Any]) -> Tensor:
-        return cls_row_macs(attn, n_in)
+                   settings: dict[str, Any], class_token: bool = True) -> Tensor:
+        return attention_score_macs(attn, n_in, class_token)
 
     def removing(self, want: int, tokens: int, num_prefix: int, protect: float) -> tuple[dict, int] | None:
         patch = tokens - num_prefix

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vitprune.methods.base import BlockContext, Method, Param, TokenState, cls_row_macs
+from vitprune.methods.base import CLS_SCORE, BlockContext, Method, Param, TokenState, cls_row_macs
 from vitprune.reducers import cls_attention, protect_penalty, tome_reduce
 
 
@@ -36,6 +36,9 @@ class ToMe(Method):
     def needs_class_token(self, settings: dict[str, Any]) -> bool:
         return bool(settings["protect"])
 
+    def token_score(self, settings: dict[str, Any], class_token: bool) -> str | None:
+        return CLS_SCORE if settings["protect"] else None
+
     def reduce(self, x: Tensor, ctx: BlockContext, settings: dict[str, Any]) -> tuple[Tensor, TokenState]:
         size = ctx.state.size if ctx.state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1,
                                                                              dtype=torch.float32)
@@ -47,7 +50,7 @@ class ToMe(Method):
         return x, replace(ctx.state, size=size)
 
     def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
-                   settings: dict[str, Any]) -> Tensor:
+                   settings: dict[str, Any], class_token: bool = True) -> Tensor:
         mergeable = n_in - num_prefix
         similarity = torch.ceil(mergeable / 2) * torch.floor(mergeable / 2) * attn.head_dim
         macs = torch.where(n_out < n_in, similarity, 0.0)  # ToMe skips matching when r = 0

@@ -4,6 +4,7 @@ Each reducer takes token tensors (batch-first, prefix tokens first) and scores, 
 reduced tokens. The timm adapter (`vitprune.patch`) decides where they run.
 """
 from vitprune.reducers.ats import ats_cap, ats_sample, ats_scores, ats_select
+from vitprune.reducers.attention import received_attention
 from vitprune.reducers.common import attention_probs, cls_attention, gather_tokens, graph_capture
 from vitprune.reducers.evit import evit_keep_count, evit_reduce
 from vitprune.reducers.ppt import ppt_prunes, ppt_reduce
@@ -12,7 +13,7 @@ from vitprune.reducers.transform import transform_matrix, transform_reduce
 from vitprune.reducers.zerotprune import weighted_pagerank, zerotprune_counts, zerotprune_reduce
 
 __all__ = [
-    "attention_probs", "cls_attention", "gather_tokens", "graph_capture",
+    "attention_probs", "cls_attention", "gather_tokens", "graph_capture", "received_attention",
     "evit_keep_count", "evit_reduce",
     "ats_cap", "ats_scores", "ats_sample", "ats_select",
     "bipartite_matching", "merge_tokens", "protect_penalty", "tome_reduce",

@@ -41,6 +41,8 @@ def ats_sample(scores: Tensor, num_samples: int, valid: Tensor | None = None) ->
     """
     sorted_scores, order = scores.sort(dim=1)
     cdf = sorted_scores.cumsum(dim=1)
+    if valid is not None:  # padding (score 0, sorted first) is never the nearest: the batch picks what one image would
+        cdf = cdf.masked_fill(~valid.gather(1, order), torch.inf)
     device, dtype = scores.device, scores.dtype
     points = shape_table(("ats points", num_samples, device, dtype),
                          lambda: torch.linspace(0, 1, num_samples, device=device, dtype=dtype).view(1, -1, 1))
