@@ -44,7 +44,7 @@ class PPT(Method):
         return x, replace(ctx.state, size=size)
 
     def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
-                   settings: dict[str, Any]) -> Tensor:
+                   settings: dict[str, Any], class_token: bool = True) -> Tensor:
         """The class-token row; for every image both policies run: ToMe's similarities and merge
         (the rows gathered into each output, r per image) beside the pruning's sort."""
         mergeable, removed = n_in - num_prefix, n_in - n_out

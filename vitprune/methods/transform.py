@@ -46,7 +46,7 @@ class TokenTransforming(Method):
         return x, replace(ctx.state, size=size)
 
     def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
-                   settings: dict[str, Any]) -> Tensor:
+                   settings: dict[str, Any], class_token: bool = True) -> Tensor:
         """The class-token row, the M x K key similarities and the K x M transformation of the tokens."""
         patch, kept = n_in - num_prefix, n_out - num_prefix
         return cls_row_macs(attn, n_in) + patch * kept * (attn.head_dim + attn.qkv.in_features)

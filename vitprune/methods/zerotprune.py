@@ -45,7 +45,7 @@ class ZeroTPrune(Method):
         return x, replace(ctx.state, size=size)
 
     def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
-                   settings: dict[str, Any]) -> Tensor:
+                   settings: dict[str, Any], class_token: bool = True) -> Tensor:
         """One vote on all tokens, the A x B key similarities, `iters` votes among the survivors
         (the attention itself is the block's own)."""
         patch = n_in - num_prefix
