@@ -6,6 +6,14 @@ reduced tokens. The timm adapter (`vitprune.patch`) decides where they run.
 from vitprune.reducers.ats import ats_cap, ats_sample, ats_scores, ats_select
 from vitprune.reducers.common import cls_attention, gather_tokens
 from vitprune.reducers.evit import evit_keep_count, evit_reduce
+from vitprune.reducers.soft import (
+    SoftTokens,
+    masked_attention,
+    removal_weights,
+    soft_merge,
+    soft_prune,
+    straight_through,
+)
 from vitprune.reducers.tome import bipartite_matching, merge_tokens, protect_penalty, tome_reduce
 
 __all__ = [
@@ -13,4 +21,5 @@ __all__ = [
     "evit_keep_count", "evit_reduce",
     "ats_cap", "ats_scores", "ats_sample", "ats_select",
     "bipartite_matching", "merge_tokens", "protect_penalty", "tome_reduce",
+    "SoftTokens", "masked_attention", "removal_weights", "soft_merge", "soft_prune", "straight_through",
 ]
