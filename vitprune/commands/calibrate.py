@@ -87,6 +87,7 @@ class CalibrateResult:
     report: dict
     calibration_files: list[Path] = field(default_factory=list)
     holdout_files: list[Path] = field(default_factory=list)
+    frontier: list[Plan] = field(default_factory=list)  # the frontier's plans (as scored, input size named)
 
 
 def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
@@ -123,7 +124,7 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
     if request.output is not None:
         calibrate.write_calibration(request.output, reduced, base.info, report, request.force)
     return CalibrateResult(plan=written, reduced=reduced, report=report, calibration_files=images.calibration_set.files,
-                           holdout_files=images.holdout_set.files)
+                           holdout_files=images.holdout_set.files, frontier=found.frontier)
 
 
 def _searched_shapes(search: calibrate.Search, request: CalibrateRequest, rng: random.Random) -> tuple:
