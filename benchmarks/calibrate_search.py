@@ -29,7 +29,8 @@ from vitprune.plan import Plan, make_plan
 from vitprune.source import load_base
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+# the shared data beside the checkout (or beside the folder of worktrees)
+SHARED = next((p / "shared" / "data" for p in ROOT.parents if (p / "shared" / "data").exists()), ROOT.parent / "shared" / "data")
 WEIGHTS = SHARED / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.pth"
 IMAGES = SHARED / "images" / "imagenet-sample-images"
 MODEL = "vit_tiny_patch16_224"
