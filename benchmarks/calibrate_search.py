@@ -64,7 +64,9 @@ def held_out_scorer(swap: bool, args):
 def run_fold(search: str, target: float, swap: bool, args) -> dict:
     request = CalibrateRequest(model=MODEL, checkpoint=WEIGHTS, data=IMAGES, budget=Budget("ratio", target),
                                limit=args.limit, swap_split=swap, search=search, bench_repeats=1, progress=False,
-                               gradient_steps=args.gradient_steps)
+                               gradient_steps=args.gradient_steps,
+                               # the gradient search learns at the model's own size: no other size to load
+                               img_sizes=[224] if search == "gradient" else None)
     result = run_calibrate(request)
     cal = result.report["calibration"]
     print(f"  {search} target {target} fold {int(swap)}: search {cal['search_seconds']:.0f} s; chosen "
@@ -128,70 +130,66 @@ def pooled_rows(runs: dict, targets: list[float], searches: list[str], args) -> 
     folds = [held_out_scorer(swap, args) for swap in (False, True)]
     base_gmacs = folds[0][2]
     base_misses = torch.cat([misses(Plan()) for misses, _, _ in folds])
+    base_top1 = 100 - 100 * base_misses.mean().item()
     tome = {r: make_plan("tome", 12, r=r) for r in TOME_RS}
     tome_gmacs = {r: folds[0][1](plan) for r, plan in tome.items()}
-    tome_misses = {}
+    tome_misses: dict[int, torch.Tensor] = {}
 
-    def tome_at(gmacs: float) -> tuple[int, torch.Tensor, float | None]:
-        """(the cheapest ToMe r costing at least `gmacs`, its pooled misses, ToMe's interpolated top-1)."""
+    def pooled(plans: list[Plan]) -> torch.Tensor:
+        return torch.cat([fold[0](plan) for fold, plan in zip(folds, plans, strict=True)])
+
+    def tome_at(gmacs: float) -> tuple[int, float | None]:
+        """(the cheapest ToMe r costing at least `gmacs`, ToMe's top-1 interpolated to `gmacs`)."""
         above = [r for r in TOME_RS if tome_gmacs[r] >= gmacs - 1e-9]
+        below = [r for r in TOME_RS if tome_gmacs[r] < gmacs]
         r = max(above) if above else min(TOME_RS)
-        below = [s for s in TOME_RS if tome_gmacs[s] < gmacs]
         for s in {r} | ({min(below)} if below else set()):
-            tome_misses.setdefault(s, torch.cat([misses(tome[s]) for misses, _, _ in folds]))
-        interp = None
-        if below:
-            s = min(below)
-            a0, a1 = 100 - 100 * tome_misses[r].mean().item(), 100 - 100 * tome_misses[s].mean().item()
-            g0, g1 = tome_gmacs[r], tome_gmacs[s]
-            interp = a0 + (a1 - a0) * (gmacs - g0) / (g1 - g0)
-        return r, tome_misses[r], interp
+            tome_misses.setdefault(s, pooled([tome[s], tome[s]]))
+        if not below:
+            return r, None
+        s = min(below)
+        a0, a1 = 100 - 100 * tome_misses[r].mean().item(), 100 - 100 * tome_misses[s].mean().item()
+        return r, a0 + (a1 - a0) * (gmacs - tome_gmacs[r]) / (tome_gmacs[s] - tome_gmacs[r])
 
-    base_top1 = 100 - 100 * base_misses.mean().item()
+    def row(search: str, kind: str, plans: list[Plan], **extra) -> dict:
+        misses = pooled(plans)
+        gmacs = sum(fold[1](plan) for fold, plan in zip(folds, plans, strict=True)) / 2
+        r, interp = tome_at(gmacs)
+        gain, error = paired(misses, tome_misses[r])
+        top1 = 100 - 100 * misses.mean().item()
+        return {"search": search, "kind": kind, "gmacs": round(gmacs, 4), "ratio": round(gmacs / base_gmacs, 4),
+                "top1": round(top1, 2), "drop": round(base_top1 - top1, 2),
+                "tome_interp_top1": None if interp is None else round(interp, 2), "vs_tome_r": r,
+                "tome_r_gmacs": round(tome_gmacs[r], 4), "gain_vs_tome_r": round(gain, 2), "se": round(error, 2),
+                "plans": [plan.describe() for plan in plans], "misses": misses, **extra}
+
     rows = []
     for target in targets:
-        per_search = {}
         for search in searches:
-            pair = [runs[(search, target, swap)] for swap in (False, True)]
-            for kind, plans in (("chosen", [[p["chosen"]] for p in pair]),
-                                ("frontier", [p["frontier"] for p in pair])):
-                for index in range(min(len(plans[0]), len(plans[1]))):
-                    chosen = [plans[0][index], plans[1][index]]
-                    misses = torch.cat([fold[0](plan) for fold, plan in zip(folds, chosen, strict=True)])
-                    gmacs = sum(fold[1](plan) for fold, plan in zip(folds, chosen, strict=True)) / 2
-                    r, tm, interp = tome_at(gmacs)
-                    gain, error = paired(misses, tm)
-                    top1 = 100 - 100 * misses.mean().item()
-                    row = {"target": target, "search": search, "kind": kind, "gmacs": round(gmacs, 4),
-                           "ratio": round(gmacs / base_gmacs, 4), "top1": round(top1, 2),
-                           "drop": round(base_top1 - top1, 2), "tome_interp_top1": None if interp is None else
-                           round(interp, 2), "vs_tome_r": r, "tome_r_gmacs": round(tome_gmacs[r], 4),
-                           "gain_vs_tome_r": round(gain, 2), "se": round(error, 2),
-                           "plans": [plan.describe() for plan in chosen],
-                           "search_seconds": [p["search_seconds"] for p in pair]}
-                    rows.append(row)
-                    if kind == "chosen":
-                        per_search[search] = misses
-        if args.documented and target in DOCUMENTED:
-            plan = documented_plan(target)
-            misses = torch.cat([fold[0](plan) for fold in folds])
-            per_search["evolutionary (documented plans)"] = misses
-            gmacs = folds[0][1](plan)
-            r, tm, interp = tome_at(gmacs)
-            gain, error = paired(misses, tm)
-            top1 = 100 - 100 * misses.mean().item()
-            rows.append({"target": target, "search": "evolutionary (documented plans)", "kind": "chosen",
-                         "gmacs": round(gmacs, 4), "ratio": round(gmacs / base_gmacs, 4), "top1": round(top1, 2),
-                         "drop": round(base_top1 - top1, 2),
-                         "tome_interp_top1": None if interp is None else round(interp, 2), "vs_tome_r": r,
-                         "tome_r_gmacs": round(tome_gmacs[r], 4), "gain_vs_tome_r": round(gain, 2),
-                         "se": round(error, 2), "plans": [plan.describe()]})
-        names = list(per_search)
-        for i, first in enumerate(names):
-            for second in names[i + 1:]:
-                gain, error = paired(per_search[first], per_search[second])
-                rows.append({"target": target, "search": f"{first} vs {second}", "kind": "paired",
-                             "gain": round(gain, 2), "se": round(error, 2)})
+            first, second = (runs[(search, target, swap)] for swap in (False, True))
+            seconds = [first["search_seconds"], second["search_seconds"]]
+            rows.append(row(search, "chosen", [first["chosen"], second["chosen"]], target=target, seconds=seconds))
+            for plan in first["frontier"]:
+                gmacs = folds[0][1](plan)
+                partner = min(second["frontier"], key=lambda other: abs(folds[1][1](other) - gmacs))
+                rows.append(row(search, "frontier", [plan, partner], target=target))
+    if args.documented:
+        rows += [row("evolutionary (documented plans)", "chosen", [documented_plan(t)] * 2, target=t)
+                 for t in DOCUMENTED]
+    for t in DOCUMENTED:  # each search's point nearest t x the base GMACs (at most 1% above), paired
+        near = {}
+        for entry in rows:
+            if "misses" in entry and entry["ratio"] <= t + 0.01 and (
+                    entry["search"] not in near or abs(entry["ratio"] - t) < abs(near[entry["search"]]["ratio"] - t)):
+                near[entry["search"]] = entry
+        names = sorted(near)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                gain, error = paired(near[a]["misses"], near[b]["misses"])
+                rows.append({"budget": t, "kind": "paired", "a": a, "b": b, "a_ratio": near[a]["ratio"],
+                             "b_ratio": near[b]["ratio"], "a_minus_b_top1": round(gain, 2), "se": round(error, 2)})
+    for entry in rows:
+        entry.pop("misses", None)
     rows.append({"base_top1": round(base_top1, 2), "base_gmacs": round(base_gmacs, 4), "images": len(base_misses)})
     return rows
 
