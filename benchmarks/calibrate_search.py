@@ -72,19 +72,25 @@ def run_fold(search: str, target: float, swap: bool, args) -> dict:
     print(f"  {search} target {target} fold {int(swap)}: search {cal['search_seconds']:.0f} s; chosen "
           f"{result.plan.describe()}", flush=True)
     return {"chosen": replace(result.plan, notes={}), "frontier": result.frontier,
-            "search_seconds": cal["search_seconds"]}
+            "search_seconds": cal["search_seconds"],
+            "held_out": [{"plan": row["plan"], "gmacs": row["gmacs"], **row["holdout"]}
+                         for row in [cal["chosen"], *cal["frontier"], *cal["references"]]],
+            "gradient_trace": cal["gradient_trace"]}
 
 
 def save_runs(runs: dict, path: Path) -> None:
     path.write_text(json.dumps([{"key": list(key), "chosen": run["chosen"].to_dict(),
                                  "frontier": [plan.to_dict() for plan in run["frontier"]],
-                                 "search_seconds": run["search_seconds"]} for key, run in runs.items()]))
+                                 "search_seconds": run["search_seconds"], "held_out": run.get("held_out"),
+                                 "gradient_trace": run.get("gradient_trace")} for key, run in runs.items()]))
 
 
 def load_runs(path: Path) -> dict:
     return {tuple(entry["key"]): {"chosen": Plan.from_dict(entry["chosen"]),
                                   "frontier": [Plan.from_dict(plan) for plan in entry["frontier"]],
-                                  "search_seconds": entry["search_seconds"]} for entry in json.loads(path.read_text())}
+                                  "search_seconds": entry["search_seconds"], "held_out": entry.get("held_out"),
+                                  "gradient_trace": entry.get("gradient_trace")}
+            for entry in json.loads(path.read_text())}
 
 
 def paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
