@@ -10,6 +10,7 @@ are re-ranked and guarded on the rest (the validation images), which it did not 
     evaluate.py  Score, TokenCache, Evaluator, MacsCounter: plans scored with caches
     shapes.py    Shape, AtsShape, shape_plan, fit_to_budget, make_shapes, mutate, reference_plans
     search.py    protect weight, sensitivity, ranking, refinement, ladder, guard, choice
+    gradient.py  the gradient rate search: per-block counts learned on the frozen model (DiffRate-style)
     measure.py   held-out scores and latency of the frontier, the chosen plan and the references
     report.py    report.json's calibration section, report.md, pareto.png
 
@@ -30,6 +31,7 @@ from vitprune.calibrate.evaluate import (
     plan_key,
     resolve_objective,
 )
+from vitprune.calibrate.gradient import gradient_search, learn_rates, learned_shape
 from vitprune.calibrate.images import (
     MIN_VALIDATION_IMAGES,
     Evaluators,
@@ -55,6 +57,7 @@ from vitprune.calibrate.report import (
 from vitprune.calibrate.search import (
     GUARD_Z,
     PROTECT_WEIGHTS,
+    SEARCHES,
     Found,
     Search,
     best_distinct,
@@ -83,10 +86,10 @@ from vitprune.calibrate.shapes import (
 )
 
 __all__ = [
-    "AUTO_OBJECTIVE", "EMBEDDING_OBJECTIVES", "GUARD_Z", "MIN_VALIDATION_IMAGES", "OBJECTIVES", "OBJECTIVE_TEXT", "PROTECT_WEIGHTS", "AtsShape", "Evaluator",
+    "AUTO_OBJECTIVE", "EMBEDDING_OBJECTIVES", "GUARD_Z", "MIN_VALIDATION_IMAGES", "OBJECTIVES", "OBJECTIVE_TEXT", "PROTECT_WEIGHTS", "SEARCHES", "AtsShape", "Evaluator",
     "Evaluators", "Found", "Geometry", "HeldOut", "ImageSplit", "MacsCounter", "Rows", "RunInfo", "Score", "Search",
     "Setup", "Shape", "TokenCache", "ats_plan", "auto_sizes", "best_distinct", "calibration_report",
-    "calibration_section", "check_objective", "choose", "distinct", "fit_to_budget", "frontier_ladder", "guard_frontier", "ladder_shapes",
+    "calibration_section", "check_objective", "choose", "distinct", "fit_to_budget", "frontier_ladder", "gradient_search", "guard_frontier", "ladder_shapes", "learn_rates", "learned_shape",
     "load_split", "make_evaluators", "make_shapes", "measure_held_out", "measured_figures", "mutate", "pareto_mask",
     "pareto_png", "plan_key", "prepare", "protect_weight", "rank_shapes", "reference_plans", "refine",
     "render_calibration_markdown", "resolve_objective", "score_finalists", "sensitivity_probe", "shape_plan", "sized", "split_images",

@@ -46,6 +46,9 @@ LADDER_FINALISTS = 3  # per frontier budget: the best plans on the search subset
 # this many standard errors of the paired per-image difference: among dozens of plans compared, the
 # best on a few hundred images is partly the luckiest on them (the winner's curse).
 GUARD_Z = 2.0
+# How the shapes are found: sensitivity-weighted shapes refined by a (1+1) evolution, or per-block
+# counts learned by gradient on the frozen model (vitprune.calibrate.gradient).
+SEARCHES = ("evolutionary", "gradient")
 PROTECT_WEIGHTS = (0.0, 0.1, 0.2, 0.3)  # tome protect weights tried (0.1-0.3 won on both shared models)
 CONSTANT_LABEL = f"{CONSTANT_METHOD} gamma=0"  # make_shapes' label of ToMe's constant schedule
 
@@ -92,6 +95,8 @@ class Found:
     frontier: list[Plan]  # the best plan at each budget of the ladder
     chosen: Plan | None  # the plan for a GMACs budget (the others choose on the held-out timing)
     search_seconds: float
+    search: str = "evolutionary"  # SEARCHES: how the shapes were found
+    gradient_trace: list[dict] = field(default_factory=list)  # the gradient search's training, every few steps
 
 
 @dataclass

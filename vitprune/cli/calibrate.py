@@ -48,7 +48,9 @@ def calibrate(
     swap_split: Annotated[bool, typer.Option("--swap-split", help="Calibrate on the part that is otherwise held out, and hold out the rest: with --holdout 0.5, the second fold of a 2-fold cross-check.")] = False,
     img_sizes: Annotated[str | None, typer.Option("--img-sizes", help="Input sizes to search, e.g. 224,208,192 (default: the model's size and up to 3 smaller, down to 3/4).")] = None,
     search_images: Annotated[int, typer.Option("--search-images", help="Calibration images the inner search scores on; the finalists are re-ranked on the others (all, if fewer than 100 are left).")] = 128,
+    search: Annotated[str, typer.Option("--search", help="How plans are searched: evolutionary (sensitivity-weighted shapes, refined by mutation) or gradient (per-block counts learned on the frozen model).")] = "evolutionary",
     refine_steps: Annotated[int, typer.Option("--refine-steps", help="Evolutionary refinement steps at the budget.")] = 16,
+    gradient_steps: Annotated[int, typer.Option("--gradient-steps", help="Optimiser steps of the gradient search.")] = 60,
     bench_repeats: Annotated[int, typer.Option("--bench-repeats", help="Timed runs per model (median reported).")] = 5,
     checkpoint: CheckpointOpt = None,
     no_pretrained: NoPretrainedOpt = False,
@@ -76,7 +78,8 @@ def calibrate(
         img_sizes=_parse_sizes(img_sizes), limit=limit, split=split, label_field=label_field,
         image_field=image_field, holdout=holdout, seed=seed, swap_split=swap_split,
         objective=objective, head_only=not no_head_only, protect=protect, search_images=search_images,
-        refine_steps=refine_steps, bench_repeats=bench_repeats, workers=workers, dtype=dtype, output=output, force=force,
+        search=search, refine_steps=refine_steps, gradient_steps=gradient_steps, bench_repeats=bench_repeats,
+        workers=workers, dtype=dtype, output=output, force=force,
         progress=not json_out,
     )
     set_threads(threads)

@@ -48,7 +48,9 @@ class CalibrateRequest(DatasetOptions):
     head_only: bool = True  # the head-only last block, where the model pools by class token
     protect: float | None = None  # tome protect weight; None: chosen among calibrate.PROTECT_WEIGHTS
     search_images: int = 128
+    search: str = "evolutionary"  # calibrate.SEARCHES: evolutionary shapes, or counts learned by gradient
     refine_steps: int = 16
+    gradient_steps: int = 60  # the gradient search's optimiser steps
     bench_repeats: int = 5
     workers: int = 2
     dtype: str = "float32"  # autocast precision of every evaluation and timing (vitprune.runtime)
@@ -68,6 +70,10 @@ class CalibrateRequest(DatasetOptions):
         check_finite(self.holdout, "holdout", low=0, high=1, low_open=True, high_open=True, rule="a fraction in (0, 1)")
         check_whole(self.search_images, "search_images", 1)
         check_whole(self.refine_steps, "refine_steps", 0)
+        check_whole(self.gradient_steps, "gradient_steps", 1)
+        if self.search not in calibrate.SEARCHES:
+            raise VitpruneError(f"search must be one of {', '.join(calibrate.SEARCHES)}, got {self.search!r}",
+                                param="search")
         check_whole(self.bench_repeats, "bench_repeats", 1)
         check_whole(self.workers, "workers", 0)
         if self.limit is not None:
@@ -88,6 +94,7 @@ class CalibrateResult:
     report: dict
     calibration_files: list[Path] = field(default_factory=list)
     holdout_files: list[Path] = field(default_factory=list)
+    frontier: list[Plan] = field(default_factory=list)  # the frontier's plans (as scored, input size named)
 
 
 def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
@@ -115,14 +122,13 @@ def _calibrate(request: CalibrateRequest) -> CalibrateResult:
     with progress_bar(request.progress) as bar:
         search = calibrate.Search(setup, evals, objective, request.budget, bar)
         protect_trials = calibrate.protect_weight(search, request.protect)
-        sensitivity = calibrate.sensitivity_probe(search)
-        shapes = calibrate.make_shapes(sensitivity, setup.geometry, setup.block_methods, setup.sizes, setup.per_image)
-        ranked = calibrate.refine(search, calibrate.rank_shapes(search, shapes), request.refine_steps, rng)
+        sensitivity, shapes, ranked, trace = _searched_shapes(search, request, rng)
         top = calibrate.best_distinct(ranked)
         ladder = calibrate.frontier_ladder(search, *calibrate.ladder_shapes(search, top, ranked, shapes), top)
         calibrate.score_finalists(search, ladder, top)
         frontier, chosen = calibrate.guard_frontier(search, ladder, top)
-        found = calibrate.Found(protect_trials, sensitivity, frontier, chosen, time.perf_counter() - started)
+        found = calibrate.Found(protect_trials, sensitivity, frontier, chosen, time.perf_counter() - started,
+                                request.search, trace)
         held = calibrate.measure_held_out(search, frontier, chosen, request.bench_repeats)
     info = calibrate.RunInfo(data=request.data, seed=request.seed, swap_split=request.swap_split,
                              holdout=request.holdout, protect_given=request.protect is not None)
@@ -134,4 +140,16 @@ def _calibrate(request: CalibrateRequest) -> CalibrateResult:
     if request.output is not None:
         calibrate.write_calibration(request.output, reduced, base.info, report, request.force)
     return CalibrateResult(plan=written, reduced=reduced, report=report, calibration_files=images.calibration_set.files,
-                           holdout_files=images.holdout_set.files)
+                           holdout_files=images.holdout_set.files, frontier=found.frontier)
+
+
+def _searched_shapes(search: calibrate.Search, request: CalibrateRequest, rng: random.Random) -> tuple:
+    """(sensitivity, the shapes, the shapes ranked at the budget, the gradient trace), by the search asked for."""
+    if request.search == "gradient":
+        shapes, trace = calibrate.gradient_search(search, request.gradient_steps, request.seed)
+        return [], shapes, calibrate.rank_shapes(search, shapes), trace
+    setup = search.setup
+    sensitivity = calibrate.sensitivity_probe(search)
+    shapes = calibrate.make_shapes(sensitivity, setup.geometry, setup.block_methods, setup.sizes, setup.per_image)
+    return sensitivity, shapes, calibrate.refine(search, calibrate.rank_shapes(search, shapes), request.refine_steps,
+                                                 rng), []

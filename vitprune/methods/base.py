@@ -15,7 +15,7 @@ from torch import Tensor
 
 from vitprune.checks import is_finite_number
 from vitprune.errors import VitpruneError
-from vitprune.reducers import cls_attention, received_attention
+from vitprune.reducers import SoftTokens, cls_attention, received_attention
 
 REQUIRED = object()  # a parameter without a default
 
@@ -184,6 +184,16 @@ class Method:
 
     def probe(self, unit: int, tokens: int, num_prefix: int, protect: float) -> dict:
         """Settings that remove `unit` patch tokens at one block (calibrate's sensitivity probe)."""
+        raise NotImplementedError
+
+    # -- calibrate's gradient search (vitprune.reducers.soft) ----------------------------------------
+    soft_searchable: bool = False  # `soft_reduce` is defined: the gradient search can learn this method's counts
+
+    def soft_reduce(self, tokens: SoftTokens, num_prefix: int, settings: dict[str, Any] | None,
+                    soft: Tensor) -> SoftTokens:
+        """The reduction on dense tokens with masses: `settings` the hard choice (None: nothing removed),
+        `soft` (R,) the probability of each ranked token (the first to go first) being removed, whose
+        gradient the straight-through removal weights carry."""
         raise NotImplementedError
 
 

@@ -19,7 +19,7 @@ from vitprune.methods.base import (
     attention_score_name,
     attention_scores,
 )
-from vitprune.reducers import evit_keep_count, evit_reduce
+from vitprune.reducers import SoftTokens, evit_keep_count, evit_reduce, removal_weights, soft_prune
 
 MIN_SEARCH_KEEP = 0.2  # calibrate never keeps fewer than this share of a block's patch tokens
 
@@ -33,6 +33,7 @@ class EViT(Method):
     )
     stage_param = "keep"
     searchable = True
+    soft_searchable = True
 
     def describe(self, settings: dict[str, Any]) -> str:
         return f"evit keep={settings['keep']:g}" + ("" if settings["fuse"] else " no-fuse")
@@ -64,3 +65,10 @@ class EViT(Method):
 
     def probe(self, unit: int, tokens: int, num_prefix: int, protect: float) -> dict:
         return {"keep": round(1 - unit / (tokens - num_prefix), 4), "fuse": True}
+
+    def soft_reduce(self, tokens: SoftTokens, num_prefix: int, settings: dict[str, Any] | None,
+                    soft: Tensor) -> SoftTokens:
+        patch = tokens.alive - num_prefix
+        dropped = 0 if settings is None else patch - evit_keep_count(patch, settings["keep"])
+        fuse = True if settings is None else settings["fuse"]
+        return soft_prune(tokens, num_prefix, removal_weights(dropped, soft, patch), dropped, fuse)

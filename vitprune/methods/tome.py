@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from vitprune.methods.base import CLS_SCORE, BlockContext, Method, Param, TokenState, cls_row_macs
-from vitprune.reducers import cls_attention, protect_penalty, tome_reduce
+from vitprune.reducers import SoftTokens, cls_attention, protect_penalty, removal_weights, soft_merge, tome_reduce
 
 
 class ToMe(Method):
@@ -26,6 +26,7 @@ class ToMe(Method):
     stage_param = "r"
     searchable = True
     merges = True
+    soft_searchable = True
 
     def describe(self, settings: dict[str, Any]) -> str:
         return f"tome r={settings['r']}" + (f" protect={settings['protect']:g}" if settings["protect"] else "")
@@ -66,3 +67,13 @@ class ToMe(Method):
         return {"r": min(unit, (tokens - num_prefix) // 2), "protect": protect}
 
 
+
+    def soft_reduce(self, tokens: SoftTokens, num_prefix: int, settings: dict[str, Any] | None,
+                    soft: Tensor) -> SoftTokens:
+        mergeable = tokens.alive - num_prefix
+        cap = mergeable // 2
+        r = 0 if settings is None else min(settings["r"], cap)
+        penalty = None
+        if settings is not None and settings["protect"]:
+            penalty = protect_penalty(tokens.cls_attn[:, num_prefix:tokens.alive], settings["protect"])
+        return soft_merge(tokens, num_prefix, removal_weights(r, soft[:cap], mergeable - cap), r, penalty)

@@ -8,6 +8,14 @@ from vitprune.reducers.attention import received_attention
 from vitprune.reducers.common import attention_probs, cls_attention, gather_tokens, graph_capture
 from vitprune.reducers.evit import evit_keep_count, evit_reduce
 from vitprune.reducers.ppt import ppt_prunes, ppt_reduce
+from vitprune.reducers.soft import (
+    SoftTokens,
+    masked_attention,
+    removal_weights,
+    soft_merge,
+    soft_prune,
+    straight_through,
+)
 from vitprune.reducers.tome import bipartite_matching, merge_tokens, protect_penalty, tome_reduce
 from vitprune.reducers.transform import transform_matrix, transform_reduce
 from vitprune.reducers.zerotprune import weighted_pagerank, zerotprune_counts, zerotprune_reduce
@@ -20,4 +28,5 @@ __all__ = [
     "ppt_prunes", "ppt_reduce",
     "transform_matrix", "transform_reduce",
     "weighted_pagerank", "zerotprune_counts", "zerotprune_reduce",
+    "SoftTokens", "masked_attention", "removal_weights", "soft_merge", "soft_prune", "straight_through",
 ]
