@@ -33,13 +33,14 @@ def _setup(name: str, **kwargs):
 
 def _fixed_rates(setup):
     """Rates whose hard choice mixes the methods and counts block by block."""
-    rates = gradient.make_rates(setup.geometry, setup.block_methods, 3.0)
+    block_methods = gradient.soft_methods(setup.block_methods, setup.models[64])
+    rates = gradient.make_rates(setup.geometry, block_methods, 3.0)
     with torch.no_grad():
         rates.counts.fill_(-50.0)
         rates.gates.zero_()
         for layer in range(rates.blocks):
             rates.counts[layer, (3 * layer + 2) % len(rates.grid)] = 10.0
-            rates.gates[layer, layer % len(setup.block_methods)] = 5.0
+            rates.gates[layer, layer % len(block_methods)] = 5.0
     return rates
 
 
@@ -51,7 +52,7 @@ def test_hard_soft_forward_and_macs_are_the_reduced_models(name, kwargs):
     rates = _fixed_rates(setup)
     shape = gradient.learned_shape(rates, geometry)
     wants = [w for w in shape.weights if w > 0]
-    assert len(set(shape.methods) - {None}) == len(setup.block_methods) and len(set(wants)) > 1
+    assert set(shape.methods) - {None} == set(rates.methods) and len(set(wants)) > 1
     scale = max(float(rates.grid[(rates.grid - rates.counts[layer].softmax(0) @ rates.grid).abs().argmin()])
                 for layer in range(rates.blocks))
     plan = calibrate.shape_plan(shape, scale, geometry.tokens_at[64], geometry.num_prefix, geometry.head_only,
@@ -79,7 +80,7 @@ def test_straight_through_gives_gradients_to_the_rates_and_none_to_the_weights()
     assert all(rates.counts.grad[layer].abs().sum() > 0 for layer in range(rates.blocks))
     assert all(param.grad is None for param in model.parameters())
     before = [param.clone() for param in setup.models[64].parameters()]
-    gradient.learn_rates(setup.models[64], tokens0, base, None, setup.geometry, setup.block_methods, 0.02, 2.0,
+    gradient.learn_rates(setup.models[64], tokens0, base, None, setup.geometry, gradient.soft_methods(setup.block_methods, setup.models[64]), 0.02, 2.0,
                          steps=2)
     assert all(torch.equal(a, b) and b.grad is None for a, b in zip(before, setup.models[64].parameters(), strict=True))
 
@@ -92,7 +93,7 @@ def test_a_few_steps_move_the_gmacs_to_the_budget():
         base = model(images)
     target = setup.target
     learned = gradient.learn_rates(model, tokens_before(model, images, 0), base, None, geometry,
-                                   setup.block_methods, target, 0.0, steps=30)
+                                   gradient.soft_methods(setup.block_methods, model), target, 0.0, steps=30)
     first, last = learned.trace[0]["gmacs"], learned.trace[-1]["gmacs"]
     assert first > 1.1 * target and target <= last < first
 

@@ -29,7 +29,7 @@ DERIVED = {
     "calibrate": {"head_only": "no_head_only", "progress": "json_out",
                   "budget": ("target_gmacs", "target_ratio", "target_latency_ms", "max_drop", "batch")},
     "cascade": {"progress": "json_out", "budget": ("target_gmacs", "target_ratio")},
-    "show": {"fuse": "no_fuse"},
+    "show": {"fuse": "no_fuse", "features": None},
 }
 REQUESTS = {"apply": ApplyRequest, "export": ExportRequest, "finetune": FinetuneRequest,
             "calibrate": CalibrateRequest, "cascade": CascadeRequest, "show": ShowRequest}

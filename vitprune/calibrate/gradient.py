@@ -27,6 +27,8 @@ from vitprune.calibrate.search import Search
 from vitprune.calibrate.shapes import CONSTANT_METHOD, Geometry, Shape, constant_shape
 from vitprune.errors import VitpruneError
 from vitprune.flops import block_macs
+from vitprune.methods.base import CLS_SCORE
+from vitprune.models import has_class_token
 from vitprune.patch import HEAD_ONLY
 from vitprune.reducers import SoftTokens, masked_attention, straight_through
 
@@ -250,11 +252,19 @@ def start_count(model: nn.Module, geometry: Geometry, block_methods: tuple[str, 
     return high
 
 
+def soft_methods(block_methods: tuple[str, ...], model: nn.Module) -> tuple[str, ...]:
+    """The block methods the gradient search can learn on `model`: those with a soft form whose
+    ranking is their hard reducer's here (the soft forward ranks by class-token attention)."""
+    class_token = has_class_token(model)
+    return tuple(name for name in block_methods if methods.get(name).soft_searchable
+                 and methods.get(name).token_score(methods.get(name).settings({}), class_token) in (None, CLS_SCORE))
+
+
 def gradient_search(search: Search, steps: int, seed: int) -> tuple[list[Shape], list[dict]]:
     """Learn the rates on the search subset at the target; (the shapes to rank, the training trace)."""
     setup = search.setup
     geometry = setup.geometry
-    soft = tuple(name for name in setup.block_methods if methods.get(name).soft_searchable)
+    soft = soft_methods(setup.block_methods, setup.models[geometry.base_size])
     if not soft:
         raise VitpruneError("no token reduction method this model can run has a soft form for the gradient "
                             "search; use --search evolutionary", param="search")
