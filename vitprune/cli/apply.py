@@ -100,4 +100,6 @@ def apply(
         return
     console.print(report_table(result.report, f"{result.report['model']}: {result.report['plan']}"))
     if output is not None:
-        console.print(f"wrote [bold]{output}[/] (model.safetensors, vitprune.json, report.json, report.md)")
+        files = "model.safetensors, vitprune.json, report.json, report.md" + (
+            ", tokens.png" if (output / "tokens.png").exists() else "")
+        console.print(f"wrote [bold]{output}[/] ({files})")
