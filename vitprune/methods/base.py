@@ -205,6 +205,12 @@ def cls_row_macs(attn: Any, n_in: Tensor) -> Tensor:
 # The attention score of the scoring methods (EViT, ATS): the class token's attention row, or, on a
 # model without a class token (`*_gap_*`, attention pooling), the mean attention each token receives
 # from all queries (LTMP's and Zero-TPrune's importance).
+def stage_layers(depth: int) -> list[int]:
+    """The 4th, 7th and 10th of 12 blocks (the stage blocks of EViT and the methods that follow its
+    setting), scaled to the depth."""
+    return sorted({round(depth * i / 4) for i in (1, 2, 3)})
+
+
 CLS_SCORE = "class-token attention"
 RECEIVED_SCORE = "mean attention received (no class token)"
 

@@ -18,6 +18,7 @@ from vitprune.methods.base import (
     attention_score_macs,
     attention_score_name,
     attention_scores,
+    stage_layers,
 )
 from vitprune.reducers import SoftTokens, evit_keep_count, evit_reduce, removal_weights, soft_prune
 
@@ -40,7 +41,7 @@ class EViT(Method):
 
     def default_layers(self, depth: int) -> list[int]:
         """The 4th, 7th and 10th of 12 blocks, scaled to the depth."""
-        return sorted({round(depth * i / 4) for i in (1, 2, 3)})
+        return stage_layers(depth)
 
     def token_score(self, settings: dict[str, Any], class_token: bool) -> str | None:
         return attention_score_name(class_token)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vitprune.methods.base import BlockContext, Method, Param, TokenState, cls_row_macs
+from vitprune.methods.base import BlockContext, Method, Param, TokenState, cls_row_macs, stage_layers
 from vitprune.reducers import ats_scores, cls_attention, ppt_reduce
 
 
@@ -31,7 +31,7 @@ class PPT(Method):
 
     def default_layers(self, depth: int) -> list[int]:
         """The 4th, 7th and 10th of 12 blocks (the official DeiT setting), scaled to the depth."""
-        return sorted({round(depth * i / 4) for i in (1, 2, 3)})
+        return stage_layers(depth)
 
     def needs_class_token(self, settings: dict[str, Any]) -> bool:
         return True

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
-from vitprune.methods.base import BlockContext, Method, Param, TokenState, cls_row_macs
+from vitprune.methods.base import BlockContext, Method, Param, TokenState, cls_row_macs, stage_layers
 from vitprune.reducers import cls_attention, evit_keep_count, transform_reduce
 
 
@@ -32,7 +32,7 @@ class TokenTransforming(Method):
 
     def default_layers(self, depth: int) -> list[int]:
         """The 4th, 7th and 10th of 12 blocks, scaled to the depth."""
-        return sorted({round(depth * i / 4) for i in (1, 2, 3)})
+        return stage_layers(depth)
 
     def needs_class_token(self, settings: dict[str, Any]) -> bool:
         return True

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from vitprune.errors import VitpruneError
-from vitprune.methods.base import BlockContext, Method, Param, TokenState
+from vitprune.methods.base import BlockContext, Method, Param, TokenState, stage_layers
 from vitprune.reducers import zerotprune_counts, zerotprune_reduce
 
 
@@ -34,7 +34,7 @@ class ZeroTPrune(Method):
 
     def default_layers(self, depth: int) -> list[int]:
         """The 4th, 7th and 10th of 12 blocks (the stage blocks of EViT and ATS), scaled to the depth."""
-        return sorted({round(depth * i / 4) for i in (1, 2, 3)})
+        return stage_layers(depth)
 
     def reduce(self, x: Tensor, ctx: BlockContext, settings: dict[str, Any]) -> tuple[Tensor, TokenState]:
         if ctx.attn is None:
