@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,7 +69,9 @@ def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     tmp: Path | None = None
     try:
         path.resolve().parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent))
+        # named before it is made: a signal landing right after the mkdir still finds it to remove
+        tmp = _temporary_name(path)
+        tmp.mkdir(mode=0o700)
         yield tmp
         _fix_modes(tmp)
         _replace_dir(tmp, path)
@@ -91,9 +93,8 @@ def atomic_output_file(path: str | Path, force: bool = True) -> Iterator[Path]:
     parent = writable_parent(path)
     tmp: Path | None = None
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-        os.close(fd)
-        tmp = Path(name)
+        tmp = _temporary_name(parent / path.name)
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         yield tmp
         tmp.chmod(output_mode(directory=False))
         os.replace(tmp, path)
@@ -102,6 +103,11 @@ def atomic_output_file(path: str | Path, force: bool = True) -> Iterator[Path]:
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+def _temporary_name(path: Path) -> Path:
+    """A fresh hidden name beside `path` (48 random bits; making it is exclusive, so a clash is an error)."""
+    return path.resolve().parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:
