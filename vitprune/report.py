@@ -201,8 +201,8 @@ def token_scores(model: nn.Module) -> list[dict]:
     if plan is None:
         return []
     class_token = has_class_token(model)
-    return [{"layer": red.layer, "method": red.method, "score": red.spec.token_score(red.settings, class_token)}
-            for red in plan.reductions if red.spec.token_score(red.settings, class_token) is not None]
+    scored = [(red, red.spec.token_score(red.settings, class_token)) for red in plan.reductions]
+    return [{"layer": red.layer, "method": red.method, "score": score} for red, score in scored if score is not None]
 
 
 def _predict(model: nn.Module, images: Tensor, evidence: Evidence, description: str) -> Tensor:

@@ -12,7 +12,7 @@ from vitprune.artifact import identity_info, load_artifact, read_metadata
 from vitprune.data import ImageSet, check_labels, load_images, transform_for
 from vitprune.errors import VitpruneError
 from vitprune.hf import is_transformers_folder, load_transformers
-from vitprune.models import create_model
+from vitprune.models import create_model, use_pre_logits
 from vitprune.patch import model_img_size, plan_of, remove_plan
 from vitprune.plan import Plan
 from vitprune.timm_datasets import Batch, DatasetOptions, dataset_kind, find_image_set, stream_batches
@@ -33,8 +33,16 @@ def is_artifact(source: str | Path) -> bool:
 
 
 def load_base(source: str, checkpoint: Path | None = None, no_pretrained: bool = False,
-              img_size: int | None = None) -> BaseModel:
-    """A model name (with a checkpoint, or random weights) or an artifact (its base weights + plan)."""
+              img_size: int | None = None, features: bool = False) -> BaseModel:
+    """A model name (with a checkpoint, or random weights) or an artifact (its base weights + plan);
+    with `features`, its output is the pre-logits embedding (`use_pre_logits`)."""
+    base = _load_base(source, checkpoint, no_pretrained, img_size)
+    if features:
+        use_pre_logits(base.model)
+    return base
+
+
+def _load_base(source: str, checkpoint: Path | None, no_pretrained: bool, img_size: int | None) -> BaseModel:
     if checkpoint is not None and no_pretrained:
         raise VitpruneError("checkpoint and no_pretrained contradict each other", param="checkpoint")
     if is_artifact(source):

@@ -17,7 +17,6 @@ from vitprune.checks import check_finite, check_whole
 from vitprune.data import check_labels
 from vitprune.errors import VitpruneError
 from vitprune.io import check_output_dir
-from vitprune.models import use_pre_logits
 from vitprune.patch import apply_plan
 from vitprune.plan import Plan
 from vitprune.progress import progress_bar
@@ -105,9 +104,7 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
 
 
 def _calibrate(request: CalibrateRequest) -> CalibrateResult:
-    base = load_base(request.model, request.checkpoint, request.no_pretrained, request.img_size)
-    if request.features:
-        use_pre_logits(base.model)
+    base = load_base(request.model, request.checkpoint, request.no_pretrained, request.img_size, request.features)
     started = time.perf_counter()
     setup = calibrate.prepare(base.model.eval(), request.img_sizes, request.head_only, request.budget)
     objective = calibrate.resolve_objective(request.objective, setup.embedding)

@@ -11,7 +11,6 @@ from torch import nn
 from vitprune import methods
 from vitprune.checks import check_whole
 from vitprune.errors import VitpruneError
-from vitprune.models import use_pre_logits
 from vitprune.patch import apply_plan
 from vitprune.plan import Plan, make_plan, read_plan_file
 from vitprune.source import BaseModel, load_base
@@ -84,8 +83,6 @@ def resolve_plan(spec: ReducedModelSpec, base: BaseModel) -> Plan:
 def build_reduced(spec: ReducedModelSpec) -> tuple[BaseModel, Plan, nn.Module]:
     """The base model, the plan the spec asks for, and a reduced copy of the base."""
     spec.check_reduction()
-    base = load_base(spec.model, spec.checkpoint, spec.no_pretrained, spec.img_size)
-    if spec.features:
-        use_pre_logits(base.model)
+    base = load_base(spec.model, spec.checkpoint, spec.no_pretrained, spec.img_size, spec.features)
     plan = resolve_plan(spec, base)
     return base, plan, apply_plan(copy.deepcopy(base.model), plan)
