@@ -40,26 +40,30 @@ def _parse_stage(part: str, *, depth: int, base_size: int, patch_size: int) -> P
         plan = Plan(reductions=plan.reductions, img_size=plan.img_size, head_only=plan.head_only,
                     notes={"source": part[1:]})
     else:
-        size, colon, rest = part.partition(":")
-        size_given = size.strip().isdigit()
-        spec = rest if size_given and colon else part
-        if size.strip().isdigit() and not colon:  # '160': a size alone
-            spec = f"{size.strip()}px"
-        elif size_given:
-            spec = f"{rest.strip() or 'none'}+{size.strip()}px"
+        size, colon, rest = (text.strip() for text in part.partition(":"))
+        if size[:1].isdigit() or size.startswith("-"):  # a leading SIZE, alone or before the plan
+            if not size.isdigit():
+                raise VitpruneError(f"stage '{part}': '{size}' is not a whole input size in pixels; {STAGES_HELP}",
+                                    param="stages")
+            _check_size(part, int(size), patch_size)
+        spec = f"{rest or 'none'}+{size}px" if size.isdigit() else part
         try:
             plan = make_plan(spec, depth)
         except VitpruneError as error:
             raise VitpruneError(f"stage '{part}': {error}", param="stages") from None
     size = plan.img_size or base_size
-    if size < patch_size or size % patch_size:
-        raise VitpruneError(f"stage '{part}': input size {size} must be a positive multiple of the patch size "
-                            f"{patch_size}", param="stages")
+    _check_size(part, size, patch_size)
     try:
         plan.validate(depth)
     except VitpruneError as error:
         raise VitpruneError(f"stage '{part}': {error}", param="stages") from None
     return Plan(reductions=plan.reductions, img_size=size, head_only=plan.head_only, notes=plan.notes)
+
+
+def _check_size(part: str, size: int, patch_size: int) -> None:
+    if size < patch_size or size % patch_size:
+        raise VitpruneError(f"stage '{part}': input size {size} must be a positive multiple of the patch size "
+                            f"{patch_size}", param="stages")
 
 
 def describe_stage(plan: Plan) -> str:
