@@ -45,7 +45,7 @@ def test_prefix_tokens_are_never_reduced(family):
     model = build_family(family)
     prefix = model.num_prefix_tokens
     x = images_for(model, batch=2)
-    for method, kwargs in [("evit", {"keep": 0.3}), ("tome", {"r": 30}), ("ats", {"keep": 0.2})]:
+    for method, kwargs in [("evit", {"keep": 0.3}), ("tome", {"r": model.patch_embed.num_patches}), ("ats", {"keep": 0.2})]:
         vitprune.apply(model, method=method, **kwargs)
         with torch.inference_mode(), record_tokens(model) as trace:
             model(x)
