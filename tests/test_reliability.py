@@ -107,7 +107,7 @@ def test_infinite_settings_are_refused_in_the_api():
     (lambda meta: {**meta, "model": {**meta["model"], "img_size": "big"}}, "model.img_size must be a whole number"),
     (lambda meta: {**meta, "plan": {**meta["plan"], "img_size": "big"}}, "img_size must be a positive whole number"),
     (lambda meta: {**meta, "plan": {**meta["plan"], "reductions": [{"layer": 1, "method": "tome", "r": "abc"}]}},
-     "reductions[0]: tome r must be a whole number"),
+     "reductions[0]: tome r must be a whole number in [0, 1000000]"),
     (lambda meta: {**meta, "plan": {**meta["plan"], "reductions": [{"layer": "x", "method": "tome", "r": 2}]}},
      "reductions[0].layer must be a whole number"),
     (lambda meta: {**meta, "plan": {**meta["plan"], "reductions": {"a": 1}}}, "reductions must be a list"),
