@@ -111,3 +111,37 @@ def test_the_cascade_cli_runs_a_registered_method(keepfirst, tmp_path, capsys):
                 "--json"])
     assert code == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out)["stages"][0]["plan"] == "keepfirst:share=0.5@6+64px"
+
+
+EVERY_PARAMETER = {  # each registered method with every parameter set away from its default
+    "evit": "evit:keep=0.6,fuse=false@2,5",
+    "ats": "ats:keep=0.5@3-11",
+    "tome": "tome:r=3,protect=0.2@0-10",
+    "zerotprune": "zerotprune:keep=0.6,similar=0.25,iters=5@3,6,9",
+    "ppt": "ppt:r=4,threshold=0.0001@3,6,9",
+    "transform": "transform:keep=0.5,neighbours=3,temperature=0.05@4,8",
+}
+
+
+def test_every_registered_method_is_in_the_round_trip():
+    assert set(EVERY_PARAMETER) == set(methods.names())
+
+
+@pytest.mark.parametrize("text", [*EVERY_PARAMETER.values(), "tome:r=2@0-5+evit:keep=0.7@6,9+head-only+80px"])
+def test_a_plan_line_reads_back_as_the_same_plan(text):
+    plan = make_plan(text, 12)
+    assert plan.describe() == text and make_plan(plan.describe(), 12) == plan and hash(plan) == hash(make_plan(text, 12))
+    assert Plan.from_dict(plan.to_dict()) == plan
+
+
+def test_a_report_plan_line_pastes_back_as_method_with_the_same_gmacs(capsys):
+    args = ["apply", "vit_tiny", "--no-pretrained", "--img-size", "96", "--json"]
+    assert run([*args, "--method", "tome", "--r", "2", "--protect", "0.1", "--layers", "0-6"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["plan"] == "tome:r=2,protect=0.1@0-6+96px"
+    assert run([*args, "--method", first["plan"] + "+evit:keep=0.7@8,10"]) == 0
+    mixed = json.loads(capsys.readouterr().out)
+    assert run([*args, "--method", mixed["plan"]]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["plan"] == mixed["plan"] == "tome:r=2,protect=0.1@0-6+evit:keep=0.7@8,10+96px"
+    assert again["gmacs"] == mixed["gmacs"] < first["gmacs"]

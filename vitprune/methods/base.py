@@ -177,6 +177,11 @@ class Method:
         (the report names it); None: it scores no tokens by attention."""
         return None
 
+    def static_width(self, settings: dict[str, Any], num_input_tokens: int) -> int:
+        """`varies_per_image` methods: the most tokens a block can keep, the width the static-shape
+        (ONNX) form pads every image to."""
+        raise NotImplementedError(f"{self.name} keeps the same count for every image: nothing to pad")
+
     # -- the block hooks (see vitprune.patch) ------------------------------------------------------
     def select(self, ctx: BlockContext, settings: dict[str, Any]) -> tuple[Tensor, TokenState] | None:
         """Before attention (`selects_queries`): (kept token indices (B, K), their state)."""
