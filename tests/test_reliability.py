@@ -124,7 +124,7 @@ def test_malformed_artifacts_name_the_file_and_the_field(artifact, edit, field, 
 def test_a_malformed_plan_file_is_one_line(tmp_path, capsys):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"reductions": [{"layer": 3, "method": "evit", "keep": "abc"}]}))
-    assert_one_line_exit_2(apply_args("--plan", str(plan)), "reductions[0]: evit keep must be in (0, 1]", capsys)
+    assert_one_line_exit_2(apply_args("--plan", str(plan)), "reductions[0]: evit keep must be a number in (0, 1]", capsys)
 
 
 # 4. integrity of our own artifacts
@@ -242,7 +242,7 @@ def test_one_input_size_rule(capsys):
 def test_json_errors_go_to_stdout_too(capsys):
     assert run(apply_args("--method", "evit", "--keep", "1.5", "--json")) == 2
     captured = capsys.readouterr()
-    assert json.loads(captured.out) == {"error": "evit --keep must be in (0, 1], got 1.5"}
+    assert json.loads(captured.out) == {"error": "evit --keep must be a number in (0, 1], got 1.5"}
 
 
 def test_no_arguments_prints_the_help_without_a_bare_error(capsys):
