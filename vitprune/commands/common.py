@@ -36,10 +36,11 @@ class ReducedModelSpec:
     features: bool = False  # the classifier's pre-logits embedding (head removed): an embedding model
 
     def settings(self) -> dict:
-        """The shorthand settings given: the fields named as some method's parameter (the method's
-        defaults fill the rest)."""
+        """The shorthand settings given: this class's fields named as some method's parameter (not a
+        command's own option that shares a name, e.g. finetune's distillation temperature); the
+        method's defaults fill the rest."""
         declared = {param.name for name in methods.names() for param in methods.get(name).params}
-        return {field.name: getattr(self, field.name) for field in fields(self)
+        return {field.name: getattr(self, field.name) for field in fields(ReducedModelSpec)
                 if field.name in declared and getattr(self, field.name) is not None}
 
     def check_reduction(self) -> None:
