@@ -62,7 +62,7 @@ def _midpoint_threshold(values: torch.Tensor, quantile: float) -> float:
 # ---------------------------------------------------------------- grammar
 
 def test_parse_sizes_only() -> None:
-    plans = parse_stages("112, 160,224", depth=12, base_size=224)
+    plans = parse_stages("112, 160px,224", depth=12, base_size=224)
     assert [p.img_size for p in plans] == [112, 160, 224]
     assert all(not p.reductions for p in plans)
 

@@ -41,12 +41,13 @@ def _parse_stage(part: str, *, depth: int, base_size: int, patch_size: int) -> P
                     notes={"source": part[1:]})
     else:
         size, colon, rest = (text.strip() for text in part.partition(":"))
-        if size[:1].isdigit() or size.startswith("-"):  # a leading SIZE, alone or before the plan
+        leading = (size[:1].isdigit() or size.startswith("-")) and "+" not in size and not size.endswith("px")
+        if leading:  # a leading SIZE, alone or before the plan
             if not size.isdigit():
                 raise VitpruneError(f"stage '{part}': '{size}' is not a whole input size in pixels; {STAGES_HELP}",
                                     param="stages")
             _check_size(part, int(size), patch_size)
-        spec = f"{rest or 'none'}+{size}px" if size.isdigit() else part
+        spec = f"{rest or 'none'}+{size}px" if leading else part
         try:
             plan = make_plan(spec, depth)
         except VitpruneError as error:
