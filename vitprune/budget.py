@@ -48,12 +48,14 @@ class Budget:
                  if value is not None}
         names = " or ".join(_PARAM[kind] for kind in allowed)
         if not given:
-            raise VitpruneError(f"give a budget: {names}")
+            raise VitpruneError(f"give a budget: {names}", param=tuple(_PARAM[kind] for kind in allowed))
         if len(given) > 1:
-            raise VitpruneError(f"give one budget, not several (got {' and '.join(_PARAM[k] for k in given)})")
+            raise VitpruneError(f"give one budget, not several (got {' and '.join(_PARAM[k] for k in given)})",
+                                param=tuple(_PARAM[k] for k in given))
         kind, value = next(iter(given.items()))
         if kind not in allowed:
-            raise VitpruneError(f"{_PARAM[kind]} is not a budget here; give {names}")
+            raise VitpruneError(f"{_PARAM[kind]} is not a budget here; give {names}",
+                                param=(_PARAM[kind], *(_PARAM[k] for k in allowed if k != kind)))
         return cls(kind, float(value), batch=batch)
 
     @property

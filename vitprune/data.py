@@ -202,7 +202,7 @@ def transform_for(model: nn.Module, img_size: int | None = None) -> Callable[[Im
     config = data_config_for(model)
     if img_size is not None:
         if not is_whole(img_size, 1):
-            raise VitpruneError(f"img_size must be a positive integer, got {img_size!r}")
+            raise VitpruneError(f"img_size must be a positive integer, got {img_size!r}", param="img_size")
         config["input_size"] = (config["input_size"][0], img_size, img_size)
     return timm.data.create_transform(**config, is_training=False)
 

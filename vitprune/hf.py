@@ -65,7 +65,10 @@ def load_transformers(folder: str | Path, img_size: int | None = None) -> tuple[
     """The timm model equal to the transformers model in `folder`, and its create_model info."""
     folder = Path(folder)
     config = _read_config(folder)
-    architecture = (config.get("architectures") or ["?"])[0]
+    if not config.get("architectures"):
+        raise VitpruneError(f"{folder}/config.json names no architecture (its 'architectures' list); vitprune "
+                            f"converts {', '.join(FAMILIES)}", param="model")
+    architecture = config["architectures"][0]
     family = FAMILIES.get(architecture)
     if family is None:
         raise VitpruneError(f"{folder}: a transformers {architecture} is not supported; vitprune converts "

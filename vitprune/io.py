@@ -25,7 +25,7 @@ def check_output_dir(path: str | Path, force: bool) -> Path:
     if path.exists() and not path.is_dir():
         raise VitpruneError(f"output {path} exists and is not a folder", param="output")
     if path.exists() and not force:
-        raise VitpruneError(f"output folder {path} already exists; pass force to replace it", param="force")
+        raise VitpruneError(f"output folder {path} already exists; pass force to replace it", param=("output", "force"))
     resolved = path.resolve()
     if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents or resolved == resolved.parent:
         raise VitpruneError(f"output {path} is the current folder or holds it; give a new folder", param="output")
@@ -89,7 +89,7 @@ def atomic_output_file(path: str | Path, force: bool = True) -> Iterator[Path]:
     """Yield a temporary file path beside `path`; on success it replaces `path`."""
     path = Path(path)
     if path.exists() and not force:
-        raise VitpruneError(f"output file {path} already exists; pass force to replace it", param="force")
+        raise VitpruneError(f"output file {path} already exists; pass force to replace it", param=("output", "force"))
     parent = writable_parent(path)
     tmp: Path | None = None
     try:

@@ -172,7 +172,7 @@ class Plan:
                 "a reduction there has nothing to reduce"
             )
         if self.img_size is not None and not is_whole(self.img_size, 1):
-            raise VitpruneError(f"img_size must be a positive whole number, got {self.img_size!r}")
+            raise VitpruneError(f"img_size must be a positive whole number, got {self.img_size!r}", param="img_size")
 
     def params(self) -> dict:
         """The plan in the compact form reports show: layers and the settings shown (`Method.shown`)."""

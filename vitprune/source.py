@@ -44,7 +44,7 @@ def load_base(source: str, checkpoint: Path | None = None, no_pretrained: bool =
 
 def _load_base(source: str, checkpoint: Path | None, no_pretrained: bool, img_size: int | None) -> BaseModel:
     if checkpoint is not None and no_pretrained:
-        raise VitpruneError("checkpoint and no_pretrained contradict each other", param="checkpoint")
+        raise VitpruneError("checkpoint and no_pretrained contradict each other", param=("checkpoint", "no_pretrained"))
     if is_artifact(source):
         if checkpoint is not None:
             raise VitpruneError("checkpoint applies to model names only: an artifact carries its own weights",

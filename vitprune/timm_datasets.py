@@ -189,7 +189,7 @@ def _checked(data: str, batches: Iterable[Batch | str]) -> Iterator[Batch]:
         raise VitpruneError(f"cannot read {data}: {_reason(error)}", param="data") from None
     if count == 0:
         raise VitpruneError(f"no images read from {data} (timm's WebDataset reader skips samples without an image "
-                            "or without a label: a .cls file, or the label_field of the .json)", param="data")
+                            "or without a label: a .cls file, or the label_field of the .json)", param=("data", "label_field"))
 
 
 def _create(data: str, options: DatasetOptions) -> Any:
@@ -269,7 +269,7 @@ def _held_images(data: str, options: DatasetOptions, limit: int | None) -> Image
         raise VitpruneError(f"cannot read {data}: {_reason(error)}", param="data") from None
     if not files:
         raise VitpruneError(f"no images read from {data} (timm's WebDataset reader skips samples without an image "
-                            "or without a label: a .cls file, or the label_field of the .json)", param="data")
+                            "or without a label: a .cls file, or the label_field of the .json)", param=("data", "label_field"))
     return ImageSet(files, labels, WDS)
 
 

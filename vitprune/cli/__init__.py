@@ -63,7 +63,7 @@ def _dispatch(argv: list[str]) -> int:
         result = command.main(args=argv, prog_name="vitprune", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except VitpruneError as error:
-        return _fail(_with_flag(str(error), error.param, argv), EXIT_BAD_INPUT, argv)
+        return _fail(_with_flag(str(error), error.params, argv), EXIT_BAD_INPUT, argv)
     except (click.exceptions.Exit, typer.Exit) as done:
         return done.exit_code
     except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
@@ -99,16 +99,15 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {text}", file=sys.stderr)
 
 
-def _with_flag(message: str, param: str | None, argv: list[str]) -> str:
+def _with_flag(message: str, params: tuple[str, ...], argv: list[str]) -> str:
     """The library names its parameters (`keep must be ...`); say the command's flags (`--keep`):
-    the parameter the error is about, and any other option name with an underscore (never an
-    ordinary word, e.g. no_pretrained)."""
-    if param is None:  # not about a parameter (a file's field, a model): nothing to translate
-        return message
+    the first whole-word occurrence of each parameter the error names (`VitpruneError.params`), and
+    nothing else: no other word of the message, which may quote a file name or another library, is
+    rewritten. A parameter this command has no option for keeps its name."""
     flags = _flags(argv)
-    names = [name for name in flags if name == param or "_" in name]
-    for name in sorted(names, key=len, reverse=True):
-        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flags[name], message, count=1)
+    for name in params:
+        if name in flags:
+            message = re.sub(rf"(?<![\w/.'\"-]){re.escape(name)}(?![\w/'\"-])", flags[name], message, count=1)
     return message
 
 

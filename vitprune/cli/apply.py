@@ -1,13 +1,13 @@
 """`vitprune apply`: reduce a model, measure it against the unreduced one, write the artifact."""
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
-
 from vitprune.cli.app import app
 from vitprune.cli.common import (
+    REDUCTION_RULES,
     BatchSizeOpt,
+    BenchBatchOpt,
+    BenchOpt,
+    BenchRepeatsOpt,
     CheckpointOpt,
     CompileModeOpt,
     CompileOpt,
@@ -38,10 +38,11 @@ from vitprune.cli.common import (
     console,
     emit_json,
     parse_batches,
-    parse_layers,
+    progress_rule,
     report_table,
     set_threads,
 )
+from vitprune.cli.options import make_request
 
 
 @app.command()
@@ -66,9 +67,9 @@ def apply(
     limit: LimitOpt = None,
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = 2,
-    bench: Annotated[bool, typer.Option("--bench", help="Measure latency, base and reduced side by side.")] = False,
-    bench_batch: Annotated[str, typer.Option("--bench-batch", help="Batch sizes to time.")] = "1,32",
-    bench_repeats: Annotated[int, typer.Option("--bench-repeats", help="Timed runs per batch size (median reported).")] = 10,
+    bench: BenchOpt = False,
+    bench_batch: BenchBatchOpt = "1,32",
+    bench_repeats: BenchRepeatsOpt = 10,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -84,15 +85,9 @@ def apply(
         run_apply,
     )
 
-    request = ApplyRequest(
-        model=model, method=method, keep=keep, r=r, protect=protect, layers=parse_layers(layers),
-        fuse=False if no_fuse else None, head_only=head_only, plan_file=plan_file, checkpoint=checkpoint,
-        no_pretrained=no_pretrained, img_size=img_size, features=features, data=data, split=split,
-        label_field=label_field, image_field=image_field, limit=limit, batch_size=batch_size,
-        workers=workers, bench_batches=parse_batches(bench_batch) if bench else (), bench_repeats=bench_repeats,
-        device=device, dtype=dtype, compile=compile, compile_mode=compile_mode, output=output, force=force,
-        progress=not json_out,
-    )
+    request = make_request(ApplyRequest, locals(), derive={
+        **REDUCTION_RULES, "progress": progress_rule,
+        "bench_batches": lambda values: parse_batches(values["bench_batch"]) if values["bench"] else ()})
     set_threads(threads)
     result = run_apply(request)
     if json_out:

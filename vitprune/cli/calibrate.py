@@ -7,7 +7,11 @@ import typer
 
 from vitprune.cli.app import app
 from vitprune.cli.common import (
+    DATA_PANEL,
+    RUN_PANEL,
+    BenchRepeatsOpt,
     CheckpointOpt,
+    ConfigOpt,
     DtypeOpt,
     FeaturesOpt,
     ForceOpt,
@@ -25,33 +29,38 @@ from vitprune.cli.common import (
     console,
     emit_json,
     parse_numbers,
+    progress_rule,
     report_table,
     set_threads,
 )
+from vitprune.cli.options import Alias, make_request
 from vitprune.errors import VitpruneError
+
+BUDGET_PANEL, SEARCH_PANEL = "Budget", "Search"
+BUDGET_OPTIONS = ("target_gmacs", "target_ratio", "target_latency_ms", "max_drop", "batch")
 
 
 @app.command()
 def calibrate(
     model: ModelArg,
-    data: Annotated[str, typer.Option("--data", "-d", help="Images to calibrate on (part is held out): ImageFolder, a folder with labels.csv, plain images, or a dataset timm reads (hfds/..., wds/..., .tar; held in memory: bound it with --limit).")],
-    target_gmacs: Annotated[float | None, typer.Option("--target-gmacs", help="Budget: at most this many GMACs per image.")] = None,
-    target_ratio: Annotated[float | None, typer.Option("--target-ratio", help="Budget: at most this fraction of the base GMACs, in (0, 1].")] = None,
-    target_latency_ms: Annotated[float | None, typer.Option("--target-latency-ms", help="Budget: at most this many ms per image at --batch, measured here.")] = None,
-    max_drop: Annotated[float | None, typer.Option("--max-drop", help="Budget: the cheapest plan within this many top-1 points (agreement points when unlabelled).")] = None,
-    batch: Annotated[int, typer.Option("--batch", help="Batch size the latency is measured at.")] = 32,
-    objective: Annotated[str, typer.Option("--objective", help="Search objective on the calibration images: kl, agreement or top1 (a classifier); cosine or retrieval (an embedding model); auto: kl or cosine.")] = "auto",
-    no_head_only: Annotated[bool, typer.Option("--no-head-only", help="Keep every token in the last block (by default plans compute only the class token there, exact with class-token pooling).")] = False,
-    holdout: Annotated[float, typer.Option("--holdout", help="Fraction of the images held out to report the figures on.")] = 0.5,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the split and of the search.")] = 0,
-    protect: Annotated[float | None, typer.Option("--protect", help="Fix ToMe's protect weight (the class token's attention against merging a token; 0: plain ToMe). Default: the best of 0, 0.1, 0.2, 0.3 on the validation images (calibration images outside the search subset).")] = None,
-    swap_split: Annotated[bool, typer.Option("--swap-split", help="Calibrate on the part that is otherwise held out, and hold out the rest: with --holdout 0.5, the second fold of a 2-fold cross-check.")] = False,
-    img_sizes: Annotated[str | None, typer.Option("--img-sizes", help="Input sizes to search, e.g. 224,208,192 (default: the model's size and up to 3 smaller, down to 3/4).")] = None,
-    search_images: Annotated[int, typer.Option("--search-images", help="Calibration images the inner search scores on; the finalists are re-ranked on the others (all, if fewer than 100 are left).")] = 128,
-    search: Annotated[str, typer.Option("--search", help="How plans are searched: evolutionary (sensitivity-weighted shapes, refined by mutation) or gradient (per-block counts learned on the frozen model).")] = "evolutionary",
-    refine_steps: Annotated[int, typer.Option("--refine-steps", help="Evolutionary refinement steps at the budget.")] = 16,
-    gradient_steps: Annotated[int, typer.Option("--gradient-steps", help="Optimiser steps of the gradient search.")] = 60,
-    bench_repeats: Annotated[int, typer.Option("--bench-repeats", help="Timed runs per model (median reported).")] = 5,
+    data: Annotated[str | None, typer.Option("--data", "-d", rich_help_panel=DATA_PANEL, help="Images to calibrate on (part is held out): ImageFolder, a folder with labels.csv, plain images, or a dataset timm reads (hfds/..., wds/..., .tar; held in memory: bound it with --limit).")] = None,
+    target_gmacs: Annotated[float | None, typer.Option("--target-gmacs", rich_help_panel=BUDGET_PANEL, help="Budget: at most this many GMACs per image.")] = None,
+    target_ratio: Annotated[float | None, typer.Option("--target-ratio", rich_help_panel=BUDGET_PANEL, help="Budget: at most this fraction of the base GMACs, in (0, 1].")] = None,
+    target_latency_ms: Annotated[float | None, typer.Option("--target-latency-ms", rich_help_panel=BUDGET_PANEL, help="Budget: at most this many ms per image at --batch, measured here.")] = None,
+    max_drop: Annotated[float | None, typer.Option("--max-drop", rich_help_panel=BUDGET_PANEL, help="Budget: the cheapest plan within this many top-1 points (agreement points when unlabelled).")] = None,
+    batch: Annotated[int, typer.Option("--bench-batch", help="Batch size the latency is measured at.", rich_help_panel=RUN_PANEL)] = 32,
+    objective: Annotated[str, typer.Option("--objective", rich_help_panel=SEARCH_PANEL, help="Search objective on the calibration images: kl, agreement or top1 (a classifier); cosine or retrieval (an embedding model); auto: kl or cosine.")] = "auto",
+    head_only: Annotated[bool, typer.Option("--head-only/--no-head-only", rich_help_panel=SEARCH_PANEL, help="Plans compute only the class token in the last block (exact with class-token pooling); --no-head-only keeps every token there.")] = True,
+    holdout: Annotated[float, typer.Option("--holdout", rich_help_panel=SEARCH_PANEL, help="Fraction of the images held out to report the figures on.")] = 0.5,
+    seed: Annotated[int, typer.Option("--seed", rich_help_panel=SEARCH_PANEL, help="Seed of the split and of the search.")] = 0,
+    protect: Annotated[float | None, typer.Option("--protect", rich_help_panel=SEARCH_PANEL, help="Fix ToMe's protect weight (the class token's attention against merging a token; 0: plain ToMe). Default: the best of 0, 0.1, 0.2, 0.3 on the validation images (calibration images outside the search subset).")] = None,
+    swap_split: Annotated[bool, typer.Option("--swap-split", rich_help_panel=SEARCH_PANEL, help="Calibrate on the part that is otherwise held out, and hold out the rest: with --holdout 0.5, the second fold of a 2-fold cross-check.")] = False,
+    img_sizes: Annotated[str | None, typer.Option("--img-sizes", rich_help_panel=SEARCH_PANEL, help="Input sizes to search, e.g. 224,208,192 (default: the model's size and up to 3 smaller, down to 3/4).")] = None,
+    search_images: Annotated[int, typer.Option("--search-images", rich_help_panel=SEARCH_PANEL, help="Calibration images the inner search scores on; the finalists are re-ranked on the others (all, if fewer than 100 are left).")] = 128,
+    search: Annotated[str, typer.Option("--search", rich_help_panel=SEARCH_PANEL, help="How plans are searched: evolutionary (sensitivity-weighted shapes, refined by mutation) or gradient (per-block counts learned on the frozen model).")] = "evolutionary",
+    refine_steps: Annotated[int, typer.Option("--refine-steps", rich_help_panel=SEARCH_PANEL, help="Evolutionary refinement steps at the budget.")] = 16,
+    gradient_steps: Annotated[int, typer.Option("--gradient-steps", rich_help_panel=SEARCH_PANEL, help="Optimiser steps of the gradient search.")] = 60,
+    bench_repeats: BenchRepeatsOpt = 5,
     checkpoint: CheckpointOpt = None,
     no_pretrained: NoPretrainedOpt = False,
     img_size: ImgSizeOpt = None,
@@ -66,22 +75,16 @@ def calibrate(
     output: OutOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+    old_batch: Annotated[int | None, typer.Option("--batch", hidden=True)] = None,
 ) -> None:
     """Find the reduction plan that fits a budget best on your images; report its frontier on held-out images."""
     # torch loads only when the command runs: --help stays fast
     from vitprune.commands.calibrate import Budget, CalibrateRequest, run_calibrate
 
-    budget = Budget.from_targets(target_gmacs=target_gmacs, target_ratio=target_ratio,
-                                 target_latency_ms=target_latency_ms, max_drop=max_drop, batch=batch)
-    request = CalibrateRequest(
-        model=model, data=data, budget=budget, checkpoint=checkpoint, no_pretrained=no_pretrained, img_size=img_size, features=features,
-        img_sizes=_parse_sizes(img_sizes), limit=limit, split=split, label_field=label_field,
-        image_field=image_field, holdout=holdout, seed=seed, swap_split=swap_split,
-        objective=objective, head_only=not no_head_only, protect=protect, search_images=search_images,
-        search=search, refine_steps=refine_steps, gradient_steps=gradient_steps, bench_repeats=bench_repeats,
-        workers=workers, dtype=dtype, output=output, force=force,
-        progress=not json_out,
-    )
+    request = make_request(CalibrateRequest, locals(), aliases=(Alias("old_batch", "batch"),), required=("data",), derive={
+        "progress": progress_rule, "img_sizes": lambda values: _parse_sizes(values["img_sizes"]),
+        "budget": lambda values: Budget.from_targets(**{name: values[name] for name in BUDGET_OPTIONS})})
     set_threads(threads)
     result = run_calibrate(request)
     if json_out:

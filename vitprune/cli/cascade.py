@@ -7,6 +7,8 @@ import typer
 
 from vitprune.cli.app import app
 from vitprune.cli.common import (
+    DATA_PANEL,
+    OUTPUT_PANEL,
     BatchSizeOpt,
     CheckpointOpt,
     DeviceOpt,
@@ -24,22 +26,24 @@ from vitprune.cli.common import (
     WorkersOpt,
     console,
     emit_json,
+    progress_rule,
     set_threads,
 )
+from vitprune.cli.options import make_request
 
 
 @app.command()
 def cascade(
     model: ModelArg,
-    stages: Annotated[str, typer.Option("--stages", "-s", help="Stages, cheapest first, separated by ';' (',' when no stage has a comma): each a plan as --method writes it, its SIZEpx term (or a leading SIZE:) the input size; e.g. '112,160,224', 'evit:0.5,evit:0.7,none' or 'tome:r=8@0-5+160px;224px'.")],
-    data: Annotated[str, typer.Option("--data", "-d", help="Images to calibrate on (and hold out): ImageFolder, a folder with labels.csv, plain images, or a dataset timm reads (hfds/..., wds/..., .tar; held in memory: bound it with --limit).")],
-    target_gmacs: Annotated[float | None, typer.Option("--target-gmacs", help="Budget: mean GMACs per image.")] = None,
-    target_ratio: Annotated[float | None, typer.Option("--target-ratio", help="Budget: a fraction of the base model's GMACs, e.g. 0.6.")] = None,
-    criterion: Annotated[str, typer.Option("--criterion", help="Confidence: maxprob (largest softmax probability) or entropy.")] = "maxprob",
-    holdout: Annotated[float, typer.Option("--holdout", help="Fraction of the images held out from calibration for the report.")] = 0.5,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration / held-out split.")] = 0,
-    frontier: Annotated[bool, typer.Option("--frontier/--no-frontier", help="Also measure fixed EViT/ToMe single models for comparison.")] = True,
-    onnx: Annotated[bool, typer.Option("--onnx", help="Also export onnx/ in the output folder: one graph per stage + thresholds (run with vitprune.cascade.OnnxCascade).")] = False,
+    stages: Annotated[str, typer.Option("--stages", "-s", rich_help_panel="Cascade", help="Stages, cheapest first, separated by ';' (',' when no stage has a comma): each a plan as --method writes it, its SIZEpx term (or a leading SIZE:) the input size; e.g. '112,160,224', 'evit:0.5,evit:0.7,none' or 'tome:r=8@0-5+160px;224px'.")],
+    data: Annotated[str, typer.Option("--data", "-d", rich_help_panel=DATA_PANEL, help="Images to calibrate on (and hold out): ImageFolder, a folder with labels.csv, plain images, or a dataset timm reads (hfds/..., wds/..., .tar; held in memory: bound it with --limit).")],
+    target_gmacs: Annotated[float | None, typer.Option("--target-gmacs", rich_help_panel="Cascade", help="Budget: mean GMACs per image.")] = None,
+    target_ratio: Annotated[float | None, typer.Option("--target-ratio", rich_help_panel="Cascade", help="Budget: a fraction of the base model's GMACs, e.g. 0.6.")] = None,
+    criterion: Annotated[str, typer.Option("--criterion", rich_help_panel="Cascade", help="Confidence: maxprob (largest softmax probability) or entropy.")] = "maxprob",
+    holdout: Annotated[float, typer.Option("--holdout", rich_help_panel="Cascade", help="Fraction of the images held out from calibration for the report.")] = 0.5,
+    seed: Annotated[int, typer.Option("--seed", rich_help_panel="Cascade", help="Seed of the calibration / held-out split.")] = 0,
+    frontier: Annotated[bool, typer.Option("--frontier/--no-frontier", rich_help_panel="Cascade", help="Also measure fixed EViT/ToMe single models for comparison.")] = True,
+    onnx: Annotated[bool, typer.Option("--onnx", rich_help_panel=OUTPUT_PANEL, help="Also export onnx/ in the output folder: one graph per stage + thresholds (run with vitprune.cascade.OnnxCascade).")] = False,
     checkpoint: CheckpointOpt = None,
     no_pretrained: NoPretrainedOpt = False,
     limit: LimitOpt = None,
@@ -60,13 +64,7 @@ def cascade(
     from vitprune.cascade import console_table
     from vitprune.commands.cascade import CascadeRequest, run_cascade
 
-    request = CascadeRequest(
-        model=model, stages=stages, data=data, target_gmacs=target_gmacs, target_ratio=target_ratio,
-        criterion=criterion, checkpoint=checkpoint, no_pretrained=no_pretrained, holdout=holdout, seed=seed,
-        limit=limit, split=split, label_field=label_field, image_field=image_field, batch_size=batch_size,
-        workers=workers, frontier=frontier, onnx=onnx, device=device, dtype=dtype,
-        output=output, force=force, progress=not json_out,
-    )
+    request = make_request(CascadeRequest, locals(), derive={"progress": progress_rule})
     set_threads(threads)
     result = run_cascade(request)
     if json_out:

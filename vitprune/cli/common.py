@@ -11,42 +11,60 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from vitprune.cli.options import DATA_PANEL, MODEL_PANEL, OUTPUT_PANEL, RUN_PANEL
 from vitprune.errors import VitpruneError
 
 console = Console(stderr=True)  # tables and progress on stderr keep stdout clean for --json
 
 ModelArg = Annotated[str, typer.Argument(help="timm model name or alias (deit_small), a vitprune artifact folder / .safetensors, or a transformers ViT/DeiT/DINOv2 folder.")]
-CheckpointOpt = Annotated[Path | None, typer.Option("--checkpoint", "-c", help="Local weights: .pth/.bin/.safetensors, a state_dict or one under 'model'/'state_dict'.")]
-NoPretrainedOpt = Annotated[bool, typer.Option("--no-pretrained", help="Random weights (mechanics only).")]
-ImgSizeOpt = Annotated[int | None, typer.Option("--img-size", help="Input resolution (timm resamples the position embedding).")]
-DataOpt = Annotated[str | None, typer.Option("--data", "-d", help="Images: ImageFolder (wnid or index folders), a folder with labels.csv, plain images, or a dataset timm reads: hfds/NAME_OR_FOLDER, wds/SHARD_FOLDER (with --split), a .tar of images.")]
-SplitOpt = Annotated[str | None, typer.Option("--split", help="hfds: the split (default train); wds: a split of the folder's _info.json, or shard names such as 'val-{000..009}.tar'.")]
-LabelFieldOpt = Annotated[str | None, typer.Option("--label-field", help="hfds: the label column (default label; without it, unlabelled); wds: a field of each sample's .json (default: the .cls file).")]
-ImageFieldOpt = Annotated[str | None, typer.Option("--image-field", help="hfds: the image column (default image); wds: the image extensions (default jpg;png;webp).")]
-LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use at most this many images (a fixed random subset).")]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Batch size for evaluation.")]
-WorkersOpt = Annotated[int, typer.Option("--workers", help="Image decoding workers.")]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Precision of evaluation and timing: float32, bfloat16 or float16 (autocast; float16 is slow on most CPUs).")]
-CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the models for evaluation and --bench (compile time reported apart).")]
-CompileModeOpt = Annotated[str, typer.Option("--compile-mode", help="torch.compile mode: default, reduce-overhead (CUDA graphs on a GPU) or max-autotune.")]
-OutOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write the artifact folder here.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
+CheckpointOpt = Annotated[Path | None, typer.Option("--checkpoint", "-c", help="Local weights: .pth/.bin/.safetensors, a state_dict or one under 'model'/'state_dict'.", rich_help_panel=MODEL_PANEL)]
+NoPretrainedOpt = Annotated[bool, typer.Option("--no-pretrained", help="Random weights (mechanics only).", rich_help_panel=MODEL_PANEL)]
+ImgSizeOpt = Annotated[int | None, typer.Option("--img-size", help="Input resolution (timm resamples the position embedding).", rich_help_panel=MODEL_PANEL)]
+DataOpt = Annotated[str | None, typer.Option("--data", "-d", help="Images: ImageFolder (wnid or index folders), a folder with labels.csv, plain images, or a dataset timm reads: hfds/NAME_OR_FOLDER, wds/SHARD_FOLDER (with --split), a .tar of images.", rich_help_panel=DATA_PANEL)]
+SplitOpt = Annotated[str | None, typer.Option("--split", help="hfds: the split (default train); wds: a split of the folder's _info.json, or shard names such as 'val-{000..009}.tar'.", rich_help_panel=DATA_PANEL)]
+LabelFieldOpt = Annotated[str | None, typer.Option("--label-field", help="hfds: the label column (default label; without it, unlabelled); wds: a field of each sample's .json (default: the .cls file).", rich_help_panel=DATA_PANEL)]
+ImageFieldOpt = Annotated[str | None, typer.Option("--image-field", help="hfds: the image column (default image); wds: the image extensions (default jpg;png;webp).", rich_help_panel=DATA_PANEL)]
+LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use at most this many images (a fixed random subset).", rich_help_panel=DATA_PANEL)]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Batch size for evaluation.", rich_help_panel=RUN_PANEL)]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Image decoding workers.", rich_help_panel=RUN_PANEL)]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).", rich_help_panel=RUN_PANEL)]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.", rich_help_panel=RUN_PANEL)]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Precision of evaluation and timing: float32, bfloat16 or float16 (autocast; float16 is slow on most CPUs).", rich_help_panel=RUN_PANEL)]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the models for evaluation and --bench (compile time reported apart).", rich_help_panel=RUN_PANEL)]
+CompileModeOpt = Annotated[str, typer.Option("--compile-mode", help="torch.compile mode: default, reduce-overhead (CUDA graphs on a GPU) or max-autotune.", rich_help_panel=RUN_PANEL)]
+OutOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write the artifact folder here.", rich_help_panel=OUTPUT_PANEL)]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.", rich_help_panel=OUTPUT_PANEL)]
 # the methods themselves are listed when a command's --help is shown (`registry_help`): the registry loads torch
 METHOD_HELP = ("The reduction: METHOD:NAME=VALUE,...@LAYERS (settings and layers optional), several joined by '+', with 'head-only' and "
                "SIZEpx terms, e.g. tome:r=13,protect=0.2@0-10 or tome:r=8@0-5+evit:keep=0.7@6,9; a report's plan "
                "line pastes back here. `vitprune methods` lists every parameter (an artifact carries its plan).")
-MethodOpt = Annotated[str | None, typer.Option("--method", "-m", help=METHOD_HELP)]
-KeepOpt = Annotated[float | None, typer.Option("--keep", "-k", help="Shorthand for --method METHOD:keep=VALUE (evit, ats, ...: the share kept, or ats' cap).")]
-ROpt = Annotated[int | None, typer.Option("--r", help="Shorthand for --method METHOD:r=VALUE (tome, ppt: tokens removed per block).")]
-ProtectOpt = Annotated[float | None, typer.Option("--protect", help="Shorthand for --method tome:protect=VALUE (the class token's attention against merging a token; 0.2 is a good start).")]
-LayersOpt = Annotated[str | None, typer.Option("--layers", "-l", help="Blocks to reduce in, e.g. 3,6,9 or 3-11 (shorthand for --method METHOD@LAYERS; default: per method and depth).")]
-NoFuseOpt = Annotated[bool, typer.Option("--no-fuse", help="Shorthand for --method evit:fuse=false (drop inattentive tokens instead of fusing them).")]
-PlanOpt = Annotated[Path | None, typer.Option("--plan", help="A plan (vitprune.json from apply/calibrate) instead of --method.")]
-HeadOnlyOpt = Annotated[bool, typer.Option("--head-only", help="The last block computes only the class token the head reads: exact with class-token pooling, about 7% fewer GMACs.")]
-FeaturesOpt = Annotated[bool, typer.Option("--features", help="Use the classifier's pre-logits embedding (head removed): fidelity by cosine and nearest-neighbour retrieval agreement.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
+MethodOpt = Annotated[str | None, typer.Option("--method", "-m", help=METHOD_HELP, rich_help_panel=MODEL_PANEL)]
+KeepOpt = Annotated[float | None, typer.Option("--keep", "-k", help="Shorthand for --method METHOD:keep=VALUE (evit, ats, ...: the share kept, or ats' cap).", rich_help_panel=MODEL_PANEL)]
+ROpt = Annotated[int | None, typer.Option("--r", help="Shorthand for --method METHOD:r=VALUE (tome, ppt: tokens removed per block).", rich_help_panel=MODEL_PANEL)]
+ProtectOpt = Annotated[float | None, typer.Option("--protect", help="Shorthand for --method tome:protect=VALUE (the class token's attention against merging a token; 0.2 is a good start).", rich_help_panel=MODEL_PANEL)]
+LayersOpt = Annotated[str | None, typer.Option("--layers", "-l", help="Blocks to reduce in, e.g. 3,6,9 or 3-11 (shorthand for --method METHOD@LAYERS; default: per method and depth).", rich_help_panel=MODEL_PANEL)]
+NoFuseOpt = Annotated[bool, typer.Option("--no-fuse", help="Shorthand for --method evit:fuse=false (drop inattentive tokens instead of fusing them).", rich_help_panel=MODEL_PANEL)]
+PlanOpt = Annotated[Path | None, typer.Option("--plan", help="A plan (vitprune.json from apply/calibrate) instead of --method.", rich_help_panel=MODEL_PANEL)]
+HeadOnlyOpt = Annotated[bool, typer.Option("--head-only", help="The last block computes only the class token the head reads: exact with class-token pooling, about 7% fewer GMACs.", rich_help_panel=MODEL_PANEL)]
+FeaturesOpt = Annotated[bool, typer.Option("--features", help="Use the classifier's pre-logits embedding (head removed): fidelity by cosine and nearest-neighbour retrieval agreement.", rich_help_panel=MODEL_PANEL)]
+BenchOpt = Annotated[bool, typer.Option("--bench", help="Measure latency, base and reduced side by side.", rich_help_panel=RUN_PANEL)]
+BenchBatchOpt = Annotated[str, typer.Option("--bench-batch", help="Batch sizes to time, e.g. 1,32.", rich_help_panel=RUN_PANEL)]
+BenchRepeatsOpt = Annotated[int, typer.Option("--bench-repeats", help="Timed runs per batch size (median reported).", rich_help_panel=RUN_PANEL)]
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", help="A YAML file of options by their names (epochs: 8, batch-size: 64); the command line wins over it.",
+    rich_help_panel=OUTPUT_PANEL)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.", rich_help_panel=OUTPUT_PANEL)]
+
+
+# request fields the commands derive from their options the same way
+REDUCTION_RULES = {
+    "layers": lambda values: parse_layers(values["layers"]),
+    "fuse": lambda values: False if values["no_fuse"] else None,
+}
+
+
+def progress_rule(values: dict) -> bool:
+    return not values["json_out"]
 
 
 def set_threads(threads: int | None) -> None:

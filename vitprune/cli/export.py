@@ -8,6 +8,11 @@ import typer
 
 from vitprune.cli.app import app
 from vitprune.cli.common import (
+    OUTPUT_PANEL,
+    REDUCTION_RULES,
+    RUN_PANEL,
+    BenchBatchOpt,
+    BenchRepeatsOpt,
     CheckpointOpt,
     DataOpt,
     FeaturesOpt,
@@ -30,17 +35,20 @@ from vitprune.cli.common import (
     console,
     emit_json,
     parse_batches,
-    parse_layers,
+    progress_rule,
     report_table,
     set_threads,
 )
+from vitprune.cli.options import Alias, make_request
+
+GRAPH_PANEL = "Graph"
 
 
 @app.command()
 def export(
     model: ModelArg,
-    onnx: Annotated[Path, typer.Option("--onnx", help="Write the ONNX graph here (e.g. model.onnx).")],
-    safetensors: Annotated[Path | None, typer.Option("--safetensors", help="Also write the one-file artifact (weights + plan) here.")] = None,
+    onnx: Annotated[Path, typer.Option("--onnx", help="Write the ONNX graph here (e.g. model.onnx).", rich_help_panel=OUTPUT_PANEL)],
+    safetensors: Annotated[Path | None, typer.Option("--safetensors", help="Also write the one-file artifact (weights + plan) here.", rich_help_panel=OUTPUT_PANEL)] = None,
     method: MethodOpt = None,
     keep: KeepOpt = None,
     r: ROpt = None,
@@ -53,18 +61,19 @@ def export(
     no_pretrained: NoPretrainedOpt = False,
     img_size: ImgSizeOpt = None,
     features: FeaturesOpt = False,
-    batch: Annotated[str, typer.Option("--batch", help="'dynamic' (any batch size) or a fixed batch size.")] = "dynamic",
-    opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 17 to 20.")] = 17,
-    fp16: Annotated[bool, typer.Option("--fp16", help="float16 weights and compute (float32 input/output).")] = False,
-    dtype: Annotated[str, typer.Option("--dtype", help="The graph's precision: float32 or float16 (the same as --fp16); the PyTorch reference stays float32.")] = "float32",
-    ats_padding: Annotated[str, typer.Option("--ats-padding", help="ats: pad each batch to its largest kept count ('batch', fastest) or to the cap ('cap', static shapes).")] = "batch",
+    batch: Annotated[str, typer.Option("--onnx-batch", help="The graph's batch dimension: 'dynamic' (any batch size) or a fixed batch size.", rich_help_panel=GRAPH_PANEL)] = "dynamic",
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 17 to 20.", rich_help_panel=GRAPH_PANEL)] = 17,
+    dtype: Annotated[str, typer.Option("--dtype", help="The graph's precision: float32 or float16 (float16 weights and compute, float32 input/output); the PyTorch reference stays float32.", rich_help_panel=GRAPH_PANEL)] = "float32",
+    ats_padding: Annotated[str, typer.Option("--ats-padding", help="ats: pad each batch to its largest kept count ('batch', fastest) or to the cap ('cap', static shapes).", rich_help_panel=GRAPH_PANEL)] = "batch",
+    old_batch: Annotated[str | None, typer.Option("--batch", hidden=True)] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", hidden=True)] = False,
     data: DataOpt = None,
     limit: LimitOpt = None,
     workers: WorkersOpt = 2,
-    bench: Annotated[bool, typer.Option("--bench", help="Time base and reduced ONNX graphs on ONNX Runtime, side by side.")] = False,
-    bench_batch: Annotated[str, typer.Option("--bench-batch", help="Batch sizes to time.")] = "1,32",
-    bench_repeats: Annotated[int, typer.Option("--bench-repeats", help="Timed runs per batch size (median reported).")] = 10,
-    provider: Annotated[str, typer.Option("--provider", help="ONNX Runtime provider: auto (CUDA when onnxruntime-gpu sees a GPU), cpu, cuda or tensorrt (vitprune[tensorrt]).")] = "auto",
+    bench: Annotated[bool, typer.Option("--bench", help="Time base and reduced ONNX graphs on ONNX Runtime, side by side.", rich_help_panel=RUN_PANEL)] = False,
+    bench_batch: BenchBatchOpt = "1,32",
+    bench_repeats: BenchRepeatsOpt = 10,
+    provider: Annotated[str, typer.Option("--provider", help="ONNX Runtime provider: auto (CUDA when onnxruntime-gpu sees a GPU), cpu, cuda or tensorrt (vitprune[tensorrt]).", rich_help_panel=RUN_PANEL)] = "auto",
     threads: ThreadsOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -73,14 +82,10 @@ def export(
     # torch loads only when the command runs: --help stays fast
     from vitprune.commands.export import ExportRequest, run_export
 
-    request = ExportRequest(
-        model=model, onnx=onnx, safetensors=safetensors, method=method, keep=keep, r=r, protect=protect,
-        layers=parse_layers(layers), fuse=False if no_fuse else None, head_only=head_only, plan_file=plan_file,
-        checkpoint=checkpoint, no_pretrained=no_pretrained, img_size=img_size, features=features, batch=batch, opset=opset,
-        fp16=fp16, dtype=dtype, ats_padding=ats_padding, data=data, limit=limit, workers=workers, bench=bench,
-        bench_batches=parse_batches(bench_batch), bench_repeats=bench_repeats, provider=provider,
-        threads=threads, force=force, progress=not json_out,
-    )
+    request = make_request(ExportRequest, locals(), aliases=(
+        Alias("old_batch", "batch"), Alias("fp16", "dtype", lambda on: "float16" if on else "float32")), derive={
+        **REDUCTION_RULES, "progress": progress_rule,
+        "bench_batches": lambda values: parse_batches(values["bench_batch"])})
     set_threads(threads)
     report = run_export(request)
     if json_out:
@@ -100,7 +105,8 @@ def _render(report: dict, onnx: Path, safetensors: Path | None) -> None:
         table.add_row(f"ONNX Runtime ms / image @ batch {size}", f"{timing['base']:.2f}",
                       f"{timing['reduced']:.2f} ([bold]{timing['speedup']:.2f}x[/])")
     console.print(table)
-    console.print(f"verified on {parity['n_images']} {parity['images']} images with {parity['provider']}")
+    console.print(f"verified on {parity['n_images']} {parity['images']} images with {parity['provider']}"
+                  + (" (pass --data for real images)" if parity["images"] == "random" else ""))
     folder = onnx.parent
     written = [str(onnx)] + ([str(safetensors)] if safetensors else [])
     written += [str(folder / "report.json"), str(folder / "report.md")]

@@ -8,6 +8,9 @@ import typer
 
 from vitprune.cli.app import app
 from vitprune.cli.common import (
+    DATA_PANEL,
+    OUTPUT_PANEL,
+    REDUCTION_RULES,
     CheckpointOpt,
     DeviceOpt,
     HeadOnlyOpt,
@@ -23,16 +26,17 @@ from vitprune.cli.common import (
     ThreadsOpt,
     WorkersOpt,
     console,
-    parse_layers,
     set_threads,
 )
+from vitprune.cli.options import Alias, make_request
+from vitprune.errors import VitpruneError
 
 
 @app.command()
 def show(
     model: Annotated[str, typer.Argument(help="timm model name or alias with --method, a vitprune artifact folder / .safetensors, or a cascade folder.")],
-    images: Annotated[Path, typer.Option("--images", "-i", help="An image file, or a folder of images (ImageFolder, labels.csv or plain).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The PNG file to write.")],
+    images: Annotated[Path | None, typer.Option("--data", "-d", help="An image file, or a folder of images (ImageFolder, labels.csv or plain).", rich_help_panel=DATA_PANEL)] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="The PNG file to write.", rich_help_panel=OUTPUT_PANEL)] = None,
     method: MethodOpt = None,
     keep: KeepOpt = None,
     r: ROpt = None,
@@ -44,11 +48,12 @@ def show(
     checkpoint: CheckpointOpt = None,
     no_pretrained: NoPretrainedOpt = False,
     img_size: ImgSizeOpt = None,
-    limit: Annotated[int, typer.Option("--limit", help="Draw at most this many images of a folder (a fixed random subset).")] = 8,
+    limit: Annotated[int, typer.Option("--limit", help="Draw at most this many images of a folder (a fixed random subset).", rich_help_panel=DATA_PANEL)] = 8,
     workers: WorkersOpt = 2,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.", rich_help_panel=OUTPUT_PANEL)] = False,
+    old_images: Annotated[Path | None, typer.Option("--images", "-i", hidden=True)] = None,
 ) -> None:
     """Draw which tokens each reducing block keeps, drops and merges; for a cascade, where each image exits."""
     from vitprune.commands.show import (  # torch loads only when the command runs: --help stays fast
@@ -57,12 +62,11 @@ def show(
         run_show,
     )
 
-    request = ShowRequest(
-        model=model, images=images, output=output, method=method, keep=keep, r=r, protect=protect,
-        layers=parse_layers(layers), fuse=False if no_fuse else None, head_only=head_only, plan_file=plan_file,
-        checkpoint=checkpoint, no_pretrained=no_pretrained, img_size=img_size, limit=limit, workers=workers,
-        device=device, force=force,
-    )
+    request = make_request(ShowRequest, locals(), aliases=(Alias("old_images", "images"),), derive=REDUCTION_RULES)
+    for name in ("images", "output"):
+        if getattr(request, name) is None:
+            raise VitpruneError(f"give {'--data/-d' if name == 'images' else '--output/-o'}: "
+                                f"{'the image or folder to draw' if name == 'images' else 'the PNG file to write'}")
     set_threads(threads)
     result = run_show(request)
     console.print(f"wrote [bold]{result.output}[/]: {describe_result(result)}")

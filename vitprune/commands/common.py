@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vitprune import methods
+from vitprune.cascade import CASCADE_FILE
 from vitprune.checks import check_whole
 from vitprune.errors import VitpruneError
 from vitprune.patch import apply_plan
@@ -45,8 +46,12 @@ class ReducedModelSpec:
 
     def check_reduction(self) -> None:
         """The reduction's settings, checked before any model is built."""
+        if (Path(self.model) / CASCADE_FILE).is_file():
+            raise VitpruneError(f"model {self.model} is a cascade folder ({CASCADE_FILE}), not one model to reduce: "
+                                "load it with vitprune.load, or give a timm model name or a vitprune artifact",
+                                param="model")
         if self.plan_file is not None and self.method is not None:
-            raise VitpruneError("give plan_file or method, not both", param="plan_file")
+            raise VitpruneError("give plan_file or method, not both", param=("plan_file", "method"))
         if self.method is None and self.settings():
             name = next(iter(self.settings()))
             raise VitpruneError(f"{name} goes with a method; a plan carries its own settings", param=name)

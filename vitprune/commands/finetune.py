@@ -75,7 +75,7 @@ class FinetuneRequest(ReducedModelSpec, DatasetOptions):
     augment: bool = True  # False: timm's un-augmented train transform (resize + centre crop)
     auto_augment: str | None = None  # a timm AutoAugment/RandAugment policy, e.g. "rand-m9-mstd0.5"
     trainable: tuple[str, ...] = ("*norm*", "*bias")  # parameter-name patterns to train (fnmatch); "*" for all
-    amp: str = "none"  # none, bf16 or fp16 (CUDA only)
+    dtype: str = "float32"  # bfloat16 / float16: mixed precision (autocast), CUDA only
     ema: float | None = None  # EMA decay; the EMA weights are validated and saved
     # running
     workers: int = 2
@@ -140,22 +140,22 @@ class FinetuneRequest(ReducedModelSpec, DatasetOptions):
         check_whole(self.workers, "workers", 0)
         check_whole(self.eval_batch_size, "eval_batch_size", 1)
         check_device(self.device)
-        if self.amp not in AMP_DTYPES:
-            raise VitpruneError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}", param="amp")
-        if self.amp != "none" and not self.device.startswith("cuda"):
-            raise VitpruneError(f"amp {self.amp} is for CUDA GPUs; on the CPU train in float32 (amp none)",
-                                param="amp")
+        if self.dtype not in AMP_DTYPES:
+            raise VitpruneError(f"dtype must be one of {', '.join(AMP_DTYPES)}, got {self.dtype!r}", param="dtype")
+        if self.dtype != "float32" and not self.device.startswith("cuda"):
+            raise VitpruneError(f"dtype {self.dtype} (mixed precision) is for CUDA GPUs; on the CPU train in float32",
+                                param="dtype")
         if self.resume and self.output is None:
-            raise VitpruneError("resume continues the run writing to output: give an output", param="resume")
+            raise VitpruneError("resume continues the run writing to output: give an output", param=("resume", "output"))
 
     def _check_supervit(self) -> None:
         if not self.supervit:
             if self.sizes or self.keeps:
-                raise VitpruneError("sizes and keeps are for supervit", param="sizes" if self.sizes else "keeps")
+                raise VitpruneError("sizes and keeps are for supervit", param=("sizes", "keeps", "supervit"))
             return
         if self.method is not None or self.plan_file is not None:
             raise VitpruneError("supervit builds its own EViT plans from sizes and keeps: drop the method or "
-                                "plan_file", param="supervit")
+                                "plan_file", param=("supervit", "method", "plan_file"))
         for name, example in (("sizes", "160,192,224"), ("keeps", "0.5,0.7,1.0")):
             values = getattr(self, name)
             if not values:

@@ -54,7 +54,7 @@ class ShowRequest(ReducedModelSpec):
         if output.is_dir():
             raise VitpruneError(f"output {output} is a folder; give a .png file", param="output")
         if output.exists() and not self.force:
-            raise VitpruneError(f"output file {output} already exists; pass force to replace it", param="force")
+            raise VitpruneError(f"output file {output} already exists; pass force to replace it", param=("output", "force"))
         writable_parent(output)
 
     def _check_cascade_options(self) -> None:

@@ -33,7 +33,7 @@ def check_outputs(onnx: Path, safetensors: Path | None, force: bool) -> None:
         if path.is_dir():
             raise VitpruneError(f"output {path} is a folder; give a file name")
         if path.exists() and not force:
-            raise VitpruneError(f"output file {path} already exists; pass force to replace it", param="force")
+            raise VitpruneError(f"output file {path} already exists; pass force to replace it", param=("output", "force"))
         _probe_folder(path, writable_parent(path))
 
 
@@ -80,7 +80,7 @@ def export_verified(model: nn.Module, path: Path, images: Tensor, *, real_images
                          progress=progress)
     if not parity["passed"]:
         raise VitpruneError(f"ONNX export rejected, nothing written: {parity['problem']}")
-    parity["images"] = "real" if real_images else f"{RANDOM_VERIFY_IMAGES} random (pass --data for real images)"
+    parity["images"] = "real" if real_images else "random"  # random: noise images, without data
     return parity
 
 

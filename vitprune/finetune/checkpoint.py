@@ -52,7 +52,7 @@ def check_work_dir(output: Path | None, *, force: bool, resume: bool) -> Path | 
             raise VitpruneError(f"resume: nothing to resume, no {CHECKPOINT_FILE} in {work}", param="resume")
     elif work.exists() and not force:
         raise VitpruneError(f"pass resume to continue the unfinished run in {work}, or force to start over",
-                            param="resume")
+                            param=("resume", "force"))
     return work
 
 

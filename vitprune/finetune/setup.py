@@ -51,10 +51,10 @@ def _training(config: FinetuneConfig, teacher: nn.Module, student: nn.Module, pa
     transform = train_transform(teacher, data.crop_scale, data.augment, data.auto_augment)
     loader, sampler = train_loader(images.train, transform, data, job)
     optimizer, scheduler = optimizer_and_schedule(student, options, len(loader))
-    ema, scaler = make_ema(student, options.ema), make_scaler(options.amp)
+    ema, scaler = make_ema(student, options.ema), make_scaler(options.dtype)
     history = checkpoint.restore(student, optimizer, ema, scaler) if checkpoint is not None else History()
     trainer = Trainer(teacher=teacher, student=student, runner=job.wrap(student), variants=variants,
-                      optimizer=optimizer, losses=config.losses, clip_grad=options.clip_grad, amp=options.amp,
+                      optimizer=optimizer, losses=config.losses, clip_grad=options.clip_grad, dtype=options.dtype,
                       supervit=config.supervit, labelled=images.labelled, scaler=scaler, device=job.device,
                       train_params=params)
     training = Training(trainer=trainer, loader=loader, sampler=sampler, scheduler=scheduler, ema=ema,

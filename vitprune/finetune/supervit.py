@@ -54,7 +54,7 @@ def supervit_variants(depth: int, model_size: int, sizes: tuple[int, ...], keeps
                                 param="sizes")
     if max(sizes) != model_size:
         raise VitpruneError(f"the largest SuperViT size must be the model's input size {model_size} "
-                            f"(got {max(sizes)}); set img_size to change the model's size", param="sizes")
+                            f"(got {max(sizes)}); set img_size to change the model's size", param=("sizes", "img_size"))
     variants = []
     for size in sorted(sizes, reverse=True):
         for keep in sorted(keeps, reverse=True):

@@ -28,7 +28,7 @@ from vitprune.finetune.supervit import Variant
 from vitprune.patch import apply_plan
 from vitprune.progress import progress_bar
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOSS_PARTS = ("loss", "distill", "label", "feature")
 
 
@@ -43,7 +43,7 @@ class TrainOptions:
     warmup_epochs: float
     warmup_lr: float
     clip_grad: float  # max gradient norm; 0 turns clipping off
-    amp: str  # none, bf16 or fp16 (CUDA only)
+    dtype: str  # float32, or bfloat16 / float16 autocast (CUDA only)
     ema: float | None  # EMA decay; the EMA weights are validated and saved
     trainable: tuple[str, ...]  # parameter-name patterns to train (fnmatch)
 
@@ -59,7 +59,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     losses: LossWeights
     clip_grad: float
-    amp: str
+    dtype: str
     supervit: bool = False  # the student takes every variant's input size (one set of weights)
     labelled: bool = True  # the label term applies
     scaler: torch.amp.GradScaler | None = None
@@ -67,7 +67,7 @@ class Trainer:
     train_params: list[nn.Parameter] = field(default_factory=list)
 
     def autocast(self):
-        dtype = AMP_DTYPES[self.amp]
+        dtype = AMP_DTYPES[self.dtype]
         return torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
 
     def backward(self, loss: Tensor, sync: bool) -> None:
@@ -222,9 +222,9 @@ def make_ema(student: nn.Module, decay: float | None) -> ModelEmaV3 | None:
     return ModelEmaV3(student, decay=decay) if decay is not None else None
 
 
-def make_scaler(amp: str) -> torch.amp.GradScaler | None:
+def make_scaler(dtype: str) -> torch.amp.GradScaler | None:
     """fp16 needs loss scaling; bf16 and float32 do not."""
-    return torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    return torch.amp.GradScaler("cuda") if dtype == "float16" else None
 
 
 def select_trainable(student: nn.Module, patterns: tuple[str, ...]) -> list[nn.Parameter]:
