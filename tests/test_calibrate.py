@@ -20,7 +20,7 @@ from vitprune.patch import plan_of
 
 TINY = ["vit_tiny_patch16_224", "--no-pretrained", "--img-size", "64"]
 FAST = ["--img-sizes", "64,48", "--search-images", "4", "--refine-steps", "2", "--bench-repeats", "1",
-        "--batch", "2", "--threads", "1"]
+        "--bench-batch", "2", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from vitprune.patch import apply_plan, tokens_before
 from vitprune.plan import read_plan_file
 
 TINY = ["vit_tiny_patch16_224", "--no-pretrained", "--img-size", "64"]
-FAST = ["--img-sizes", "64", "--search-images", "4", "--bench-repeats", "1", "--batch", "2", "--threads", "1"]
+FAST = ["--img-sizes", "64", "--search-images", "4", "--bench-repeats", "1", "--bench-batch", "2", "--threads", "1"]
 
 
 def _setup(name: str, **kwargs):

@@ -17,7 +17,7 @@ WNIDS = ["n01440764", "n01443537"]  # ImageNet classes 0 and 1
 LABELS = [0, 1, 1, 0, 1, 0]
 TINY = ["vit_tiny_patch16_224", "--no-pretrained", "--img-size", "32"]
 CALIBRATE_FAST = ["--img-sizes", "32", "--search-images", "2", "--refine-steps", "1", "--bench-repeats", "1",
-                  "--batch", "2", "--threads", "1", "--holdout", "0.5"]
+                  "--bench-batch", "2", "--threads", "1", "--holdout", "0.5"]
 
 
 def _jpegs() -> list[bytes]:

@@ -104,7 +104,7 @@ def test_calibrate_objective_cosine_on_an_embedding_model(images, tmp_path):
     out = tmp_path / "cal"
     code = run(["calibrate", *TINY_EMBED, "--features", "--data", str(images), "--target-ratio", "0.7",
                 "--objective", "cosine", "--img-sizes", "32", "--search-images", "4", "--refine-steps", "1",
-                "--bench-repeats", "1", "--batch", "2", "--threads", "1", "-o", str(out)])
+                "--bench-repeats", "1", "--bench-batch", "2", "--threads", "1", "-o", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["calibration"]["objective"] == "cosine" and report["gmacs"] <= 0.7 * report["gmacs_base"] + 1e-9

@@ -221,7 +221,7 @@ def test_cli_extends_the_report_of_an_artifact_folder(tmp_path, capsys):
     vitprune.save(artifact, model, {"model": "vit_tiny_patch16_224"}, report={
         "model": "vit_tiny_patch16_224", "plan": vitprune.plan_of(model).describe(), "gmacs": 1.0, "gmacs_base": 2.0,
         "gmacs_reduction": 0.5, "method": "evit", "tag": None})
-    assert cli(artifact, "--onnx", artifact / "model.onnx", "--batch", 2, "--json") == 0
+    assert cli(artifact, "--onnx", artifact / "model.onnx", "--onnx-batch", 2, "--json") == 0
     report = json.loads((artifact / "report.json").read_text())
     assert report["gmacs"] == 1.0  # the artifact's own figures are kept
     assert report["onnx"]["batch"] == 2 and report["onnx"]["parity"]["agreement"] == 100.0
@@ -247,7 +247,7 @@ def test_cli_fails_and_writes_nothing_when_parity_fails(tmp_path, monkeypatch, c
 
 @pytest.mark.parametrize("args, message", [
     (["--opset", 13], "opset"),
-    (["--batch", "lots"], "batch"),
+    (["--onnx-batch", "lots"], "onnx-batch"),
     (["--provider", "tpu"], "provider"),
     (["--ats-padding", "none"], "ATS padding"),
     (["--r", 4], "r is not a parameter of evit"),

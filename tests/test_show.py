@@ -125,7 +125,7 @@ def image_dir(tmp_path_factory) -> Path:
 
 def test_cli_writes_the_png_and_refuses_bad_input(image_dir, tmp_path, capsys):
     args = ["show", "vit_tiny", "--no-pretrained", "--img-size", "32", "--method", "tome", "--r", "2",
-            "--images", str(image_dir), "--workers", "0"]
+            "--data", str(image_dir), "--workers", "0"]
     out = tmp_path / "show.png"
     assert run([*args, "-o", str(out)]) == 0
     assert Image.open(out).size == tuple(round(v * DPI) for v in grid_inches(3, 13))  # 12 blocks merge
@@ -134,8 +134,8 @@ def test_cli_writes_the_png_and_refuses_bad_input(image_dir, tmp_path, capsys):
     broken.mkdir()
     (broken / "bad.jpg").write_bytes(b"not an image")
     cases = [([*args, "-o", str(out)], "already exists; pass --force"),
-             ([*args[:-4], "--images", str(tmp_path / "missing"), "-o", str(tmp_path / "a.png")], "images not found"),
-             ([*args[:-4], "--images", str(broken), "-o", str(tmp_path / "b.png")], "cannot read image"),
+             ([*args[:-4], "--data", str(tmp_path / "missing"), "-o", str(tmp_path / "a.png")], "not found"),
+             ([*args[:-4], "--data", str(broken), "-o", str(tmp_path / "b.png")], "cannot read image"),
              ([*args, "-o", str(tmp_path / "c.jpg")], "must be a .png file")]
     for argv, message in cases:
         assert run(argv) == 2
@@ -151,10 +151,10 @@ def test_cli_draws_a_cascade_folder(vit, image_dir, tmp_path, capsys):
                             thresholds=[math.inf], info=info)
     save_cascade(tmp_path / "c", cascade, info)
     out = tmp_path / "exits.png"
-    assert run(["show", str(tmp_path / "c"), "--images", str(image_dir), "-o", str(out), "--workers", "0"]) == 0
+    assert run(["show", str(tmp_path / "c"), "--data", str(image_dir), "-o", str(out), "--workers", "0"]) == 0
     assert out.stat().st_size > 0  # threshold +inf: all three exit at the last stage, one row of three
     assert Image.open(out).size[0] > Image.open(out).size[1]
-    assert run(["show", str(tmp_path / "c"), "--method", "tome", "--images", str(image_dir), "-o",
+    assert run(["show", str(tmp_path / "c"), "--method", "tome", "--data", str(image_dir), "-o",
                 str(tmp_path / "x.png")]) == 2
     assert "--method does not apply to a cascade folder" in capsys.readouterr().err
 

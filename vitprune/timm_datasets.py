@@ -81,7 +81,7 @@ def find_image_set(data: str | Path, options: DatasetOptions, *, limit: int | No
     labels = _hfds_labels(str(data), reader, options) if kind == HFDS else _tar_labels(str(data), reader)
     files: list[Path | StoredImage] = [DatasetImage(reader, index, str(data)) for index in range(len(reader))]
     if not files:
-        raise VitpruneError(f"no images in {data}", param="data")
+        raise VitpruneError(f"no images in data {data}", param="data")
     return random_subset(ImageSet(files, labels, kind), limit, seed)
 
 
@@ -186,9 +186,9 @@ def _checked(data: str, batches: Iterable[Batch | str]) -> Iterator[Batch]:
     except VitpruneError:
         raise
     except Exception as error:  # readers and DataLoader workers raise many types for bad shards and records
-        raise VitpruneError(f"cannot read {data}: {_reason(error)}", param="data") from None
+        raise VitpruneError(f"cannot read data {data}: {_reason(error)}", param="data") from None
     if count == 0:
-        raise VitpruneError(f"no images read from {data} (timm's WebDataset reader skips samples without an image "
+        raise VitpruneError(f"no images read from data {data} (timm's WebDataset reader skips samples without an image "
                             "or without a label: a .cls file, or the label_field of the .json)", param=("data", "label_field"))
 
 
@@ -197,12 +197,12 @@ def _create(data: str, options: DatasetOptions) -> Any:
     kind = dataset_kind(data)
     if kind == TAR:
         if not Path(data).is_file():
-            raise VitpruneError(f"dataset not found: {data}", param="data")
+            raise VitpruneError(f"data {data}: dataset not found", param="data")
         name, root, kwargs = "", data, {"cache_tarfiles": False}  # an open tar shared by forked workers mixes reads
     elif kind == WDS:
         name, root, kwargs = f"{WDS}/", data[len(WDS) + 1:], {"split": options.split}
         if not Path(root).is_dir():
-            raise VitpruneError(f"WebDataset folder not found: {root}", param="data")
+            raise VitpruneError(f"data {data}: WebDataset folder {root} not found", param="data")
     else:
         name, root, kwargs = data, None, {"split": options.split or HFDS_DEFAULT_SPLIT}
     try:
@@ -213,7 +213,7 @@ def _create(data: str, options: DatasetOptions) -> Any:
         dataset = timm.data.create_dataset(name, root=root, input_key=options.image_field,
                                            target_key=options.label_field, **kwargs)
     except ImportError as error:
-        raise VitpruneError(f"reading {data} needs the {error.name or 'datasets/webdataset'} package: {EXTRA_HINT}",
+        raise VitpruneError(f"reading data {data} needs the {error.name or 'datasets/webdataset'} package: {EXTRA_HINT}",
                             param="data") from None
     except Exception as error:  # timm and datasets raise many types for unknown names, splits and columns
         param = "split" if "split" in str(error).lower() else "data"
@@ -266,9 +266,9 @@ def _held_images(data: str, options: DatasetOptions, limit: int | None) -> Image
             files.append(HeldImage(image, f"{data} sample {index}"))
             labels.append(int(label))
     except Exception as error:  # readers raise many types for bad shards and records
-        raise VitpruneError(f"cannot read {data}: {_reason(error)}", param="data") from None
+        raise VitpruneError(f"cannot read data {data}: {_reason(error)}", param="data") from None
     if not files:
-        raise VitpruneError(f"no images read from {data} (timm's WebDataset reader skips samples without an image "
+        raise VitpruneError(f"no images read from data {data} (timm's WebDataset reader skips samples without an image "
                             "or without a label: a .cls file, or the label_field of the .json)", param=("data", "label_field"))
     return ImageSet(files, labels, WDS)
 

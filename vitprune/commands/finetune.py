@@ -114,7 +114,7 @@ class FinetuneRequest(ReducedModelSpec, DatasetOptions):
         for name in LOSS_WEIGHTS:
             check_finite(getattr(self, name), name, low=0, rule="a finite number >= 0")
         if not any(getattr(self, name) > 0 for name in LOSS_WEIGHTS):
-            raise VitpruneError(f"the loss weights ({', '.join(LOSS_WEIGHTS)}) cannot all be 0", param=LOSS_WEIGHTS[0])
+            raise VitpruneError(f"the loss weights ({', '.join(LOSS_WEIGHTS)}) cannot all be 0", param=tuple(LOSS_WEIGHTS))
 
     def _check_data(self) -> None:
         check_whole(self.seed, "seed")

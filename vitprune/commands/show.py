@@ -44,7 +44,7 @@ class ShowRequest(ReducedModelSpec):
         check_whole(self.workers, "workers", 0)
         check_device(self.device)
         if not Path(self.images).exists():
-            raise VitpruneError(f"images not found: {self.images}", param="images")
+            raise VitpruneError(f"images {self.images} not found", param="images")
         if Path(self.images).is_file() and Path(self.images).suffix.lower() not in IMAGE_EXTENSIONS:
             raise VitpruneError(f"{self.images} is not an image file ({', '.join(sorted(IMAGE_EXTENSIONS))})",
                                 param="images")

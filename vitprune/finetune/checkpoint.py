@@ -163,7 +163,8 @@ class Checkpoint:
         changed = sorted(key for key in keys if checkpoint.settings.get(key) != settings.get(key))
         if changed:
             raise VitpruneError(f"other settings ({', '.join(changed)}) than the checkpoint in {work} was made with; "
-                                "run with those, or start over (force without resume)", param=changed[0])
+                                "run with those, or start over (force without resume)",
+                                param=(*changed, "force", "resume"))
         return checkpoint
 
     def restore(self, student: nn.Module, optimizer: torch.optim.Optimizer, ema: ModelEmaV3 | None,
