@@ -15,8 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from typer._click.core import ParameterSource  # typer vendors its own click
-from typer._click.globals import get_current_context
+try:  # recent typer releases vendor their own copy of click; older ones use click itself
+    from typer._click.core import ParameterSource
+    from typer._click.globals import get_current_context
+except ImportError:  # pragma: no cover - typer before it vendored click
+    from click import get_current_context
+    from click.core import ParameterSource
 
 from vitprune.errors import VitpruneError
 
