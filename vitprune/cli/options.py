@@ -99,7 +99,7 @@ def _config_names(context) -> dict:
     for param in context.command.params:
         if not param.opts or not param.opts[0].startswith("-") or param.name == "config":
             continue
-        for spelling in [param.name, *(opt.lstrip("-") for opt in param.opts if opt.startswith("--"))]:
+        for spelling in (opt.lstrip("-") for opt in param.opts if opt.startswith("--")):
             names[spelling] = names[spelling.replace("-", "_")] = names[spelling.replace("_", "-")] = param
     return names
 
@@ -127,7 +127,9 @@ def _read_config(path: Path, context, values: dict, sources: dict) -> None:
                                 f"command line without dashes, e.g. batch-size)")
         if sources[param.name] == "command line":
             continue
-        values[param.name] = _convert(raw, param.type_descriptor.annotation, key, path)
+        descriptor = getattr(param, "type_descriptor", None)  # typer's declared type (older typer: the default's)
+        annotation = descriptor.annotation if descriptor is not None else type(param.default or "")
+        values[param.name] = _convert(raw, annotation, key, path)
         sources[param.name] = "config file"
 
 
