@@ -273,13 +273,15 @@ def format_layers(layers: list[int]) -> str:
     return ",".join(f"{a}" if a == b else f"{a},{b}" if b == a + 1 else f"{a}-{b}" for a, b in runs)
 
 
-def parse_layers(text: str) -> list[int]:
-    """'3,6,9' or '3-11' or a mix -> [3, 6, 9]."""
+def parse_layers(text: str, where: str = "layers") -> list[int]:
+    """'3,6,9' or '3-11' or a mix -> [3, 6, 9]. `where`: the parameter the text came in (the layers
+    of a plan line come in `method`)."""
     layers: list[int] = []
     for part in (part.strip() for part in text.split(",")):
         start, _, end = part.partition("-") if "-" in part[1:] else (part, "", part)
         if not (start.strip().isdigit() and end.strip().isdigit()):
-            raise VitpruneError(f"cannot read layers {text!r}: use e.g. 3,6,9 or 3-11", param="layers")
+            named = "layers" if where == "layers" else f"the layers in {where}"
+            raise VitpruneError(f"cannot read {named} {text!r}: use e.g. 3,6,9 or 3-11", param=where)
         layers.extend(range(int(start), int(end) + 1))
     return layers
 
@@ -339,7 +341,7 @@ def _read_terms(text: str) -> tuple[list[tuple[str, dict, list[int] | None]], bo
             img_size = int(lowered[:-2])
         elif (match := _TERM.fullmatch(lowered)) is not None:
             spec = methods.get(match["method"])  # an unknown name fails here, naming the choices
-            layers = None if match["layers"] is None else parse_layers(match["layers"])
+            layers = None if match["layers"] is None else parse_layers(match["layers"], where="method")
             terms.append((spec.name, _read_settings(spec, match["settings"]), layers))
         else:
             raise VitpruneError(f"cannot read {term!r} in {text!r}: {PLAN_GRAMMAR}", param="method")
