@@ -101,7 +101,8 @@ def test_infinite_settings_are_refused_in_the_api():
 
 
 @pytest.mark.parametrize("edit,field", [
-    (lambda meta: {}, "field model"),
+    (lambda meta: {}, "field format must be a whole number"),
+    (lambda meta: {k: v for k, v in meta.items() if k != "model"}, "field model"),
     (lambda meta: [1, 2], "must be a JSON object"),
     (lambda meta: {k: v for k, v in meta.items() if k != "plan"}, "field plan is missing"),
     (lambda meta: {**meta, "model": {**meta["model"], "img_size": "big"}}, "model.img_size must be a whole number"),

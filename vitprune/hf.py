@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from vitprune.errors import VitpruneError
-from vitprune.models import create_model, file_sha256, load_checkpoint_state_dict, load_state_dict_into
+from vitprune.io import file_sha256
+from vitprune.models import create_model, load_checkpoint_state_dict, load_state_dict_into
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")

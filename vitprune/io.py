@@ -8,6 +8,7 @@ user's umask (0644 files, 0755 folders with umask 022), not the 0600/0700 of tem
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import secrets
 import shutil
@@ -16,6 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from vitprune.errors import VitpruneError
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in chunks (weights files run to gigabytes)."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def check_output_dir(path: str | Path, force: bool) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import hashlib
 import pickle
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from vitprune.checks import is_whole
 from vitprune.errors import VitpruneError
+from vitprune.io import file_sha256
 
 SUPPORTED_MODELS_HINT = (
     "vitprune supports timm VisionTransformer models with standard Block/Attention: "
@@ -103,11 +103,6 @@ def use_pre_logits(model: nn.Module) -> nn.Module:
     every command treats it as an embedding model. Returns the model."""
     model.reset_classifier(0)
     return model
-
-
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def load_checkpoint_state_dict(path: str | Path) -> dict[str, Tensor]:

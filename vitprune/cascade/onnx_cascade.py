@@ -18,8 +18,7 @@ from vitprune.cascade.model import CascadeModel
 from vitprune.cascade.schema import check_onnx_manifest
 from vitprune.cascade.thresholds import threshold_entry, threshold_of
 from vitprune.errors import VitpruneError
-from vitprune.io import atomic_output_dir
-from vitprune.models import file_sha256
+from vitprune.io import atomic_output_dir, file_sha256
 from vitprune.onnx_runtime import export_onnx, onnx_session, run_session
 
 ONNX_MANIFEST = "cascade_onnx.json"

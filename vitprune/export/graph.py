@@ -14,8 +14,7 @@ from torch import Tensor, nn
 from vitprune.artifact import artifact_metadata, load_artifact, save_weights
 from vitprune.errors import VitpruneError
 from vitprune.export.verify import verify_onnx
-from vitprune.io import writable_parent, write_error
-from vitprune.models import file_sha256
+from vitprune.io import file_sha256, writable_parent, write_error
 from vitprune.onnx_runtime import EXPORTER, export_onnx
 from vitprune.patch import model_img_size
 from vitprune.plan import Plan
