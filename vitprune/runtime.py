@@ -11,16 +11,15 @@ token counts of EViT and ToMe are constants in it, and `reduce-overhead` can cap
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from vitprune.errors import VitpruneError
+from vitprune.models import check_image_fits, device_memory_bytes, image_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -121,64 +120,16 @@ def first_call_seconds(model: nn.Module, images: Tensor) -> float:
     return time.perf_counter() - start
 
 
-# Memory: settings that cannot fit are refused before any work, naming the largest that can.
-FLOAT_BYTES = 4  # activations are float32 (autocast halves some; the estimate stays on the safe side)
-RESIDUAL_COPIES = 6  # the block input, its norm, q, k, v and the attention output, tokens x width each
-CGROUP_LIMIT = Path("/sys/fs/cgroup/memory.max")
-
-
-def device_memory_bytes(device: str | torch.device) -> int:
-    """All the memory a run on `device` can have: the GPU's, or the machine's (its cgroup's limit when lower)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    try:
-        limit = CGROUP_LIMIT.read_text().strip()
-    except OSError:
-        return total
-    return min(total, int(limit)) if limit.isdigit() else total
-
-
-def image_bytes(model: nn.Module, img_size: int) -> int:
-    """The activations one image at `img_size` holds at once in the widest block of `model` (no
-    reduction assumed): the residual stream and its copies, one head-stack of attention scores
-    (the reducers read them), the MLP's hidden layer; plus the image itself."""
-    patch = model.patch_embed.patch_size
-    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-    tokens = (img_size // patch) ** 2 + int(model.num_prefix_tokens)
-    block = model.blocks[0]
-    width, heads, hidden = block.attn.qkv.in_features, block.attn.num_heads, block.mlp.fc1.out_features
-    per_token = RESIDUAL_COPIES * width + hidden + heads * tokens
-    return FLOAT_BYTES * (tokens * per_token + 3 * img_size * img_size)
-
-
 def check_fits(model: nn.Module, *, batch: int, img_size: int, device: str | torch.device, batch_param: str,
                size_param: str | None = None) -> None:
     """Refuse a batch of `batch` images at `img_size` whose activations alone exceed all of `device`'s
     memory: `batch_param` (or, when one image cannot fit, `size_param`) is named with its largest
     value that could."""
     memory = device_memory_bytes(device)
+    check_image_fits(model, img_size, memory, size_param or batch_param, f"the {torch.device(device).type.upper()}")
     one = image_bytes(model, img_size)
-    where = f"the {torch.device(device).type.upper()}'s {memory / 2**30:.1f} GiB"
-    if one > memory and size_param is not None:
-        size = _largest_size(model, memory)
-        raise VitpruneError(f"input size {img_size} ({size_param}) cannot fit in memory: one image needs about "
-                            f"{one / 2**30:.1f} GiB of activations, more than {where}; the largest that fits is "
-                            f"about {size}", param=size_param)
     if batch * one > memory:
-        largest = max(memory // one, 1)
         raise VitpruneError(f"{batch_param} {batch} cannot fit in memory: {batch} images at {img_size} px need "
-                            f"about {batch * one / 2**30:.1f} GiB of activations, more than {where}; the largest "
-                            f"that fits is about {largest}", param=batch_param)
-
-
-def _largest_size(model: nn.Module, memory: int) -> int:
-    """The largest input size (a multiple of the patch size) whose one image fits in `memory`."""
-    patch = model.patch_embed.patch_size
-    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-    low, high = 1, 1 << 20  # in patches per side
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if image_bytes(model, middle * patch) <= memory else (low, middle - 1)
-    return low * patch
+                            f"about {batch * one / 2**30:.1f} GiB of activations, more than the "
+                            f"{torch.device(device).type.upper()}'s {memory / 2**30:.1f} GiB; the largest that fits "
+                            f"is about {max(memory // one, 1)}", param=batch_param)
