@@ -61,7 +61,7 @@ def check_work_dir(output: Path | None, *, force: bool, resume: bool) -> Path | 
     if work.exists() and not has_checkpoint:  # stopped before its first epoch ended: nothing to resume
         shutil.rmtree(work, ignore_errors=True)
     if resume and not has_checkpoint:
-        raise VitpruneError(f"resume: nothing to resume, no {CHECKPOINT_FILE} in {work}; run without resume",
+        raise VitpruneError(f"resume: nothing to resume, no {CHECKPOINT_FILE} in {work}; run again without it",
                             param="resume")
     if has_checkpoint and not resume and not force:
         raise VitpruneError(f"pass resume to continue the unfinished run in {work}, or force to start over",
