@@ -123,6 +123,8 @@ class WorkFolder:
     def _tidy(self) -> None:
         if self.path is not None and self.created and self.saved == 0:
             shutil.rmtree(self.path, ignore_errors=True)
+        elif self.path is not None:  # kept to resume: this run no longer writes it
+            (self.path / OWNER_FILE).unlink(missing_ok=True)
 
     def _with_hint(self, error: VitpruneError) -> VitpruneError:
         if self.path is None or self.saved == 0:
