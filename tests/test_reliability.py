@@ -322,6 +322,7 @@ def test_a_newer_format_is_refused_naming_both_versions(artifact):
 def test_deeply_nested_metadata_is_one_line(artifact, capsys):
     (artifact / "vitprune.json").write_text("[" * 100_000 + "]" * 100_000)
     assert_one_line_exit_2(["apply", str(artifact), "--method", "tome", "--r", "2"], "nested too deeply", capsys)
+    assert_one_line_exit_2(apply_args("--plan", str(artifact / "vitprune.json")), "cannot read plan", capsys)
 
 
 def test_the_one_file_form_carries_and_checks_the_hash_of_its_content(artifact, tmp_path):

@@ -198,7 +198,8 @@ def check_format(metadata: dict, source: str) -> None:
     if not isinstance(written, int) or isinstance(written, bool) or written < 1:
         raise VitpruneError(f"{source}: field format must be a whole number >= 1, got {written!r}")
     if written > ARTIFACT_FORMAT:
-        by = (metadata.get("versions") or {}).get("vitprune") if isinstance(metadata.get("versions"), dict) else None
+        versions_written = metadata.get("versions")
+        by = versions_written.get("vitprune") if isinstance(versions_written, dict) else None
         raise VitpruneError(f"{source} has artifact format {written}" + (f" (written by vitprune {by})" if by else "")
                             + f"; this vitprune {__version__} reads format {ARTIFACT_FORMAT} and older: upgrade "
                             "vitprune to load it")

@@ -90,7 +90,7 @@ def load_transformers(folder: str | Path, img_size: int | None = None) -> tuple[
 def _read_config(folder: Path) -> dict[str, Any]:
     try:
         config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise VitpruneError(f"cannot read {folder / CONFIG_FILE}: {error}", param="model") from None
     if not isinstance(config, dict):
         raise VitpruneError(f"{folder / CONFIG_FILE} is not a transformers config", param="model")

@@ -104,7 +104,7 @@ def _read_manifest(folder: Path) -> dict:
         manifest = json.loads(manifest_file.read_text())
     except FileNotFoundError:
         raise VitpruneError(f"{folder} is not an exported cascade: no {ONNX_MANIFEST}") from None
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+    except (OSError, ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deeply
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VitpruneError(f"cannot read {manifest_file}: {reason}") from None
     return check_onnx_manifest(manifest, str(manifest_file), MANIFEST_FORMAT)

@@ -54,7 +54,7 @@ def existing_report(report_path: Path, model_name: str, plan_text: str, force: b
         return None
     try:
         report = json.loads(report_path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         report = None
     if isinstance(report, dict) and report.get("model") == model_name and report.get("plan") == plan_text:
         return report
