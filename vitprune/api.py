@@ -58,15 +58,16 @@ def apply(model: nn.Module, plan: Plan | None = None, *, method: str | None = No
 
 
 def make_plan(method: str, depth: int, *, layers: list[int] | None = None, img_size: int | None = None,
-              head_only: bool = False, **settings: Any) -> Plan:
-    """The plan for one method at several layers of a `depth`-block model (see `vitprune.plan.make_plan`)."""
+              head_only: bool = False, tokens: int | None = None, **settings: Any) -> Plan:
+    """The plan `method` says (a method name or the plan grammar) for a `depth`-block model (see
+    `vitprune.plan.make_plan`)."""
     _check_text(method, "method")
     if not is_whole(depth, 1):
         raise VitpruneError(f"depth must be a whole number >= 1, got {depth!r}", param="depth")
     _check_layers(layers)
     _check_bool(head_only, "head_only")
     return _make_plan(method, depth, layers=None if layers is None else list(layers), img_size=img_size,
-                      head_only=head_only, **settings)
+                      head_only=head_only, tokens=tokens, **settings)
 
 
 def remove(model: nn.Module) -> nn.Module:
