@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from vitprune.artifact import model_identity, versions, write_artifact
 from vitprune.checks import check_whole
-from vitprune.commands.common import ReducedModelSpec, build_reduced, check_device
+from vitprune.commands.common import ReducedModelSpec, build_reduced, check_device, check_memory
 from vitprune.io import check_output_dir
 from vitprune.report import Evidence, compare, make_report, render_markdown
 from vitprune.runtime import Runtime
@@ -80,6 +80,7 @@ def run_apply(request: ApplyRequest) -> ApplyResult:
     """Build the reduced model, measure it against the base, and write the artifact if asked."""
     request.check()
     base, plan, reduced = build_reduced(request)
+    check_memory(reduced, request.device, batch_size=request.batch_size, bench_batches=request.bench_batches)
     base_model, reduced = base.model.to(request.device), reduced.to(request.device)
     images = labels = base_images = batches = None
     if is_dataset(request.data):
