@@ -30,7 +30,7 @@ def check_outputs(onnx: Path, safetensors: Path | None, force: bool) -> None:
         raise VitpruneError("safetensors names the same file as onnx", param="safetensors")
     for path in map(Path, outputs):
         if path.is_dir():
-            raise VitpruneError(f"output {path} is a folder; give a file name")
+            raise VitpruneError(f"output {path} is a folder; give a file name", param="output")
         if path.exists() and not force:
             raise VitpruneError(f"output file {path} already exists; pass force to replace it", param=("output", "force"))
         _probe_folder(path, writable_parent(path))
