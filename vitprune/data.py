@@ -135,9 +135,19 @@ def _read_labels_csv(root: Path, labels_csv: Path) -> ImageSet:
         raise VitpruneError(f"{labels_csv} needs the columns {','.join(LABELS_CSV_COLUMNS)} (found: {found})")
     if not rows:
         raise VitpruneError(f"no images listed in {labels_csv}")
-    entries = [_labels_csv_entry(root, labels_csv, line, row) for line, row in enumerate(rows, start=2)]
-    entries.sort(key=lambda entry: entry[0])
-    return ImageSet([file for file, _ in entries], [label for _, label in entries], "labels_csv")
+    entries: dict[Path, tuple[int, int]] = {}  # file (resolved) -> (class, the line that first listed it)
+    files: dict[Path, Path] = {}
+    for line, row in enumerate(rows, start=2):
+        file, label = _labels_csv_entry(root, labels_csv, line, row)
+        key = file.resolve()
+        if key in entries and entries[key][0] != label:
+            raise VitpruneError(f"{labels_csv} line {line} lists {file.name} as class {label}, but line "
+                                f"{entries[key][1]} lists it as class {entries[key][0]}: give each file one class")
+        # An exact repeat (same file, same class) says the same thing twice: the image counts once.
+        entries.setdefault(key, (label, line))
+        files.setdefault(key, file)
+    ordered = sorted(entries, key=lambda key: files[key])
+    return ImageSet([files[key] for key in ordered], [entries[key][0] for key in ordered], "labels_csv")
 
 
 def _labels_csv_entry(root: Path, labels_csv: Path, line: int, row: dict[str, Any]) -> tuple[Path, int]:
