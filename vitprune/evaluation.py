@@ -46,8 +46,7 @@ class Evidence:
     images: Tensor | None = None
     labels: Tensor | None = None
     base_images: Tensor | None = None
-    batches: Iterable[Batch] | None = None
-    n_images: int | None = None  # images the stream holds, when known before reading it (progress)
+    batches: Iterable[Batch] | None = None  # an ImageStream's `count` sizes the progress bar
     data_path: str | None = None
     bench_batches: tuple[int, ...] = ()
     bench_repeats: int = 10
@@ -123,7 +122,7 @@ def _per_image_terms(base: nn.Module, reduced: nn.Module, runs: tuple[nn.Module,
     first: tuple[Tensor, Tensor] | None = None
     device = torch.device(evidence.device)
     with progress_bar(evidence.progress) as bar:
-        task = bar.add_task("Base and reduced model", total=evidence.n_images)
+        task = bar.add_task("Base and reduced model", total=getattr(evidence.batches, "count", None))
         for images, base_images, labels in evidence.stream():
             base_images = images if base_images is None else base_images
             first = first or (images, base_images)

@@ -56,8 +56,9 @@ def figures_table(report: dict) -> ReportTable:
         table.add("images", str(report["data"]["n_images"]), str(report["data"]["n_images"]))
     for k in (1, 5):
         if f"top{k}" in report:
+            change = report[f"top{k}"] - report[f"top{k}_base"]
             table.add(f"top-{k} %", f"{report[f'top{k}_base']:.2f}",
-                      f"{report[f'top{k}']:.2f} ({-report[f'top{k}_drop']:+.2f}{_drop_interval(report, f'top{k}_drop')})")
+                      f"{report[f'top{k}']:.2f} ({change:+.2f}{_drop_interval(report, f'top{k}_drop')})")
     if "agreement" in report:
         table.add("top-1 agreement with base %", "100", f"{report['agreement']:.2f}{_interval(report, 'agreement', '.2f')}")
         table.add("mean KL(base ‖ reduced)", "0", f"{report['kl']:.4f}{_interval(report, 'kl', '.4f')}")
@@ -85,8 +86,10 @@ def _drop_interval(report: dict, key: str) -> str:
     bounds = report.get(f"{key}_ci95")
     if not bounds:
         return ""
+    if bounds[0] == bounds[1] == 0:
+        return ", the same on every image"
     verdict = "; the images cannot tell" if bounds[0] <= 0 <= bounds[1] else ""
-    return f", 95% CI {-bounds[1]:+.2f}..{-bounds[0]:+.2f}{verdict}"
+    return f", 95% CI {0.0 - bounds[1]:+.2f}..{0.0 - bounds[0]:+.2f}{verdict}"
 
 
 def _token_score_lines(scores: list[dict]) -> list[str]:

@@ -2,7 +2,6 @@
 folder; an image folder or a dataset timm reads."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from vitprune.hf import is_transformers_folder, load_transformers
 from vitprune.models import create_model, use_pre_logits
 from vitprune.patch import model_img_size, plan_of, remove_plan
 from vitprune.plan import Plan
-from vitprune.timm_datasets import Batch, DatasetOptions, find_image_set, stream_batches
+from vitprune.timm_datasets import DatasetOptions, ImageStream, find_image_set, stream_batches
 
 
 @dataclass
@@ -93,7 +92,7 @@ def load_eval_images(base: nn.Module, reduced: nn.Module, data: Path, *, limit: 
 
 def stream_eval_images(base: nn.Module, reduced: nn.Module, data: str | Path, options: DatasetOptions, *,
                        limit: int | None, workers: int, batch_size: int, shard: tuple[int, int] = (0, 1),
-                       pin_memory: bool = False) -> Iterator[Batch]:
+                       pin_memory: bool = False) -> ImageStream:
     """Batches of an image folder or a dataset (hfds/, wds/, .tar) for the reduced model, with the base
     model's input when its size differs, decoded while they are evaluated (every evaluation's path)."""
     transforms = [transform_for(reduced)]

@@ -121,9 +121,21 @@ class HeldImage(StoredImage):
         return self.name
 
 
+@dataclass
+class ImageStream:
+    """Batches read once as they are used, and how many images they hold when known before reading
+    (not for a wds/ stream)."""
+
+    batches: Iterator[Batch]
+    count: int | None
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.batches
+
+
 def stream_batches(data: str | Path, options: DatasetOptions, transforms: list[Callable[[Image.Image], Tensor]], *,
                    limit: int | None, seed: int = 0, batch_size: int, workers: int, num_classes: int = 0,
-                   shard: tuple[int, int] = (0, 1), pin_memory: bool = False) -> Iterator[Batch]:
+                   shard: tuple[int, int] = (0, 1), pin_memory: bool = False) -> ImageStream:
     """Preprocessed batches of an image folder or a dataset, one transform per model input size (one
     or two), decoded by `workers` DataLoader processes while the caller computes: (images, images for
     the second transform or None, labels or None). Nothing but the batches in flight is held.
@@ -141,14 +153,15 @@ def stream_batches(data: str | Path, options: DatasetOptions, transforms: list[C
         dataset.transform = pair
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate_stream,
                             pin_memory=pin_memory)
-        return _checked(str(data), _first_images(loader, limit), must_yield=True)
+        return ImageStream(_checked(str(data), _first_images(loader, limit), must_yield=True), None)
     image_set = find_image_set(data, options, limit=limit, seed=seed)
     check_labels(image_set, num_classes)
     count = len(image_set)
     image_set = image_set.subset(range(count * rank // processes, count * (rank + 1) // processes))
     loader = DataLoader(ImageDataset(image_set, pair), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate_items, pin_memory=pin_memory)
-    return _checked(str(data), _unlabelled(loader) if image_set.labels is None else loader, must_yield=False)
+    batches = _unlabelled(loader) if image_set.labels is None else loader
+    return ImageStream(_checked(str(data), batches, must_yield=False), len(image_set))
 
 
 class _Pair:

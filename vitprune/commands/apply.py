@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from vitprune.artifact import model_identity, versions, write_artifact
@@ -87,6 +88,8 @@ def run_apply(request: ApplyRequest) -> ApplyResult:
 
 
 def _apply(request: ApplyRequest, job: Distributed) -> ApplyResult:
+    if job.world_size > 1:
+        torch.manual_seed(0)  # the same random init on every process (no_pretrained)
     base, plan, reduced = build_reduced(request)
     device = str(job.device)
     base_model, reduced = base.model.to(device), reduced.to(device)
