@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from vitprune.cli import run
+from vitprune.data import leave_stops_to_main
 from vitprune.evaluation import Evidence, classification_figures, compare
 from vitprune.metrics import mean_interval, prediction_terms, proportion_interval
 
@@ -110,3 +112,23 @@ def test_unreadable_image_in_the_middle(tmp_path: Path, checkpoint: Path, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot read image ") and "010.png" in err and "\n" not in err
     assert not out.exists()
+
+
+class _SignalHandlers(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> tuple:
+        return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+
+def test_workers_leave_ctrl_c_to_the_main_process() -> None:
+    """A terminal's Ctrl-C reaches every worker too: they ignore it (and SIGTERM), so only the main
+    process prints its one line and stops them (checked by hand on a whole process group, docs/inputs.md)."""
+    previous = signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        loader = torch.utils.data.DataLoader(_SignalHandlers(), num_workers=1, worker_init_fn=leave_stops_to_main,
+                                             collate_fn=lambda items: items[0])
+        assert list(loader) == [(signal.SIG_IGN, signal.SIG_IGN)]
+    finally:
+        signal.signal(signal.SIGINT, previous)

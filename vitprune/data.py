@@ -6,6 +6,7 @@ import csv
 import io
 import random
 import re
+import signal
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -247,6 +248,14 @@ class ImageDataset(Dataset):
             return None, label, f"cannot transform image {file}: {_first_line(error)}"
 
 
+def leave_stops_to_main(_worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a worker ignores Ctrl-C and SIGTERM (a terminal sends them to every
+    process of the job), so that only the main process answers with its one line and stops the
+    workers; a worker keeping the CLI's handler would print a traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def open_image(file: Path | StoredImage) -> Image.Image:
     """A file of the image set, opened (not yet decoded for a file)."""
     return file.open() if isinstance(file, StoredImage) else Image.open(file)
@@ -283,6 +292,7 @@ def load_images(
         shuffle=False,
         num_workers=num_workers,
         collate_fn=collate_images,
+        worker_init_fn=leave_stops_to_main,
     )
     images: Tensor | None = None
     filled = 0

@@ -31,6 +31,7 @@ from vitprune.data import (
     check_labels,
     class_indices,
     find_images,
+    leave_stops_to_main,
     random_subset,
 )
 from vitprune.errors import VitpruneError
@@ -152,14 +153,14 @@ def stream_batches(data: str | Path, options: DatasetOptions, transforms: list[C
         dataset = _create(str(data), options)
         dataset.transform = pair
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate_stream,
-                            pin_memory=pin_memory)
+                            pin_memory=pin_memory, worker_init_fn=leave_stops_to_main)
         return ImageStream(_checked(str(data), _first_images(loader, limit), must_yield=True), None)
     image_set = find_image_set(data, options, limit=limit, seed=seed)
     check_labels(image_set, num_classes)
     count = len(image_set)
     image_set = image_set.subset(range(count * rank // processes, count * (rank + 1) // processes))
     loader = DataLoader(ImageDataset(image_set, pair), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate_items, pin_memory=pin_memory)
+                        collate_fn=_collate_items, pin_memory=pin_memory, worker_init_fn=leave_stops_to_main)
     batches = _unlabelled(loader) if image_set.labels is None else loader
     return ImageStream(_checked(str(data), batches, must_yield=False), len(image_set))
 
