@@ -77,8 +77,7 @@ def test_streamed_figures_match_held_images() -> None:
     measured = compare(base, base, Evidence(images=images, labels=labels, batch_size=3, progress=False))
     with torch.inference_mode():
         logits = base(images)
-    whole = classification_figures({key.replace("reference_", "base_"): value
-                                    for key, value in prediction_terms(logits, logits, labels).items()})
+    whole = classification_figures(prediction_terms(logits, logits, labels))
     assert measured["data"]["n_images"] == 10
     for key in ("top1", "top5", "top1_drop", "top1_drop_ci95", "agreement", "agreement_ci95"):
         assert measured[key] == whole[key], key

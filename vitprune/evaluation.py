@@ -131,7 +131,7 @@ def _per_image_terms(base: nn.Module, reduced: nn.Module, runs: tuple[nn.Module,
             base_out = _predict(runs[0], base_images, evidence)
             reduced_out = _predict(runs[1], images, evidence)
             batch_terms = ({"embedding": reduced_out, "base_embedding": base_out} if embedding
-                           else _prefixed(prediction_terms(reduced_out, base_out, labels)))
+                           else prediction_terms(reduced_out, base_out, labels))
             for key, model, inputs in (("macs_base", base, base_images), ("macs", reduced, images)):
                 if _varies(model):
                     batch_terms[key] = count_macs(model, inputs).gmacs_per_image.double().cpu()
@@ -139,11 +139,6 @@ def _per_image_terms(base: nn.Module, reduced: nn.Module, runs: tuple[nn.Module,
                 parts.setdefault(key, []).append(value)
             bar.advance(task, len(images))
     return {key: torch.cat(values) for key, values in parts.items()}, first
-
-
-def _prefixed(terms: Terms) -> Terms:
-    """metrics' `reference_` terms are the base model's here."""
-    return {key.replace("reference_", "base_"): value for key, value in terms.items()}
 
 
 def _held_batches(evidence: Evidence) -> Iterator[Batch]:
@@ -181,17 +176,17 @@ def _rounded(interval: tuple[float, float] | None, scale: float, digits: int) ->
 
 
 def classification_figures(terms: Terms) -> dict:
-    """top-1/top-5 of both (with labels) and each drop with its paired 95% interval (normal
+    """From `vitprune.metrics.prediction_terms` (the reference is the base): top-1/top-5 of both (with labels) and each drop with its paired 95% interval (normal
     approximation over the per-image differences); agreement with the base (Wilson interval) and
     mean KL(base || reduced) (normal approximation)."""
     out: dict = {"output": "logits"}
     if "hit1" in terms:
         for k in (1, 5):
-            base_hits, hits = terms[f"base_hit{k}"].double(), terms[f"hit{k}"].double()
+            base_hits, hits = terms[f"reference_hit{k}"].double(), terms[f"hit{k}"].double()
             out[f"top{k}_base"], out[f"top{k}"] = round(float(base_hits.mean()) * 100, 2), round(float(hits.mean()) * 100, 2)
             out[f"top{k}_drop"] = round(out[f"top{k}_base"] - out[f"top{k}"], 2)
             out[f"top{k}_drop_ci95"] = _rounded(mean_interval(base_hits - hits), 100, 2)
-    agree = terms["pred"] == terms["base_pred"]
+    agree = terms["pred"] == terms["reference_pred"]
     out["agreement"] = round(float(agree.double().mean()) * 100, 2)
     out["agreement_ci95"] = _rounded(proportion_interval(agree), 100, 2)
     out["kl"] = round(float(terms["kl"].mean()), 5)
