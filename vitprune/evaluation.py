@@ -64,6 +64,12 @@ class Evidence:
     def runtime(self) -> Runtime:
         return Runtime(device=self.device, dtype=self.dtype, compile=self.compile, compile_mode=self.compile_mode)
 
+    def count(self) -> int | None:
+        """The images to evaluate, when known before reading them (not for a wds/ stream)."""
+        if self.batches is not None:
+            return getattr(self.batches, "count", None)
+        return None if self.images is None else len(self.images)
+
     def stream(self) -> Iterable[Batch]:
         """The batches: the stream given, or the held images cut into batches."""
         if self.batches is not None:
@@ -122,7 +128,7 @@ def _per_image_terms(base: nn.Module, reduced: nn.Module, runs: tuple[nn.Module,
     first: tuple[Tensor, Tensor] | None = None
     device = torch.device(evidence.device)
     with progress_bar(evidence.progress) as bar:
-        task = bar.add_task("Base and reduced model", total=getattr(evidence.batches, "count", None))
+        task = bar.add_task("Base and reduced model", total=evidence.count())
         for images, base_images, labels in evidence.stream():
             base_images = images if base_images is None else base_images
             first = first or (images, base_images)
