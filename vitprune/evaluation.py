@@ -127,6 +127,8 @@ def _per_image_terms(base: nn.Module, reduced: nn.Module, runs: tuple[nn.Module,
     parts: dict[str, list[Tensor]] = {}
     first: tuple[Tensor, Tensor] | None = None
     device = torch.device(evidence.device)
+    if evidence.batches is None and evidence.images is None:
+        return {}, None  # GMACs (and latency on random images) only
     with progress_bar(evidence.progress) as bar:
         task = bar.add_task("Base and reduced model", total=evidence.count())
         for images, base_images, labels in evidence.stream():
