@@ -7,12 +7,12 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from vitprune.artifact import identity_info, load_artifact, read_metadata
+from vitprune.artifact import identity_info, read_artifact
 from vitprune.data import ImageSet, check_labels, load_images, transform_for
 from vitprune.errors import VitpruneError
 from vitprune.hf import is_transformers_folder, load_transformers
 from vitprune.models import create_model, use_pre_logits
-from vitprune.patch import model_img_size, plan_of, remove_plan
+from vitprune.patch import model_img_size
 from vitprune.plan import Plan
 from vitprune.timm_datasets import DatasetOptions, ImageStream, find_image_set, stream_batches
 
@@ -48,13 +48,10 @@ def _load_base(source: str, checkpoint: Path | None, no_pretrained: bool, img_si
         if checkpoint is not None:
             raise VitpruneError("checkpoint applies to model names only: an artifact carries its own weights",
                                 param="checkpoint")
-        metadata = read_metadata(source)
-        model = load_artifact(source)
-        plan = plan_of(model)
-        remove_plan(model)
-        if img_size is not None and img_size != metadata["model"]["img_size"]:
-            model.set_input_size(img_size=img_size)
-        return BaseModel(model=model, info=identity_info(metadata), artifact_plan=plan)
+        artifact = read_artifact(source)  # the base and its plan: the plan is applied once, by the command
+        if img_size is not None and img_size != artifact.metadata["model"]["img_size"]:
+            artifact.model.set_input_size(img_size=img_size)
+        return BaseModel(model=artifact.model, info=identity_info(artifact.metadata), artifact_plan=artifact.plan)
     if is_transformers_folder(source):
         if checkpoint is not None:
             raise VitpruneError("checkpoint applies to model names only: a transformers folder carries its own "

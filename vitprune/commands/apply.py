@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from vitprune.artifact import model_identity, versions, write_artifact
 from vitprune.checks import check_whole
-from vitprune.commands.common import ReducedModelSpec, build_reduced, check_device
+from vitprune.commands.common import ReducedModelSpec, build_reduced, check_device, check_memory
 from vitprune.evaluation import Evidence, evaluate
 from vitprune.finetune.distributed import Distributed, distributed_job
 from vitprune.io import check_output_dir
@@ -92,6 +92,7 @@ def _apply(request: ApplyRequest, job: Distributed) -> ApplyResult:
         torch.manual_seed(0)  # the same random init on every process (no_pretrained)
     base, plan, reduced = build_reduced(request)
     device = str(job.device)
+    check_memory(reduced, device, batch_size=request.batch_size, bench_batches=request.bench_batches)
     base_model, reduced = base.model.to(device), reduced.to(device)
     batches = None
     if request.data is not None:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from vitprune.artifact import model_identity, report_json, versions
 from vitprune.checks import check_whole
-from vitprune.commands.common import ReducedModelSpec, build_reduced
+from vitprune.commands.common import ReducedModelSpec, build_reduced, check_memory
 from vitprune.errors import VitpruneError
 from vitprune.evaluation import Evidence, compare
 from vitprune.export import (
@@ -88,6 +88,8 @@ def run_export(request: ExportRequest) -> dict:
     Nothing is written unless every step succeeds. Returns the report."""
     request.check()
     base, plan, reduced = build_reduced(request)
+    check_memory(reduced, "cpu", batch=parse_batch(request.batch), verify_batch=request.verify_batch,
+                 bench_batches=request.bench_batches)
     reduced.eval()
     report_path = Path(request.onnx).resolve().parent / "report.json"
     identity = model_identity(reduced, base.info)
