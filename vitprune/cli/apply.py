@@ -90,6 +90,8 @@ def apply(
         "bench_batches": lambda values: parse_batches(values["bench_batch"]) if values["bench"] else ()})
     set_threads(threads)
     result = run_apply(request)
+    if not result.is_main:
+        return  # torchrun: rank 0 prints
     if json_out:
         emit_json(result.report)
         return
