@@ -14,11 +14,11 @@ from typing import Any
 import safetensors.torch
 import timm
 import torch
-from timm.layers import Attention
 from timm.models import vision_transformer
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from vitprune.blocks import block_kind
 from vitprune.checks import is_whole
 from vitprune.errors import VitpruneError
 
@@ -70,16 +70,35 @@ def _check_pretrained_tag(architecture: str, tag: str) -> None:
         raise VitpruneError(f"unknown pretrained tag {tag!r} for {architecture}; available tags: {available}")
 
 
+# Why the timm ViT classes and blocks vitprune does not reduce are refused (the part that blocks it).
+UNSUPPORTED_PARTS = {
+    "Eva": "rotary position embeddings (EVA-02, DINOv3, Perception Encoder, RoPE ViTs), which vitprune does not "
+           "carry through reduced tokens",
+    "Beit": "a relative position bias over all token pairs, which vitprune does not gather for reduced tokens",
+    "VisionTransformerRelPos": "a relative position bias over all token pairs, which vitprune does not gather for "
+                               "reduced tokens",
+    "NaFlexVit": "variable-length patch sequences with padding masks, which vitprune's token state does not take",
+    "ParallelScalingBlock": "attention and MLP in parallel on the same tokens, so no reduction can sit between them",
+    "DiffParallelScalingBlock": "attention and MLP in parallel on the same tokens, so no reduction can sit between "
+                                "them",
+    "ParallelThingsBlock": "attention and MLP in parallel on the same tokens, so no reduction can sit between them",
+    "DiffAttention": "differential attention (the difference of two softmax maps), which vitprune's attention "
+                     "scores do not compute",
+}
+
+
 def is_supported_vit(model: nn.Module) -> str | None:
-    """None when vitprune can reduce tokens in ``model``, else a short reason such as 'found ResNet'."""
+    """None when vitprune can reduce tokens in ``model``, else a short reason naming the part that
+    blocks it, such as 'found ResNet'."""
     if not isinstance(model, VisionTransformer):
-        return f"found {type(model).__name__}"
-    # Reducers patch timm's own Block/Attention forward, so subclasses and look-alikes are refused.
+        name = type(model).__name__
+        return f"found {name}" + (f" with {UNSUPPORTED_PARTS[name]}" if name in UNSUPPORTED_PARTS else "")
+    # The adapter cuts blocks it knows (vitprune.blocks); subclasses and look-alikes are refused.
     for block in model.blocks:
-        if type(block) is not Block:
-            return f"found {type(model).__name__} with {type(block).__name__} blocks"
-        if type(block.attn) is not Attention:
-            return f"found {type(model).__name__} with {type(block.attn).__name__} attention"
+        if block_kind(block) is None:
+            part = block if type(block).__name__ in UNSUPPORTED_PARTS else getattr(block, "attn", block)
+            why = UNSUPPORTED_PARTS.get(type(part).__name__, "which vitprune cannot cut between attention and MLP")
+            return f"found {type(model).__name__} with {type(part).__name__} ({why})"
     return None
 
 
@@ -241,6 +260,15 @@ def patch_size_of(model: nn.Module) -> int:
     """The side of the model's square patches in pixels."""
     patch = model.patch_embed.patch_size
     return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+
+
+def input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of the images the model is built for: non-square sizes and hybrid
+    stems (a CNN before the patch projection) too."""
+    embed = model.patch_embed
+    first_conv = next(module for module in embed.modules() if isinstance(module, nn.Conv2d))
+    height, width = (embed.img_size, embed.img_size) if isinstance(embed.img_size, int) else embed.img_size
+    return int(first_conv.in_channels), int(height), int(width)
 
 
 def _check_patch_multiple(model: nn.Module, img_size: int | None) -> None:
