@@ -40,6 +40,21 @@ class ReducedVisionTransformer:
             raise VitpruneError("a token-reduced ViT does not take an attention mask")
         return self.vitprune_blocks(self.vitprune_embed(x))
 
+    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
+        raise VitpruneError(DENSE_REFUSAL.format(what="forward_intermediates"))
+
+    def get_intermediate_layers(self, *args: Any, **kwargs: Any) -> Any:
+        raise VitpruneError(DENSE_REFUSAL.format(what="get_intermediate_layers"))
+
+    def prune_intermediate_layers(self, *args: Any, **kwargs: Any) -> Any:
+        raise VitpruneError(DENSE_REFUSAL.format(what="prune_intermediate_layers"))
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        """Pickle (torch.save, copy.deepcopy) by the timm class: the reduced class is made at run
+        time, so pickle could not find it by name; `_new_reduced` makes it again on loading."""
+        _, _, *state = object.__reduce_ex__(self, max(protocol, 2))
+        return (_new_reduced, (original_class(self),), *state)
+
     def vitprune_forward(self, x: Tensor, pad_to: int | None = None) -> Tensor:
         """Logits, with per-image methods (ATS) padding every batch to `pad_to` patch tokens: static
         shapes for graph export (`vitprune.export`)."""
@@ -167,6 +182,9 @@ class ReducedVisionTransformer:
 
 
 HEAD_ONLY = "head"  # the trace's mark of the head-only last block
+# timm's dense outputs run timm's own blocks: on a reduced model they would be the unreduced model's
+DENSE_REFUSAL = ("{what} would run timm's unreduced blocks, not this token-reduced model; call it on the "
+                 "unreduced model (vitprune.remove(model)), or use forward_features for the reduced tokens")
 
 
 @dataclass(frozen=True)
@@ -259,6 +277,12 @@ def _reduced_class(base: type) -> type:
     if base not in _REDUCED_CLASSES:
         _REDUCED_CLASSES[base] = type(f"Reduced{base.__name__}", (ReducedVisionTransformer, base), {})
     return _REDUCED_CLASSES[base]
+
+
+def _new_reduced(base: type) -> nn.Module:
+    """An empty instance of the reduced subclass of `base`, for unpickling (see `__reduce_ex__`)."""
+    cls = _reduced_class(base)
+    return cls.__new__(cls)
 
 
 def original_class(model: nn.Module) -> type:
