@@ -78,6 +78,8 @@ UNSUPPORTED_PARTS = {
     "VisionTransformerRelPos": "a relative position bias over all token pairs, which vitprune does not gather for "
                                "reduced tokens",
     "NaFlexVit": "variable-length patch sequences with padding masks, which vitprune's token state does not take",
+    "VisionTransformerSAM": "windowed attention with a relative position bias and a convolutional neck (SAM's "
+                            "image encoder, for dense prediction)",
     "ParallelScalingBlock": "attention and MLP in parallel on the same tokens, so no reduction can sit between them",
     "DiffParallelScalingBlock": "attention and MLP in parallel on the same tokens, so no reduction can sit between "
                                 "them",
