@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vitprune.blocks import block_kind
 from vitprune.errors import VitpruneError
 from vitprune.models import has_class_token, input_shape, is_supported_vit
-from vitprune.patch import HEAD_ONLY, record_tokens
+from vitprune.patch import HEAD_ONLY, carried_channels, record_tokens
 from vitprune.plan import Reduction
 
 
@@ -48,11 +48,12 @@ class BlockCosts:
     attn_dim: int  # q k^T and attn v each cost attn_dim per query-key pair
     head_dim: int  # the width of one head's keys (ToMe's similarity metric)
     num_heads: int
-    width: int  # the tokens' width (what a merge sums)
+    width: int  # the tokens' width and what rides with them (rotary embeddings): what a merge sums
 
 
-def block_costs(block: nn.Module) -> BlockCosts:
-    """`block`'s per-token costs, counted by FlopCounterMode on one token through each of its layers."""
+def block_costs(block: nn.Module, carried: int = 0) -> BlockCosts:
+    """`block`'s per-token costs, counted by FlopCounterMode on one token through each of its layers;
+    `carried`: channels riding with the tokens through reductions (`carried_channels`)."""
     kind = block_kind(block)
     param = next(block.parameters())
     token = torch.zeros(1, 1, kind.width(block), device=param.device, dtype=param.dtype)
@@ -60,7 +61,8 @@ def block_costs(block: nn.Module) -> BlockCosts:
     out = _counted_macs(block, kind.attention_output, block, token.new_zeros(1, 1, kind.attn_dim(block)), token)
     return BlockCosts(query=query, key_value=key_value, out=out,
                       mlp=_counted_macs(block, block.mlp, token), attn_dim=kind.attn_dim(block),
-                      head_dim=kind.head_dim(block), num_heads=kind.num_heads(block), width=token.shape[-1])
+                      head_dim=kind.head_dim(block), num_heads=kind.num_heads(block),
+                      width=token.shape[-1] + carried)
 
 
 def block_macs(costs: BlockCosts, n_in: Tensor, n_query: Tensor, n_out: Tensor, head_only: bool = False) -> Tensor:
@@ -132,7 +134,8 @@ class ModelCosts:
 
 
 def model_costs(model: nn.Module) -> ModelCosts:
-    return ModelCosts([block_costs(block) for block in model.blocks], outside_blocks(model))
+    carried = carried_channels(model)
+    return ModelCosts([block_costs(block, carried) for block in model.blocks], outside_blocks(model))
 
 
 def model_input(model: nn.Module, batch: int = 1) -> Tensor:
@@ -161,9 +164,10 @@ def count_macs(model: nn.Module, images: Tensor | None = None) -> MacsReport:
         num_prefix, class_token = model.num_prefix_tokens, has_class_token(model)
         per_image = outside_blocks(model, images[:1]).macs(trace[-1]["n_out"]).expand(images.shape[0]).clone()
         costs: dict[int, BlockCosts] = {}
+        carried = carried_channels(model)
         for entry in trace:
             block = model.blocks[entry["layer"]]
-            cost = costs.setdefault(id(block), block_costs(block))
+            cost = costs.setdefault(id(block), block_costs(block, carried))
             per_image += block_macs(cost, entry["n_in"], entry["n_query"], entry["n_out"],
                                     head_only=entry["reduction"] == HEAD_ONLY)
             if isinstance(entry["reduction"], Reduction):

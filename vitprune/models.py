@@ -15,6 +15,7 @@ import safetensors.torch
 import timm
 import torch
 from timm.models import vision_transformer
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -72,8 +73,9 @@ def _check_pretrained_tag(architecture: str, tag: str) -> None:
 
 # Why the timm ViT classes and blocks vitprune does not reduce are refused (the part that blocks it).
 UNSUPPORTED_PARTS = {
-    "Eva": "rotary position embeddings (EVA-02, DINOv3, Perception Encoder, RoPE ViTs), which vitprune does not "
-           "carry through reduced tokens",
+    "rope_mixed": "mixed (learned, per block and head) rotary embeddings, which vitprune does not carry through "
+                  "reduced tokens",
+    "EvaBlockPostNorm": "post-norm Eva blocks, which vitprune's block kinds do not cut",
     "Beit": "a relative position bias over all token pairs, which vitprune does not gather for reduced tokens",
     "VisionTransformerRelPos": "a relative position bias over all token pairs, which vitprune does not gather for "
                                "reduced tokens",
@@ -92,8 +94,13 @@ UNSUPPORTED_PARTS = {
 def is_supported_vit(model: nn.Module) -> str | None:
     """None when vitprune can reduce tokens in ``model``, else a short reason naming the part that
     blocks it, such as 'found ResNet'."""
-    if not isinstance(model, VisionTransformer):
-        name = type(model).__name__
+    name = type(model).__name__
+    if isinstance(model, Eva):
+        if getattr(model, "rope_mixed", False):
+            return f"found {name} with {UNSUPPORTED_PARTS['rope_mixed']}"
+        if model.patch_drop is not None:
+            return f"found {name} with patch dropout, whose kept patches vitprune's rotary embeddings do not follow"
+    elif not isinstance(model, VisionTransformer):
         return f"found {name}" + (f" with {UNSUPPORTED_PARTS[name]}" if name in UNSUPPORTED_PARTS else "")
     # The adapter cuts blocks it knows (vitprune.blocks); subclasses and look-alikes are refused.
     for block in model.blocks:

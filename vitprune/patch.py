@@ -21,8 +21,8 @@ from vitprune.errors import VitpruneError
 from vitprune.methods import BlockContext, TokenState
 from vitprune.models import is_supported_vit
 from vitprune.plan import Plan, Reduction, make_plan
-from vitprune.reducers import attention_probs, gather_tokens
-from vitprune.reducers.sources import gather_sources, initial_sources, split_sources, with_sources
+from vitprune.reducers import attention_probs, gather_tokens, token_rotations, unit_rotations
+from vitprune.reducers.sources import gather_sources, initial_sources
 
 
 class ReducedVisionTransformer:
@@ -62,10 +62,11 @@ class ReducedVisionTransformer:
 
     def vitprune_embed(self, x: Tensor) -> Tensor:
         """Images -> the tokens entering block 0."""
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        return self.norm_pre(x)
+        return _embed(self, x)
+
+    def vitprune_rope(self) -> Tensor | None:
+        """timm's rotary embeddings of the patch tokens (N, 2D) on rotary models (Eva), else None."""
+        return _patch_rotations(self)
 
     def vitprune_blocks(self, x: Tensor, start: int = 0, num_input_tokens: int | None = None,
                         pad_to: int | None = None) -> Tensor:
@@ -74,7 +75,12 @@ class ReducedVisionTransformer:
         Eager per-image methods pack the real tokens of a batch (one image has no padding to skip);
         graph capture and `pad_to` use the padded form, whose shapes a graph can hold."""
         num_input_tokens = x.shape[1] if num_input_tokens is None else num_input_tokens
-        state = TokenState()
+        rope = self.vitprune_rope()
+        if rope is not None and rope.shape[-2] != x.shape[1] - self.num_prefix_tokens:
+            raise VitpruneError("a reduced rotary model (Eva) runs at its own input size; set img_size to change it",
+                                param="img_size")
+        state = TokenState(rope=None if rope is None else token_rotations(rope, self.num_prefix_tokens, x.shape[0]))
+        rope_width = x.shape[1]  # the tokens timm's rotations are for
         if getattr(self, "_vitprune_sources", False):  # source tracking (record_tokens(sources=True))
             state.source = initial_sources(x, self.num_prefix_tokens)
         last = len(self.blocks) - 1
@@ -84,8 +90,9 @@ class ReducedVisionTransformer:
             reduction = self.vitprune_plan.at(layer)
             head_only = layer == last and self.vitprune_plan.head_only
             reduction = None if head_only else reduction
-            if reduction is None and state.is_plain and not head_only:
-                x = block(x)  # timm's own forward: an unreduced block stays bit-identical
+            # timm's own forward takes timm's rotations, which match the tokens only before any reduction
+            if reduction is None and state.is_plain and not head_only and (rope is None or x.shape[1] == rope_width):
+                x = block_kind(block).plain(block, x, rope)  # timm's own forward: an unreduced block stays bit-identical
                 self._record(layer, None, x.shape[1], state, state, x.shape[1], x)
                 continue
             packed = pack and (state.valid is not None or (x.shape[0] > 1 and reduction is not None
@@ -118,12 +125,13 @@ class ReducedVisionTransformer:
             k, v = _per_token(lambda t: kind.project_kv(block, t), normed, rows)
         else:
             q, k, v = _per_token(lambda t: kind.project_qkv(block, t), normed, rows)
-        q, k, v = kind.heads(block, q, k, v)
+        q, k, v = kind.heads(block, q, k, v, state.rope)
         ctx = self._context(kind, block, q, k, v, state, run.num_input_tokens, run.pad_to)
         tokens_in = x.shape[1]
         if run.head_only:  # the prefix tokens are real in every image: no padding left
             x, normed, rows = x[:, :prefix], normed[:, :prefix], None
-            state = TokenState(size=None if state.size is None else state.size[:, :prefix])
+            state = TokenState(size=None if state.size is None else state.size[:, :prefix],
+                               rope=None if state.rope is None else state.rope[:, :prefix])
         if spec is not None and spec.selects_queries:
             index, state = _select(spec, ctx, run.reduction.settings)
             q, x, normed = _take_queries(q, index), gather_tokens(x, index), gather_tokens(normed, index)
@@ -202,20 +210,28 @@ POOLS_OVER_TOKENS = ("avg", "max", "avgmax")  # timm global_pool values that rea
 
 
 def _reduce(spec: Any, x: Tensor, ctx: BlockContext, settings: dict) -> tuple[Tensor, TokenState]:
-    """The method's reduction after attention; with source tracking on, the sources ride along as
-    extra channels of the tokens, reduced exactly as the tokens are (vitprune.reducers.sources)."""
-    if ctx.state.source is None:
+    """The method's reduction after attention. What rides with the tokens (their sources while
+    tracked, their rotary embeddings on rotary models) rides as extra channels, reduced exactly as
+    the tokens are (vitprune.reducers.sources, vitprune.reducers.rope)."""
+    riders = {name: getattr(ctx.state, name) for name in ("source", "rope") if getattr(ctx.state, name) is not None}
+    if not riders:
         return spec.reduce(x, ctx, settings)
-    out, state = spec.reduce(with_sources(x, ctx.state.source), ctx, settings)
-    x, source = split_sources(out, x.shape[-1])
-    return x, replace(state, source=source)
+    out, state = spec.reduce(torch.cat([x, *(t.to(x.dtype) for t in riders.values())], dim=-1), ctx, settings)
+    parts = out.split([x.shape[-1], *(t.shape[-1] for t in riders.values())], dim=-1)
+    reduced = {name: part.contiguous() for name, part in zip(riders, parts[1:], strict=True)}
+    if "rope" in reduced:
+        reduced["rope"] = unit_rotations(reduced["rope"].to(ctx.state.rope.dtype))
+    return parts[0].contiguous(), replace(state, **reduced)
 
 
 def _select(spec: Any, ctx: BlockContext, settings: dict) -> tuple[Tensor, TokenState]:
-    """The method's selection before attention, with the selected tokens' sources when tracked."""
+    """The method's selection before attention, with the selected tokens' sources (when tracked)
+    and rotary embeddings."""
     index, state = spec.select(ctx, settings)
     if ctx.state.source is not None:
         state = replace(state, source=gather_sources(ctx.state.source, index, state.valid))
+    if ctx.state.rope is not None:
+        state = replace(state, rope=gather_tokens(ctx.state.rope, index))
     return index, state
 
 
@@ -283,6 +299,38 @@ def _new_reduced(base: type) -> nn.Module:
     """An empty instance of the reduced subclass of `base`, for unpickling (see `__reduce_ex__`)."""
     cls = _reduced_class(base)
     return cls.__new__(cls)
+
+
+def _embed(model: nn.Module, images: Tensor) -> Tensor:
+    """timm's embedding of `images`: the tokens entering block 0 (Eva's `_pos_embed` also returns the
+    rotary embeddings, which `_patch_rotations` gives the blocks)."""
+    x = model._pos_embed(model.patch_embed(images))
+    x = x[0] if isinstance(x, tuple) else model.patch_drop(x)
+    return model.norm_pre(x)
+
+
+def _patch_rotations(model: nn.Module) -> Tensor | None:
+    """The rotary embeddings timm gives a rotary model's blocks (N, 2D), as its `_pos_embed` makes
+    them at the model's input size; None on models without."""
+    if getattr(model, "rope", None) is None:
+        return None
+    embed = model.patch_embed
+    grid = tuple(embed.grid_size) if getattr(model, "dynamic_img_size", False) else (embed.num_patches,)  # NHWC
+    return model._pos_embed(next(model.parameters()).new_zeros(1, *grid, model.embed_dim))[1]
+
+
+def carried_channels(model: nn.Module) -> int:
+    """Channels that ride with the tokens through a reduction (the rotary embeddings), which a merge sums too."""
+    rope = _patch_rotations(model)
+    return 0 if rope is None else int(rope.shape[-1])
+
+
+def _plain_blocks(model: nn.Module, x: Tensor, start: int, end: int) -> Tensor:
+    """timm's own forward of blocks start..end-1 on unreduced tokens."""
+    rope = _patch_rotations(model)
+    for block in list(model.blocks)[start:end]:
+        x = block_kind(block).plain(block, x, rope)
+    return x
 
 
 def original_class(model: nn.Module) -> type:
@@ -381,10 +429,7 @@ def first_reduced_layer(model: nn.Module) -> int:
 def tokens_before(model: nn.Module, images: Tensor, layer: int) -> Tensor:
     """The (unreduced) tokens entering block `layer`: a cache for evaluating many plans that all
     start reducing at `layer` or later, with `logits_from`."""
-    x = ReducedVisionTransformer.vitprune_embed(model, images)
-    for block in list(model.blocks)[:layer]:
-        x = block(x)
-    return x
+    return _plain_blocks(model, _embed(model, images), 0, layer)
 
 
 def logits_from(model: nn.Module, tokens: Tensor, layer: int, num_input_tokens: int) -> Tensor:
@@ -399,9 +444,7 @@ def logits_from(model: nn.Module, tokens: Tensor, layer: int, num_input_tokens: 
 def advance_tokens(model: nn.Module, tokens: Tensor, start: int, end: int) -> Tensor:
     """The unreduced tokens entering block `end`, from those entering block `start` (see
     `tokens_before`): fills a cache at several layers in one pass instead of one pass per layer."""
-    for block in list(model.blocks)[start:end]:
-        tokens = block(tokens)
-    return tokens
+    return _plain_blocks(model, tokens, start, end)
 
 
 @contextmanager

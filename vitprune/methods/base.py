@@ -52,6 +52,8 @@ class TokenState:
     # (B, N, M) the original patches each token stands for, only while `record_tokens(sources=True)`
     # asks for it (vitprune.reducers.sources); None: not tracked, at no cost
     source: Tensor | None = None
+    # (B, N, 2D) each token's rotary embedding [sin | cos] on rotary models (vitprune.reducers.rope)
+    rope: Tensor | None = None
 
     def key_bias(self) -> Tensor | None:
         """Additive attention-logit bias (B, 1, 1, N): proportional attention and padding."""
