@@ -37,6 +37,13 @@ BLOCK_FAMILIES = {
                                               "num_classes": 10}),
     "qk_norm_layer_scale": ("vit_tiny_patch16_224", {"img_size": 64, "depth": 4, "qk_norm": True, "init_values": 0.1,
                                                      "num_classes": 10}),
+    # the Eva class: rotary embeddings carried through reductions
+    "eva02_rotary_swiglu": ("eva02_tiny_patch14_224", {"img_size": 84, "depth": 4, "embed_dim": 64, "num_heads": 2,
+                                                       "num_classes": 10}),
+    "dinov3_rotary_registers": ("vit_small_patch16_dinov3", {"img_size": 96, "depth": 4, "embed_dim": 64,
+                                                             "num_heads": 2, "num_classes": 10}),
+    "pe_rotary_attention_pool": ("vit_pe_core_tiny_patch16_384", {"img_size": 96, "depth": 4, "embed_dim": 64,
+                                                                  "num_heads": 2, "num_classes": 10}),
     "non_square": ("vit_tiny_patch16_224", {"img_size": (64, 96), "depth": 4, "num_classes": 10}),
 }
 

@@ -11,6 +11,7 @@ from conftest import BLOCK_FAMILIES, build_family
 import vitprune
 from vitprune.flops import model_input
 from vitprune.models import is_supported_vit
+from vitprune.reducers import unit_rotations
 
 METHODS = [{"method": "tome", "r": 3}, {"method": "evit", "keep": 0.6, "layers": [1]},
            {"method": "ats", "keep": 0.6, "layers": [1]}, {"method": "zerotprune", "keep": 0.7, "layers": [1]}]
@@ -43,7 +44,7 @@ def test_every_block_kind_runs_noop_batch_and_remove_exactly(family):
         assert torch.equal(model(x), base)
 
 
-@pytest.mark.parametrize("name, part", [("vit_base_patch16_rope_reg1_gap_256", "rotary position embeddings"),
+@pytest.mark.parametrize("name, part", [("vit_base_patch16_rope_mixed_224", "mixed"),
                                         ("beit_base_patch16_224", "relative position bias"),
                                         ("vit_small_patch16_18x2_224", "ParallelThingsBlock"),
                                         ("vit_base_patch16_plus_240", None)])
@@ -81,3 +82,31 @@ def test_a_reduced_model_pickles_saves_and_copies(kwargs):
         for other in copies:
             assert type(other) is type(model) and vitprune.plan_of(other) == vitprune.plan_of(model)
             assert torch.equal(other(x), expected)
+
+
+def test_rotary_tokens_keep_their_rotation():
+    # EViT keeping every token runs the reduced path (rotations carried per token) yet changes nothing
+    model = build_family("eva02_rotary_swiglu")
+    x = _images(model, 2)
+    with torch.inference_mode():
+        base = model(x)
+        vitprune.apply(model, method="evit", keep=1.0, fuse=False, layers=[1])
+        torch.testing.assert_close(model(x), base, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_rotations_are_the_weighted_circular_mean():
+    angles = torch.tensor([[[0.2, 1.0], [0.6, -1.0]]])  # two tokens, two frequencies
+    rope = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    assert torch.equal(unit_rotations(rope), rope)  # one token's own rotation: bit for bit
+    merged = unit_rotations(0.5 * rope[:, :1] + 0.5 * rope[:, 1:])
+    torch.testing.assert_close(merged, torch.cat([torch.tensor([[[0.4, 0.0]]]).sin(),
+                                                  torch.tensor([[[0.4, 0.0]]]).cos()], dim=-1))
+
+
+def test_a_reduced_rotary_model_exports_to_onnx_with_parity(tmp_path):
+    from vitprune.export.verify import verify_onnx
+    from vitprune.onnx_runtime import export_onnx
+    model = vitprune.apply(build_family("eva02_rotary_swiglu"), method="tome", r=3)
+    export_onnx(model, tmp_path / "model.onnx")
+    parity = verify_onnx(model, tmp_path / "model.onnx", _images(model, 2), batch_size=2, provider="cpu")
+    assert parity["passed"] and parity["max_abs_diff"] < 1e-4

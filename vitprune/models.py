@@ -14,8 +14,7 @@ from typing import Any
 import safetensors.torch
 import timm
 import torch
-from timm.models import vision_transformer
-from timm.models.eva import Eva
+from timm.models import eva, vision_transformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -24,8 +23,8 @@ from vitprune.checks import is_whole
 from vitprune.errors import VitpruneError
 
 SUPPORTED_MODELS_HINT = (
-    "vitprune supports timm VisionTransformer models with standard Block/Attention: "
-    "vit_*, deit_*, deit3_*, distilled DeiT, *_reg* models"
+    "vitprune supports timm's VisionTransformer (pre- and post-norm blocks, any MLP, hybrid stems: vit_*, deit*, "
+    "*_reg*, siglip, aimv2, vitamin) and Eva (eva02_*, DINOv3, Perception Encoder, RoPE ViTs) models"
 )
 TORCH_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -95,7 +94,7 @@ def is_supported_vit(model: nn.Module) -> str | None:
     """None when vitprune can reduce tokens in ``model``, else a short reason naming the part that
     blocks it, such as 'found ResNet'."""
     name = type(model).__name__
-    if isinstance(model, Eva):
+    if isinstance(model, eva.Eva):
         if getattr(model, "rope_mixed", False):
             return f"found {name} with {UNSUPPORTED_PARTS['rope_mixed']}"
         if model.patch_drop is not None:
@@ -266,8 +265,13 @@ def _set_layer_norm_eps(model: nn.Module, eps: float | None) -> None:
 
 
 def patch_size_of(model: nn.Module) -> int:
-    """The side of the model's square patches in pixels."""
-    patch = model.patch_embed.patch_size
+    """The side of the model's square patches in pixels: the stride from pixels to tokens (a hybrid
+    stem's CNN stride times its patch size)."""
+    embed = model.patch_embed
+    size, grid = getattr(embed, "img_size", None), getattr(embed, "grid_size", None)
+    if size is not None and grid is not None:
+        return int((size[0] if isinstance(size, (tuple, list)) else size) // grid[0])
+    patch = embed.patch_size
     return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
 
 
@@ -303,6 +307,13 @@ def _refuse_unsupported_architecture(full_name: str, build_kwargs: dict[str, int
         with torch.device("meta"):
             skeleton = timm.create_model(full_name, pretrained=False, **build_kwargs)
     except Exception:
+        if build_kwargs.get("img_size") is not None:  # a size the stem cannot take (a hybrid's CNN stride)
+            try:
+                with torch.device("meta"):
+                    default = timm.create_model(full_name, pretrained=False)
+            except Exception:
+                return
+            _check_patch_multiple(default, build_kwargs["img_size"])
         return  # the real build reports the error, and the built model is checked again
     _raise_if_unsupported(skeleton, full_name.partition(".")[0])
     _check_patch_multiple(skeleton, build_kwargs.get("img_size"))
@@ -361,6 +372,8 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor], *, 
 def _checkpoint_filter_for(architecture: str) -> Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]]:
     # timm.models.deit re-exports the ViT filter and registers it with adapt_layer_scale=True
     # (maps the original DeiT-III 'gamma_1' keys to 'ls1.gamma'); mirror that choice.
+    if timm.models.is_model_in_modules(architecture, ["eva"]):
+        return eva.checkpoint_filter_fn
     is_deit = timm.models.is_model_in_modules(architecture, ["deit"])
     return partial(vision_transformer.checkpoint_filter_fn, adapt_layer_scale=is_deit)
 
