@@ -110,3 +110,14 @@ def test_a_reduced_rotary_model_exports_to_onnx_with_parity(tmp_path):
     export_onnx(model, tmp_path / "model.onnx")
     parity = verify_onnx(model, tmp_path / "model.onnx", _images(model, 2), batch_size=2, provider="cpu")
     assert parity["passed"] and parity["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("family", ["eva02_rotary_swiglu", "res_post"])
+def test_the_gradient_search_soft_forward_runs_the_same_block_pieces(family):
+    from vitprune.calibrate.gradient import Walk, soft_logits
+    from vitprune.patch import tokens_before
+    model = build_family(family)
+    x = _images(model, 2)
+    with torch.no_grad():
+        soft = soft_logits(model, tokens_before(model, x, 0), Walk(), model.num_prefix_tokens)
+        torch.testing.assert_close(soft, model(x), rtol=1e-5, atol=1e-5)

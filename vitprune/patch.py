@@ -66,7 +66,7 @@ class ReducedVisionTransformer:
 
     def vitprune_rope(self) -> Tensor | None:
         """timm's rotary embeddings of the patch tokens (N, 2D) on rotary models (Eva), else None."""
-        return _patch_rotations(self)
+        return patch_rotations(self)
 
     def vitprune_blocks(self, x: Tensor, start: int = 0, num_input_tokens: int | None = None,
                         pad_to: int | None = None) -> Tensor:
@@ -303,13 +303,13 @@ def _new_reduced(base: type) -> nn.Module:
 
 def _embed(model: nn.Module, images: Tensor) -> Tensor:
     """timm's embedding of `images`: the tokens entering block 0 (Eva's `_pos_embed` also returns the
-    rotary embeddings, which `_patch_rotations` gives the blocks)."""
+    rotary embeddings, which `patch_rotations` gives the blocks)."""
     x = model._pos_embed(model.patch_embed(images))
     x = x[0] if isinstance(x, tuple) else model.patch_drop(x)
     return model.norm_pre(x)
 
 
-def _patch_rotations(model: nn.Module) -> Tensor | None:
+def patch_rotations(model: nn.Module) -> Tensor | None:
     """The rotary embeddings timm gives a rotary model's blocks (N, 2D), as its `_pos_embed` makes
     them at the model's input size; None on models without."""
     if getattr(model, "rope", None) is None:
@@ -321,13 +321,13 @@ def _patch_rotations(model: nn.Module) -> Tensor | None:
 
 def carried_channels(model: nn.Module) -> int:
     """Channels that ride with the tokens through a reduction (the rotary embeddings), which a merge sums too."""
-    rope = _patch_rotations(model)
+    rope = patch_rotations(model)
     return 0 if rope is None else int(rope.shape[-1])
 
 
 def _plain_blocks(model: nn.Module, x: Tensor, start: int, end: int) -> Tensor:
     """timm's own forward of blocks start..end-1 on unreduced tokens."""
-    rope = _patch_rotations(model)
+    rope = patch_rotations(model)
     for block in list(model.blocks)[start:end]:
         x = block_kind(block).plain(block, x, rope)
     return x

@@ -30,7 +30,8 @@ from vitprune.errors import VitpruneError
 from vitprune.flops import ModelCosts, block_macs, model_costs
 from vitprune.methods.base import CLS_SCORE
 from vitprune.models import has_class_token
-from vitprune.reducers import SoftTokens, masked_attention, straight_through
+from vitprune.patch import patch_rotations
+from vitprune.reducers import SoftTokens, masked_attention, straight_through, token_rotations
 
 GRID_POINTS = 48  # candidate counts per block: 0 and up to half the patch tokens, in even steps
 MAX_REMOVE = 0.5  # the largest count, as a share of the patch tokens entering the model
@@ -146,8 +147,10 @@ def soft_logits(model: nn.Module, tokens0: Tensor, path: Walk, num_prefix: int) 
     """The reduced model's logits on dense tokens (the tokens entering block 0), `path`'s choices applied."""
     x = tokens0
     tokens = SoftTokens(x=x, mass=x.new_ones(x.shape[:2]), alive=x.shape[1], metric=x[..., :0], cls_attn=x[..., 0])
+    rope = patch_rotations(model)  # the tokens stay in place (masses, not removals): each keeps its rotation
+    rope = None if rope is None else token_rotations(rope, num_prefix, x.shape[0])
     for layer, block in enumerate(model.blocks):
-        tokens = soft_attention(block, tokens)
+        tokens = soft_attention(block, tokens, rope)
         if layer < len(path.choices):
             for choice in path.choices[layer]:
                 soft = choice.gate * path.soft[layer]
@@ -157,12 +160,13 @@ def soft_logits(model: nn.Module, tokens0: Tensor, path: Walk, num_prefix: int) 
     return model.forward_head(model.norm(tokens.x[:, :tokens.alive]))
 
 
-def soft_attention(block: nn.Module, tokens: SoftTokens) -> SoftTokens:
+def soft_attention(block: nn.Module, tokens: SoftTokens, rope: Tensor | None = None) -> SoftTokens:
     """A block's attention residual over every token (the adapter's pieces, vitprune.blocks), keys
-    weighted by their mass; the class attention and the mean keys for the reductions that follow."""
+    weighted by their mass; the class attention and the mean keys for the reductions that follow.
+    `rope`: per token rotations on rotary models."""
     kind = block_kind(block)
     normed = kind.attention_input(block, tokens.x)
-    q, k, v = kind.heads(block, *kind.project_qkv(block, normed))
+    q, k, v = kind.heads(block, *kind.project_qkv(block, normed), rope)
     out, weights = masked_attention(q, k, v, tokens.mass, kind.scale(block))
     x = kind.attention_residual(block, tokens.x, out.transpose(1, 2).flatten(2), normed)
     return tokens._replace(x=x, metric=k.mean(dim=1), cls_attn=weights[:, :, 0].mean(dim=1))
