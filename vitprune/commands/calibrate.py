@@ -14,6 +14,7 @@ from vitprune import calibrate
 from vitprune.artifact import model_identity
 from vitprune.budget import Budget
 from vitprune.checks import check_finite, check_whole
+from vitprune.commands.common import check_memory
 from vitprune.data import check_labels
 from vitprune.errors import VitpruneError
 from vitprune.io import check_output_dir
@@ -105,6 +106,7 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
 
 def _calibrate(request: CalibrateRequest) -> CalibrateResult:
     base = load_base(request.model, request.checkpoint, request.no_pretrained, request.img_size, request.features)
+    check_memory(base.model, "cpu", batch=request.budget.batch)  # the batch latencies are timed at
     started = time.perf_counter()
     setup = calibrate.prepare(base.model.eval(), request.img_sizes, request.head_only, request.budget)
     objective = calibrate.resolve_objective(request.objective, setup.embedding)

@@ -11,8 +11,9 @@ from torch import nn
 from vitprune import methods
 from vitprune.checks import check_whole
 from vitprune.errors import VitpruneError
-from vitprune.patch import apply_plan
+from vitprune.patch import apply_plan, model_img_size
 from vitprune.plan import PLAN_GRAMMAR, Plan, make_plan, read_plan_file, read_plan_text
+from vitprune.runtime import check_fits
 from vitprune.source import BaseModel, load_base
 
 
@@ -62,6 +63,16 @@ def check_device(device: str) -> None:
         raise VitpruneError(f"device must be cpu, cuda or cuda:N, got {device!r}", param="device")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise VitpruneError(f"device {device} asked for, but torch sees no CUDA GPU", param="device")
+
+
+def check_memory(model: nn.Module, device: str, **batches: int | tuple[int, ...] | None) -> None:
+    """Refuse, before any work, a batch setting (by its parameter name: the largest when several) or the
+    model's input size that cannot fit in the device's memory (`runtime.check_fits`)."""
+    for name, batch in batches.items():
+        largest = max(batch, default=None) if isinstance(batch, tuple) else batch
+        if largest is not None:
+            check_fits(model, batch=largest, img_size=model_img_size(model), device=device, batch_param=name,
+                       size_param="img_size")
 
 
 def resolve_plan(spec: ReducedModelSpec, base: BaseModel) -> Plan:
