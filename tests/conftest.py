@@ -23,10 +23,34 @@ FAMILIES = {
     "registers": ("vit_small_patch14_reg4_dinov2", {"img_size": 98, "depth": 4, "num_classes": 10}),
     "gap_no_cls": ("vit_wee_patch16_reg1_gap_256", {"img_size": 96, "depth": 4, "num_classes": 10}),
 }
+# Every other block and stem kind the adapter runs (issue 25), as tiny random models.
+BLOCK_FAMILIES = {
+    "glu_mlp": ("vit_giant_patch14_dinov2", {"img_size": 56, "depth": 4, "embed_dim": 96, "num_heads": 2,
+                                             "num_classes": 10}),
+    "swiglu_map": ("aimv2_large_patch14_224", {"img_size": 56, "depth": 4, "embed_dim": 64, "num_heads": 2,
+                                               "num_classes": 10}),
+    "attention_pool": ("vit_base_patch16_siglip_224", {"img_size": 64, "depth": 4, "embed_dim": 64, "num_heads": 2,
+                                                        "num_classes": 10}),
+    "hybrid": ("vit_tiny_r_s16_p8_224", {"img_size": 64, "depth": 4, "num_classes": 10}),
+    "geglu_stem": ("vitamin_small_224", {"img_size": 64, "depth": 4, "num_classes": 10}),
+    "res_post": ("vit_base_patch16_rpn_224", {"img_size": 64, "depth": 4, "embed_dim": 64, "num_heads": 2,
+                                              "num_classes": 10}),
+    "qk_norm_layer_scale": ("vit_tiny_patch16_224", {"img_size": 64, "depth": 4, "qk_norm": True, "init_values": 0.1,
+                                                     "num_classes": 10}),
+    # the Eva class: rotary embeddings carried through reductions
+    "eva02_rotary_swiglu": ("eva02_tiny_patch14_224", {"img_size": 84, "depth": 4, "embed_dim": 64, "num_heads": 2,
+                                                       "num_classes": 10}),
+    "dinov3_rotary_registers": ("vit_small_patch16_dinov3", {"img_size": 96, "depth": 4, "embed_dim": 64,
+                                                             "num_heads": 2, "num_classes": 10}),
+    "pe_rotary_attention_pool": ("vit_pe_core_tiny_patch16_384", {"img_size": 96, "depth": 4, "embed_dim": 64,
+                                                                  "num_heads": 2, "num_classes": 10}),
+    "non_square": ("vit_tiny_patch16_224", {"img_size": (64, 96), "depth": 4, "num_classes": 10}),
+}
+
 
 
 def build_family(family: str, seed: int = 0) -> torch.nn.Module:
-    name, kwargs = FAMILIES[family]
+    name, kwargs = {**FAMILIES, **BLOCK_FAMILIES}[family]
     torch.manual_seed(seed)
     return timm.create_model(name, pretrained=False, **kwargs).eval()
 

@@ -38,7 +38,7 @@ def test_base_accuracy_matches_provenance(vit_tiny_eval):
 
 @pytest.mark.parametrize("kwargs,gmacs,drop", [
     ({"method": "evit", "keep": 0.7}, 0.821, 3.0),
-    ({"method": "tome", "r": 13}, 0.735, 1.5),
+    ({"method": "tome", "r": 13}, 0.738, 1.5),  # 0.735 before its merges were counted (issue 25)
 ])
 def test_off_the_shelf_accuracy_matches_the_papers_reading(vit_tiny_eval, kwargs, gmacs, drop):
     base, images, labels, base_logits = vit_tiny_eval

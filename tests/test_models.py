@@ -99,7 +99,7 @@ def test_non_vit_models_are_refused(name: str, found: str) -> None:
 
 
 def test_vit_with_non_standard_blocks_is_refused() -> None:
-    with pytest.raises(VitpruneError, match=r"found VisionTransformer with ParallelThingsBlock blocks"):
+    with pytest.raises(VitpruneError, match=r"found VisionTransformer with ParallelThingsBlock \(attention and MLP in parallel"):
         create_model("vit_small_patch16_18x2_224", pretrained=False)
 
 

@@ -14,18 +14,18 @@ from typing import Any
 import safetensors.torch
 import timm
 import torch
-from timm.layers import Attention
-from timm.models import vision_transformer
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models import eva, vision_transformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from vitprune.blocks import block_kind
 from vitprune.checks import is_whole
 from vitprune.errors import VitpruneError
 from vitprune.io import file_sha256
 
 SUPPORTED_MODELS_HINT = (
-    "vitprune supports timm VisionTransformer models with standard Block/Attention: "
-    "vit_*, deit_*, deit3_*, distilled DeiT, *_reg* models"
+    "vitprune supports timm's VisionTransformer (pre- and post-norm blocks, any MLP, hybrid stems: vit_*, deit*, "
+    "*_reg*, siglip, aimv2, vitamin) and Eva (eva02_*, DINOv3, Perception Encoder, RoPE ViTs) models"
 )
 TORCH_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -75,16 +75,43 @@ def _check_pretrained_tag(architecture: str, tag: str) -> None:
         raise VitpruneError(f"unknown pretrained tag {tag!r} for {architecture}; available tags: {available}")
 
 
+# Why the timm ViT classes and blocks vitprune does not reduce are refused (the part that blocks it).
+UNSUPPORTED_PARTS = {
+    "rope_mixed": "mixed (learned, per block and head) rotary embeddings, which vitprune does not carry through "
+                  "reduced tokens",
+    "EvaBlockPostNorm": "post-norm Eva blocks, which vitprune's block kinds do not cut",
+    "Beit": "a relative position bias over all token pairs, which vitprune does not gather for reduced tokens",
+    "VisionTransformerRelPos": "a relative position bias over all token pairs, which vitprune does not gather for "
+                               "reduced tokens",
+    "NaFlexVit": "variable-length patch sequences with padding masks, which vitprune's token state does not take",
+    "VisionTransformerSAM": "windowed attention with a relative position bias and a convolutional neck (SAM's "
+                            "image encoder, for dense prediction)",
+    "ParallelScalingBlock": "attention and MLP in parallel on the same tokens, so no reduction can sit between them",
+    "DiffParallelScalingBlock": "attention and MLP in parallel on the same tokens, so no reduction can sit between "
+                                "them",
+    "ParallelThingsBlock": "attention and MLP in parallel on the same tokens, so no reduction can sit between them",
+    "DiffAttention": "differential attention (the difference of two softmax maps), which vitprune's attention "
+                     "scores do not compute",
+}
+
+
 def is_supported_vit(model: nn.Module) -> str | None:
-    """None when vitprune can reduce tokens in ``model``, else a short reason such as 'found ResNet'."""
-    if not isinstance(model, VisionTransformer):
-        return f"found {type(model).__name__}"
-    # Reducers patch timm's own Block/Attention forward, so subclasses and look-alikes are refused.
+    """None when vitprune can reduce tokens in ``model``, else a short reason naming the part that
+    blocks it, such as 'found ResNet'."""
+    name = type(model).__name__
+    if isinstance(model, eva.Eva):
+        if getattr(model, "rope_mixed", False):
+            return f"found {name} with {UNSUPPORTED_PARTS['rope_mixed']}"
+        if model.patch_drop is not None:
+            return f"found {name} with patch dropout, whose kept patches vitprune's rotary embeddings do not follow"
+    elif not isinstance(model, VisionTransformer):
+        return f"found {name}" + (f" with {UNSUPPORTED_PARTS[name]}" if name in UNSUPPORTED_PARTS else "")
+    # The adapter cuts blocks it knows (vitprune.blocks); subclasses and look-alikes are refused.
     for block in model.blocks:
-        if type(block) is not Block:
-            return f"found {type(model).__name__} with {type(block).__name__} blocks"
-        if type(block.attn) is not Attention:
-            return f"found {type(model).__name__} with {type(block.attn).__name__} attention"
+        if block_kind(block) is None:
+            part = block if type(block).__name__ in UNSUPPORTED_PARTS else getattr(block, "attn", block)
+            why = UNSUPPORTED_PARTS.get(type(part).__name__, "which vitprune cannot cut between attention and MLP")
+            return f"found {type(model).__name__} with {type(part).__name__} ({why})"
     return None
 
 
@@ -277,9 +304,23 @@ def _set_layer_norm_eps(model: nn.Module, eps: float | None) -> None:
 
 
 def patch_size_of(model: nn.Module) -> int:
-    """The side of the model's square patches in pixels."""
-    patch = model.patch_embed.patch_size
+    """The side of the model's square patches in pixels: the stride from pixels to tokens (a hybrid
+    stem's CNN stride times its patch size)."""
+    embed = model.patch_embed
+    size, grid = getattr(embed, "img_size", None), getattr(embed, "grid_size", None)
+    if size is not None and grid is not None:
+        return int((size[0] if isinstance(size, (tuple, list)) else size) // grid[0])
+    patch = embed.patch_size
     return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+
+
+def input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of the images the model is built for: non-square sizes and hybrid
+    stems (a CNN before the patch projection) too."""
+    embed = model.patch_embed
+    first_conv = next(module for module in embed.modules() if isinstance(module, nn.Conv2d))
+    height, width = (embed.img_size, embed.img_size) if isinstance(embed.img_size, int) else embed.img_size
+    return int(first_conv.in_channels), int(height), int(width)
 
 
 def _check_patch_multiple(model: nn.Module, img_size: int | None) -> None:
@@ -305,6 +346,13 @@ def _refuse_unsupported_architecture(full_name: str, build_kwargs: dict[str, int
         with torch.device("meta"):
             skeleton = timm.create_model(full_name, pretrained=False, **build_kwargs)
     except Exception:
+        if build_kwargs.get("img_size") is not None:  # a size the stem cannot take (a hybrid's CNN stride)
+            try:
+                with torch.device("meta"):
+                    default = timm.create_model(full_name, pretrained=False)
+            except Exception:
+                return
+            _check_patch_multiple(default, build_kwargs["img_size"])
         return  # the real build reports the error, and the built model is checked again
     _raise_if_unsupported(skeleton, full_name.partition(".")[0])
     _check_patch_multiple(skeleton, build_kwargs.get("img_size"))
@@ -365,6 +413,8 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor], *, 
 def _checkpoint_filter_for(architecture: str) -> Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]]:
     # timm.models.deit re-exports the ViT filter and registers it with adapt_layer_scale=True
     # (maps the original DeiT-III 'gamma_1' keys to 'ls1.gamma'); mirror that choice.
+    if timm.models.is_model_in_modules(architecture, ["eva"]):
+        return eva.checkpoint_filter_fn
     is_deit = timm.models.is_model_in_modules(architecture, ["deit"])
     return partial(vision_transformer.checkpoint_filter_fn, adapt_layer_scale=is_deit)
 

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from vitprune.bench import fill_batch
 from vitprune.errors import VitpruneError
 from vitprune.io import atomic_output_file
-from vitprune.patch import model_img_size, plan_of
+from vitprune.models import input_shape
+from vitprune.patch import plan_of
 from vitprune.progress import progress_bar
 
 MIN_OPSET = 17  # LayerNormalization is one op from 17 on; older opsets are refused
@@ -131,11 +132,10 @@ def export_onnx(
     fixed_batch = parse_batch(batch)
     check_opset(opset)
     check_ats_padding(ats_padding)
-    size = model_img_size(model)
     # Traced at batch 2 with a symbolic batch even for a fixed batch, which is pinned afterwards in
     # the file: the TorchScript exporter's fully static trace of ToMe builds an attention-mask Add
     # that ONNX Runtime rejects ("Incompatible dimensions").
-    example = torch.randn(2, model.patch_embed.proj.in_channels, size, size,
+    example = torch.randn(2, *input_shape(model),  # the model's own channels and size (hybrid stems, non-square)
                           generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device)
     was_training = model.training
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -16,21 +16,20 @@ import torch.nn.functional as F
 from timm.layers import Format
 from torch import Tensor, nn
 
+from vitprune.blocks import block_kind
 from vitprune.errors import VitpruneError
 from vitprune.methods import BlockContext, TokenState
 from vitprune.models import is_supported_vit, patch_size_of
 from vitprune.plan import Plan, Reduction, make_plan
-from vitprune.reducers import attention_probs, gather_tokens
-from vitprune.reducers.sources import gather_sources, initial_sources, split_sources, with_sources
+from vitprune.reducers import attention_probs, gather_tokens, token_rotations, unit_rotations
+from vitprune.reducers.sources import gather_sources, initial_sources
 
 
 class ReducedVisionTransformer:
     """Mixin placed in front of the model's own timm class (see `apply_plan`).
 
-    The block variants below are assembled from the pieces after the class (`_heads`,
-    `_project`, `_mlp_residual`), which follow timm 1.0's `Block.forward` and
-    `Attention.forward` (timm/models/vision_transformer.py, timm/layers/attention.py, 1.0.15 to
-    1.0.31): a change there is mirrored in those pieces once.
+    A reduced block runs one path (`_block`) for every block kind, assembled from the kind's
+    pieces (vitprune.blocks: projections, attention residual, MLP residual).
     """
 
     vitprune_plan: Plan
@@ -41,6 +40,21 @@ class ReducedVisionTransformer:
             raise VitpruneError("a token-reduced ViT does not take an attention mask")
         return self.vitprune_blocks(self.vitprune_embed(x))
 
+    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
+        raise VitpruneError(DENSE_REFUSAL.format(what="forward_intermediates"))
+
+    def get_intermediate_layers(self, *args: Any, **kwargs: Any) -> Any:
+        raise VitpruneError(DENSE_REFUSAL.format(what="get_intermediate_layers"))
+
+    def prune_intermediate_layers(self, *args: Any, **kwargs: Any) -> Any:
+        raise VitpruneError(DENSE_REFUSAL.format(what="prune_intermediate_layers"))
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        """Pickle (torch.save, copy.deepcopy) by the timm class: the reduced class is made at run
+        time, so pickle could not find it by name; `_new_reduced` makes it again on loading."""
+        _, _, *state = object.__reduce_ex__(self, max(protocol, 2))
+        return (_new_reduced, (original_class(self),), *state)
+
     def vitprune_forward(self, x: Tensor, pad_to: int | None = None) -> Tensor:
         """Logits, with per-image methods (ATS) padding every batch to `pad_to` patch tokens: static
         shapes for graph export (`vitprune.export`)."""
@@ -48,10 +62,11 @@ class ReducedVisionTransformer:
 
     def vitprune_embed(self, x: Tensor) -> Tensor:
         """Images -> the tokens entering block 0."""
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        return self.norm_pre(x)
+        return _embed(self, x)
+
+    def vitprune_rope(self) -> Tensor | None:
+        """timm's rotary embeddings of the patch tokens (N, 2D) on rotary models (Eva), else None."""
+        return patch_rotations(self)
 
     def vitprune_blocks(self, x: Tensor, start: int = 0, num_input_tokens: int | None = None,
                         pad_to: int | None = None) -> Tensor:
@@ -62,7 +77,12 @@ class ReducedVisionTransformer:
         if x.shape[0] == 0:  # an empty batch has no tokens to reduce (per-image widths have no maximum)
             return self.norm(x)
         num_input_tokens = x.shape[1] if num_input_tokens is None else num_input_tokens
-        state = TokenState()
+        rope = self.vitprune_rope()
+        if rope is not None and rope.shape[-2] != x.shape[1] - self.num_prefix_tokens:
+            raise VitpruneError("a reduced rotary model (Eva) runs at its own input size; set img_size to change it",
+                                param="img_size")
+        state = TokenState(rope=None if rope is None else token_rotations(rope, self.num_prefix_tokens, x.shape[0]))
+        rope_width = x.shape[1]  # the tokens timm's rotations are for
         if getattr(self, "_vitprune_sources", False):  # source tracking (record_tokens(sources=True))
             state.source = initial_sources(x, self.num_prefix_tokens)
         last = len(self.blocks) - 1
@@ -70,108 +90,88 @@ class ReducedVisionTransformer:
         for layer in range(start, len(self.blocks)):
             block = self.blocks[layer]
             reduction = self.vitprune_plan.at(layer)
-            if layer == last and self.vitprune_plan.head_only:
-                x = self._head_only_block(block, x, state, layer)
-            elif reduction is None and state.is_plain:
-                x = block(x)
+            head_only = layer == last and self.vitprune_plan.head_only
+            reduction = None if head_only else reduction
+            # timm's own forward takes timm's rotations, which match the tokens only before any reduction
+            if reduction is None and state.is_plain and not head_only and (rope is None or x.shape[1] == rope_width):
+                x = block_kind(block).plain(block, x, rope)  # timm's own forward: an unreduced block stays bit-identical
                 self._record(layer, None, x.shape[1], state, state, x.shape[1], x)
-            elif pack and (state.valid is not None or (x.shape[0] > 1 and reduction is not None
-                                                       and reduction.spec.varies_per_image)):
-                x, state = self._packed_block(block, x, state, reduction, num_input_tokens, layer)
-            else:
-                x, state = self._reduced_block(block, x, state, reduction, num_input_tokens, layer, pad_to)
+                continue
+            packed = pack and (state.valid is not None or (x.shape[0] > 1 and reduction is not None
+                                                            and reduction.spec.varies_per_image))
+            run = BlockRun(block, layer, reduction, num_input_tokens, pad_to, packed, head_only)
+            x, state = self._block(run, x, state)
         x = self.norm(x)
         if state.valid is not None and self.global_pool in POOLS_OVER_TOKENS:
             x = _fill_padding(x, state.valid, self.num_prefix_tokens)
         return x
 
-    def _reduced_block(self, block: nn.Module, x: Tensor, state: TokenState, reduction: Reduction | None,
-                       num_input_tokens: int, layer: int, pad_to: int | None) -> tuple[Tensor, TokenState]:
-        """A block with its reduction: before attention (selected queries) or after it."""
-        normed = block.norm1(x)
-        q, k, v = _heads(block.attn, block.attn.qkv(normed), 3)
-        q, k = block.attn.q_norm(q), block.attn.k_norm(k)
-        ctx = self._context(block, q, k, v, state, num_input_tokens, pad_to)
-        tokens_in, spec = x.shape[1], reduction.spec if reduction is not None else None
-        if spec is not None and spec.selects_queries:
-            index, state = _select(spec, ctx, reduction.settings)
-            q, x, normed = _take_queries(q, index), gather_tokens(x, index), gather_tokens(normed, index)
-        if spec is not None and spec.needs_attention:
-            out = _merge_heads(self._attend_explicit(block.attn, q, k, v, ctx))
+    def _block(self, run: BlockRun, x: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
+        """One block with its reduction: before attention (selected queries) or after it, the one
+        path for every block kind (vitprune.blocks).
+
+        `run.head_only`: the last block computes the prefix tokens alone (class, distillation,
+        registers): with class-token pooling the head reads nothing else, so only the patch
+        tokens' keys and values are needed. Exact.
+        `run.packed`: a per-image method (ATS) has made the token count differ per image; the
+        per-token layers (norms, projections, MLP: most of the compute) run on the real tokens
+        alone, packed, and the batch is padded only where tokens meet (attention, masked), so fewer
+        tokens per image are real speed-up in a batch.
+        """
+        block, kind, spec = run.block, block_kind(run.block), run.reduction.spec if run.reduction else None
+        rows = _real_rows(state.valid) if run.packed else None  # once per mask: each costs a device sync
+        normed = _per_token(lambda t: kind.attention_input(block, t), x, rows)
+        if run.head_only:
+            prefix = self.num_prefix_tokens
+            q = kind.project_q(block, normed[:, :prefix])
+            k, v = _per_token(lambda t: kind.project_kv(block, t), normed, rows)
         else:
-            out = _merge_heads(self._attend(block.attn, q, k, v, ctx.key_bias))
-        x = x + block.drop_path1(block.ls1(_project(block.attn, out, normed)))
+            q, k, v = _per_token(lambda t: kind.project_qkv(block, t), normed, rows)
+        q, k, v = kind.heads(block, q, k, v, state.rope)
+        ctx = self._context(kind, block, q, k, v, state, run.num_input_tokens, run.pad_to)
+        tokens_in = x.shape[1]
+        if run.head_only:  # the prefix tokens are real in every image: no padding left
+            x, normed, rows = x[:, :prefix], normed[:, :prefix], None
+            state = TokenState(size=None if state.size is None else state.size[:, :prefix],
+                               rope=None if state.rope is None else state.rope[:, :prefix])
+        if spec is not None and spec.selects_queries:
+            index, state = _select(spec, ctx, run.reduction.settings)
+            q, x, normed = _take_queries(q, index), gather_tokens(x, index), gather_tokens(normed, index)
+            rows = _real_rows(state.valid) if run.packed else None
+        if spec is not None and spec.needs_attention:
+            out = self._attend_explicit(kind, block, q, k, v, ctx)
+        else:
+            out = self._attend(kind, block, q, k, v, ctx.key_bias)
+        out = _merge_heads(out)
+        x = _per_token(lambda t, o, n: kind.attention_residual(block, t, o, n), x, rows, out, normed)
         if spec is not None and not spec.selects_queries:
-            x, state = _reduce(spec, x, ctx, reduction.settings)
-        x = _mlp_residual(block, x)
-        self._record(layer, reduction, tokens_in, ctx.state, state, q.shape[2], x)
+            x, state = _reduce(spec, x, ctx, run.reduction.settings)
+            rows = _real_rows(state.valid) if run.packed else None
+        x = _per_token(lambda t: kind.mlp_residual(block, t), x, rows)
+        self._record(run.layer, HEAD_ONLY if run.head_only else run.reduction, tokens_in, ctx.state, state,
+                     q.shape[2], x)
         return x, state
 
-    def _head_only_block(self, block: nn.Module, x: Tensor, state: TokenState, layer: int) -> Tensor:
-        """The last block, computed for the prefix tokens only (class, distillation, registers).
-
-        With class-token pooling the head reads nothing else, so the patch tokens' queries,
-        projection and MLP are wasted there: only their keys and values are needed. Exact.
-        """
-        attn, num_prefix = block.attn, self.num_prefix_tokens
-        normed = block.norm1(x)
-        weight, bias = attn.qkv.weight, attn.qkv.bias
-        q_bias, kv_bias = (None, None) if bias is None else (bias[: attn.attn_dim], bias[attn.attn_dim:])
-        (q,) = _heads(attn, F.linear(normed[:, :num_prefix], weight[: attn.attn_dim], q_bias), 1)
-        k, v = _heads(attn, F.linear(normed, weight[attn.attn_dim:], kv_bias), 2)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        out = _merge_heads(self._attend(attn, q, k, v, state.key_bias()))
-        x_prefix = x[:, :num_prefix] + block.drop_path1(block.ls1(_project(attn, out, normed[:, :num_prefix])))
-        x_prefix = _mlp_residual(block, x_prefix)
-        head_state = TokenState(size=None if state.size is None else state.size[:, :num_prefix])
-        self._record(layer, HEAD_ONLY, x.shape[1], state, head_state, num_prefix, x_prefix)
-        return x_prefix
-
-    def _packed_block(self, block: nn.Module, x: Tensor, state: TokenState, reduction: Reduction | None,
-                      num_input_tokens: int, layer: int) -> tuple[Tensor, TokenState]:
-        """A block once a per-image method (ATS) has made the token count differ per image.
-
-        The batch is padded to its largest count only where tokens meet (attention, masked); the
-        per-token layers (norms, qkv, projection, MLP: most of the compute) run on the real
-        tokens alone, packed, so fewer tokens per image are real speed-up in a batch.
-        """
-        attn = block.attn
-        batch, width, _ = x.shape
-        rows = _real_rows(state.valid)  # once per mask: each costs a device sync
-        qkv = _unpack(attn.qkv(block.norm1(_pack(x, rows))), rows, batch, width)
-        q, k, v = _heads(attn, qkv, 3)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        ctx = self._context(block, q, k, v, state, num_input_tokens, None)
-        if reduction is not None and reduction.spec.selects_queries:
-            index, state = _select(reduction.spec, ctx, reduction.settings)
-            q, x = _take_queries(q, index), gather_tokens(x, index)
-            rows = _real_rows(state.valid)
-        out = _pack(_merge_heads(self._attend(attn, q, k, v, ctx.key_bias)), rows)
-        residual = _pack(x, rows)
-        gate_input = block.norm1(residual) if getattr(attn, "gate", None) is not None else None
-        packed = _mlp_residual(block, residual + block.drop_path1(block.ls1(_project(attn, out, gate_input))))
-        x = _unpack(packed, rows, batch, q.shape[2])
-        self._record(layer, reduction, width, ctx.state, state, q.shape[2], x)
-        return x, state
-
-    def _context(self, block: nn.Module, q: Tensor, k: Tensor, v: Tensor, state: TokenState,
+    def _context(self, kind: Any, block: nn.Module, q: Tensor, k: Tensor, v: Tensor, state: TokenState,
                  num_input_tokens: int, pad_to: int | None) -> BlockContext:
-        return BlockContext(q=q, k=k, v=v, scale=block.attn.scale, key_bias=state.key_bias(), state=state,
+        return BlockContext(q=q, k=k, v=v, scale=kind.scale(block), key_bias=state.key_bias(), state=state,
                             num_prefix=self.num_prefix_tokens, num_input_tokens=num_input_tokens, pad_to=pad_to,
                             class_token=self.cls_token is not None)
 
-    def _attend(self, attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None) -> Tensor:
+    def _attend(self, kind: Any, block: nn.Module, q: Tensor, k: Tensor, v: Tensor,
+                key_bias: Tensor | None) -> Tensor:
         """timm's fused scaled-dot-product attention, with the token state's logit bias."""
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if key_bias is None else key_bias.to(q.dtype),
-            dropout_p=attn.attn_drop.p if self.training else 0.0,
+            dropout_p=kind.dropout(block) if self.training else 0.0,
         )
 
-    def _attend_explicit(self, attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, ctx: BlockContext) -> Tensor:
+    def _attend_explicit(self, kind: Any, block: nn.Module, q: Tensor, k: Tensor, v: Tensor,
+                         ctx: BlockContext) -> Tensor:
         """The attention as softmax(q k^T) v, its probabilities kept in `ctx.attn` for methods that
         read all of them (`Method.needs_attention`): the same MACs as the fused kernel."""
-        ctx.attn = attention_probs(q, k, attn.scale, ctx.key_bias)
-        probs = F.dropout(ctx.attn, attn.attn_drop.p) if self.training else ctx.attn
+        ctx.attn = attention_probs(q, k, ctx.scale, ctx.key_bias)
+        probs = F.dropout(ctx.attn, kind.dropout(block)) if self.training else ctx.attn
         return probs.to(v.dtype) @ v
 
     def _record(self, layer: int, reduction: Reduction | str | None, tokens_in: int, state_in: TokenState,
@@ -192,31 +192,49 @@ class ReducedVisionTransformer:
 
 
 HEAD_ONLY = "head"  # the trace's mark of the head-only last block
+# timm's dense outputs run timm's own blocks: on a reduced model they would be the unreduced model's
+DENSE_REFUSAL = ("{what} would run timm's unreduced blocks, not this token-reduced model; call it on the "
+                 "unreduced model (vitprune.remove(model)), or use forward_features for the reduced tokens")
+
+
+@dataclass(frozen=True)
+class BlockRun:
+    """How one block runs in a reduced forward pass (see `ReducedVisionTransformer._block`)."""
+
+    block: nn.Module
+    layer: int
+    reduction: Reduction | None
+    num_input_tokens: int
+    pad_to: int | None
+    packed: bool  # per-token layers on the real tokens of a padded batch only
+    head_only: bool  # the last block, for the prefix tokens alone
 POOLS_OVER_TOKENS = ("avg", "max", "avgmax")  # timm global_pool values that read every patch token
 
 
 def _reduce(spec: Any, x: Tensor, ctx: BlockContext, settings: dict) -> tuple[Tensor, TokenState]:
-    """The method's reduction after attention; with source tracking on, the sources ride along as
-    extra channels of the tokens, reduced exactly as the tokens are (vitprune.reducers.sources)."""
-    if ctx.state.source is None:
+    """The method's reduction after attention. What rides with the tokens (their sources while
+    tracked, their rotary embeddings on rotary models) rides as extra channels, reduced exactly as
+    the tokens are (vitprune.reducers.sources, vitprune.reducers.rope)."""
+    riders = {name: getattr(ctx.state, name) for name in ("source", "rope") if getattr(ctx.state, name) is not None}
+    if not riders:
         return spec.reduce(x, ctx, settings)
-    out, state = spec.reduce(with_sources(x, ctx.state.source), ctx, settings)
-    x, source = split_sources(out, x.shape[-1])
-    return x, replace(state, source=source)
+    out, state = spec.reduce(torch.cat([x, *(t.to(x.dtype) for t in riders.values())], dim=-1), ctx, settings)
+    parts = out.split([x.shape[-1], *(t.shape[-1] for t in riders.values())], dim=-1)
+    reduced = {name: part.contiguous() for name, part in zip(riders, parts[1:], strict=True)}
+    if "rope" in reduced:
+        reduced["rope"] = unit_rotations(reduced["rope"].to(ctx.state.rope.dtype))
+    return parts[0].contiguous(), replace(state, **reduced)
 
 
 def _select(spec: Any, ctx: BlockContext, settings: dict) -> tuple[Tensor, TokenState]:
-    """The method's selection before attention, with the selected tokens' sources when tracked."""
+    """The method's selection before attention, with the selected tokens' sources (when tracked)
+    and rotary embeddings."""
     index, state = spec.select(ctx, settings)
     if ctx.state.source is not None:
         state = replace(state, source=gather_sources(ctx.state.source, index, state.valid))
+    if ctx.state.rope is not None:
+        state = replace(state, rope=gather_tokens(ctx.state.rope, index))
     return index, state
-
-
-def _heads(attn: nn.Module, projected: Tensor, parts: int) -> tuple[Tensor, ...]:
-    """(B, N, parts * attn_dim) -> `parts` tensors (B, H, N, hd), as timm's Attention splits qkv."""
-    batch, tokens, _ = projected.shape
-    return projected.reshape(batch, tokens, parts, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def _merge_heads(out: Tensor) -> Tensor:
@@ -225,17 +243,16 @@ def _merge_heads(out: Tensor) -> Tensor:
     return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
 
-def _project(attn: nn.Module, out: Tensor, gate_input: Tensor | None) -> Tensor:
-    """timm's Attention after the attention product: its norm, the optional gate, the projection."""
-    out = attn.norm(out)
-    gate = getattr(attn, "gate", None)
-    if gate is not None:
-        out = out * gate(gate_input).sigmoid()
-    return attn.proj_drop(attn.proj(out))
-
-
-def _mlp_residual(block: nn.Module, x: Tensor) -> Tensor:
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+def _per_token(fn: Any, x: Tensor, rows: Tensor | None, *more: Tensor) -> Tensor:
+    """`fn` on every token of `x` (and the same rows of `more`), on the real rows alone when `rows`
+    (`_real_rows`) says the batch is padded: padding rows come back as zeros."""
+    if rows is None:
+        return fn(x, *more)
+    batch, width, _ = x.shape
+    out = fn(_pack(x, rows), *(_pack(t, rows) for t in more))
+    if isinstance(out, tuple):
+        return tuple(_unpack(part, rows, batch, width) for part in out)
+    return _unpack(out, rows, batch, width)
 
 
 def _take_queries(q: Tensor, index: Tensor) -> Tensor:
@@ -280,6 +297,44 @@ def _reduced_class(base: type) -> type:
     return _REDUCED_CLASSES[base]
 
 
+def _new_reduced(base: type) -> nn.Module:
+    """An empty instance of the reduced subclass of `base`, for unpickling (see `__reduce_ex__`)."""
+    cls = _reduced_class(base)
+    return cls.__new__(cls)
+
+
+def _embed(model: nn.Module, images: Tensor) -> Tensor:
+    """timm's embedding of `images`: the tokens entering block 0 (Eva's `_pos_embed` also returns the
+    rotary embeddings, which `patch_rotations` gives the blocks)."""
+    x = model._pos_embed(model.patch_embed(images))
+    x = x[0] if isinstance(x, tuple) else model.patch_drop(x)
+    return model.norm_pre(x)
+
+
+def patch_rotations(model: nn.Module) -> Tensor | None:
+    """The rotary embeddings timm gives a rotary model's blocks (N, 2D), as its `_pos_embed` makes
+    them at the model's input size; None on models without."""
+    if getattr(model, "rope", None) is None:
+        return None
+    embed = model.patch_embed
+    grid = tuple(embed.grid_size) if getattr(model, "dynamic_img_size", False) else (embed.num_patches,)  # NHWC
+    return model._pos_embed(next(model.parameters()).new_zeros(1, *grid, model.embed_dim))[1]
+
+
+def carried_channels(model: nn.Module) -> int:
+    """Channels that ride with the tokens through a reduction (the rotary embeddings), which a merge sums too."""
+    rope = patch_rotations(model)
+    return 0 if rope is None else int(rope.shape[-1])
+
+
+def _plain_blocks(model: nn.Module, x: Tensor, start: int, end: int) -> Tensor:
+    """timm's own forward of blocks start..end-1 on unreduced tokens."""
+    rope = patch_rotations(model)
+    for block in list(model.blocks)[start:end]:
+        x = block_kind(block).plain(block, x, rope)
+    return x
+
+
 def original_class(model: nn.Module) -> type:
     cls = type(model)
     return cls.__bases__[1] if issubclass(cls, ReducedVisionTransformer) else cls
@@ -312,7 +367,9 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
 
 def input_tokens(model: nn.Module, img_size: int | None = None) -> int:
     """Tokens entering block 0 at `img_size` (default: the model's own), prefix tokens included."""
-    grid = (img_size or model_img_size(model)) // patch_size_of(model)
+    if img_size is None or img_size == model_img_size(model):  # the model's own grid, non-square too
+        return int(model.patch_embed.num_patches) + model.num_prefix_tokens
+    grid = img_size // patch_size_of(model)
     return grid * grid + model.num_prefix_tokens
 
 
@@ -382,10 +439,7 @@ def first_reduced_layer(model: nn.Module) -> int:
 def tokens_before(model: nn.Module, images: Tensor, layer: int) -> Tensor:
     """The (unreduced) tokens entering block `layer`: a cache for evaluating many plans that all
     start reducing at `layer` or later, with `logits_from`."""
-    x = ReducedVisionTransformer.vitprune_embed(model, images)
-    for block in list(model.blocks)[:layer]:
-        x = block(x)
-    return x
+    return _plain_blocks(model, _embed(model, images), 0, layer)
 
 
 def logits_from(model: nn.Module, tokens: Tensor, layer: int, num_input_tokens: int) -> Tensor:
@@ -400,9 +454,7 @@ def logits_from(model: nn.Module, tokens: Tensor, layer: int, num_input_tokens: 
 def advance_tokens(model: nn.Module, tokens: Tensor, start: int, end: int) -> Tensor:
     """The unreduced tokens entering block `end`, from those entering block `start` (see
     `tokens_before`): fills a cache at several layers in one pass instead of one pass per layer."""
-    for block in list(model.blocks)[start:end]:
-        tokens = block(tokens)
-    return tokens
+    return _plain_blocks(model, tokens, start, end)
 
 
 @contextmanager

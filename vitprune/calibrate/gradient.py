@@ -8,7 +8,7 @@ largest wins). The forward pass runs on dense tokens with masses (`vitprune.redu
 hard choice applied exactly; the backward pass carries the straight-through gradient of the
 soft probabilities to the logits. The loss is the KL divergence from the unreduced model's
 predictions (cross-entropy on the labels with objective top1) plus a penalty on the distance to
-the GMACs target, the GMACs counted by vitprune.flops' rule (`block_macs`, methods' extra_macs)
+the GMACs target, the GMACs counted by vitprune.flops' one rule (`block_macs`, methods' extra_macs, `outside_blocks`)
 on straight-through token counts, so their forward value is the hard plan's exact count. Only
 the logits train; the weights are frozen. The learned counts become shapes that the rest of the
 search scales to each budget like any other (`vitprune.calibrate.shapes.fit_to_budget`).
@@ -23,15 +23,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitprune import methods
+from vitprune.blocks import block_kind
 from vitprune.calibrate import policy
 from vitprune.calibrate.search import Search
 from vitprune.calibrate.shapes import CONSTANT_METHOD, Geometry, Shape, constant_shape
 from vitprune.errors import VitpruneError
-from vitprune.flops import block_macs
+from vitprune.flops import ModelCosts, block_macs, model_costs
 from vitprune.methods.base import CLS_SCORE
 from vitprune.models import has_class_token
-from vitprune.patch import HEAD_ONLY
-from vitprune.reducers import SoftTokens, masked_attention, straight_through
+from vitprune.patch import patch_rotations
+from vitprune.reducers import SoftTokens, masked_attention, straight_through, token_rotations
 
 GRID_POINTS = 48  # candidate counts per block: 0 and up to half the patch tokens, in even steps
 MAX_REMOVE = 0.5  # the largest count, as a share of the patch tokens entering the model
@@ -110,73 +111,65 @@ def block_choices(rates: Rates, layer: int, tokens: int, geometry: Geometry) -> 
     return choices, soft, expected
 
 
-def walk(rates: Rates, model: nn.Module, geometry: Geometry) -> Walk:
-    """The hard choices block by block, and the plan's MACs per image with straight-through gradients."""
+def walk(rates: Rates, model: nn.Module, geometry: Geometry, counts: ModelCosts | None = None) -> Walk:
+    """The hard choices block by block, and the plan's MACs per image with straight-through gradients
+    (`counts`: the model's `model_costs`, counted once for many walks)."""
+    counts = model_costs(model) if counts is None else counts
     tokens = geometry.tokens_at[geometry.base_size]
     prefix = geometry.num_prefix
     n_in = torch.tensor([float(tokens)], dtype=torch.float64)
-    macs = constant_macs(model, geometry)
     out = Walk()
-    for layer, block in enumerate(model.blocks):
+    macs = torch.zeros(1, dtype=torch.float64)
+    for layer, costs in enumerate(counts.blocks):
         if layer >= rates.blocks:  # the head-only last block
-            macs = macs + block_macs(block, n_in, torch.full_like(n_in, prefix), torch.full_like(n_in, prefix),
-                                     HEAD_ONLY, prefix)
+            head = torch.full_like(n_in, prefix)
+            macs = macs + block_macs(costs, n_in, head, head, head_only=True)
+            n_in = head
             continue
         choices, soft, expected = block_choices(rates, layer, tokens, geometry)
         removed = sum(c.gate.double() * ((tokens - c.tokens_after) + (expected - expected.detach()).double())
                       for c in choices)
         n_out = n_in - removed
-        macs = macs + block_macs(block, n_in, n_in, n_out, None, prefix)
+        macs = macs + block_macs(costs, n_in, n_in, n_out)
         for c in choices:
             if c.settings is not None:
-                extra = methods.get(c.method).extra_macs(block.attn, n_in, torch.full_like(n_in, c.tokens_after),
+                extra = methods.get(c.method).extra_macs(costs, n_in, torch.full_like(n_in, c.tokens_after),
                                                          prefix, c.settings)
                 macs = macs + c.gate.double() * extra
         tokens = next((c.tokens_after for c in choices if c.active), tokens)
         n_in = n_out
         out.choices.append(choices)
         out.soft.append(soft)
-    out.macs = macs
+    out.macs = macs + counts.outside.macs(n_in)  # the stem, and the head on the tokens reaching it
     return out
-
-
-def constant_macs(model: nn.Module, geometry: Geometry) -> Tensor:
-    """MACs outside the blocks (patch embedding, head): the base count less its blocks'."""
-    tokens = torch.tensor([float(geometry.tokens_at[geometry.base_size])], dtype=torch.float64)
-    blocks = sum(block_macs(block, tokens, tokens, tokens, None, geometry.num_prefix) for block in model.blocks)
-    return geometry.base_gmacs * 1e9 - blocks
 
 
 def soft_logits(model: nn.Module, tokens0: Tensor, path: Walk, num_prefix: int) -> Tensor:
     """The reduced model's logits on dense tokens (the tokens entering block 0), `path`'s choices applied."""
     x = tokens0
     tokens = SoftTokens(x=x, mass=x.new_ones(x.shape[:2]), alive=x.shape[1], metric=x[..., :0], cls_attn=x[..., 0])
+    rope = patch_rotations(model)  # the tokens stay in place (masses, not removals): each keeps its rotation
+    rope = None if rope is None else token_rotations(rope, num_prefix, x.shape[0])
     for layer, block in enumerate(model.blocks):
-        tokens = soft_attention(block, tokens)
+        tokens = soft_attention(block, tokens, rope)
         if layer < len(path.choices):
             for choice in path.choices[layer]:
                 soft = choice.gate * path.soft[layer]
                 settings = choice.settings if choice.active else None
                 tokens = methods.get(choice.method).soft_reduce(tokens, num_prefix, settings, soft)
-        x = tokens.x + block.drop_path2(block.ls2(block.mlp(block.norm2(tokens.x))))
-        tokens = tokens._replace(x=x)
+        tokens = tokens._replace(x=block_kind(block).mlp_residual(block, tokens.x))
     return model.forward_head(model.norm(tokens.x[:, :tokens.alive]))
 
 
-def soft_attention(block: nn.Module, tokens: SoftTokens) -> SoftTokens:
-    """A timm Block's attention residual over every token, keys weighted by their mass; the class
-    attention and the mean keys for the reductions that follow."""
-    attn, x = block.attn, tokens.x
-    batch, width, _ = x.shape
-    normed = block.norm1(x)
-    q, k, v = attn.qkv(normed).reshape(batch, width, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    out, weights = masked_attention(q, k, v, tokens.mass, attn.scale)
-    out = attn.norm(out.transpose(1, 2).reshape(batch, width, -1))
-    gate = getattr(attn, "gate", None)
-    if gate is not None:
-        out = out * gate(normed).sigmoid()
-    x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
+def soft_attention(block: nn.Module, tokens: SoftTokens, rope: Tensor | None = None) -> SoftTokens:
+    """A block's attention residual over every token (the adapter's pieces, vitprune.blocks), keys
+    weighted by their mass; the class attention and the mean keys for the reductions that follow.
+    `rope`: per token rotations on rotary models."""
+    kind = block_kind(block)
+    normed = kind.attention_input(block, tokens.x)
+    q, k, v = kind.heads(block, *kind.project_qkv(block, normed), rope)
+    out, weights = masked_attention(q, k, v, tokens.mass, kind.scale(block))
+    x = kind.attention_residual(block, tokens.x, out.transpose(1, 2).flatten(2), normed)
     return tokens._replace(x=x, metric=k.mean(dim=1), cls_attn=weights[:, :, 0].mean(dim=1))
 
 
@@ -205,13 +198,14 @@ def learn_rates(model: nn.Module, tokens0: Tensor, base_logits: Tensor, labels: 
     """Train the rate logits on frozen `model` (a copy is taken) to follow `base_logits` at `target` GMACs."""
     model = copy.deepcopy(model).eval().requires_grad_(False)
     rates = make_rates(geometry, block_methods, start_r)
+    counts = model_costs(model)
     optimiser = torch.optim.Adam(rates.parameters())
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1 - step / steps)
     generator = torch.Generator().manual_seed(seed)
     trace = []
     for step in range(steps):
         index = torch.randperm(len(tokens0), generator=generator)[:BATCH]
-        path = walk(rates, model, geometry)
+        path = walk(rates, model, geometry, counts)
         logits = soft_logits(model, tokens0[index], path, geometry.num_prefix)
         fit = fit_loss(logits, base_logits[index], None if labels is None else labels[index])
         gmacs = path.macs.sum() / 1e9
@@ -245,10 +239,11 @@ def gradient_shapes(learned: Learned, geometry: Geometry) -> list[Shape]:
 def start_count(model: nn.Module, geometry: Geometry, block_methods: tuple[str, ...], target: float) -> float:
     """The constant count per block whose hard plan (the initial logits) just meets `target` GMACs."""
     low, high = 0.0, float(max(1, round(MAX_REMOVE * (geometry.tokens_at[geometry.base_size] - geometry.num_prefix))))
+    counts = model_costs(model)
     for _ in range(12):
         middle = (low + high) / 2
         with torch.no_grad():
-            macs = float(walk(make_rates(geometry, block_methods, middle), model, geometry).macs.sum()) / 1e9
+            macs = float(walk(make_rates(geometry, block_methods, middle), model, geometry, counts).macs.sum()) / 1e9
         low, high = (low, middle) if macs <= target else (middle, high)
     return high
 

@@ -15,8 +15,8 @@ from vitprune.artifact import artifact_metadata, load_artifact, save_weights
 from vitprune.errors import VitpruneError
 from vitprune.export.verify import verify_onnx
 from vitprune.io import file_sha256, writable_parent, write_error
+from vitprune.models import input_shape
 from vitprune.onnx_runtime import EXPORTER, export_onnx
-from vitprune.patch import model_img_size
 from vitprune.plan import Plan
 
 RANDOM_VERIFY_IMAGES = 8  # without data the export is still checked, on this many noise images
@@ -66,8 +66,7 @@ def existing_report(report_path: Path, model_name: str, plan_text: str, force: b
 
 def random_images(model: nn.Module, count: int = RANDOM_VERIFY_IMAGES) -> Tensor:
     """Fixed noise images at the model's input size, for a check without real images."""
-    size = model_img_size(model)
-    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return torch.randn(count, *input_shape(model), generator=torch.Generator().manual_seed(0))
 
 
 def export_verified(model: nn.Module, path: Path, images: Tensor, *, real_images: bool, batch: str | int,

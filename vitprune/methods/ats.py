@@ -54,9 +54,9 @@ class ATS(Method):
         size = gather_tokens(ctx.state.size, index) if ctx.state.size is not None else None
         return index, TokenState(size=size, valid=valid)
 
-    def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
+    def extra_macs(self, costs: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
                    settings: dict[str, Any], class_token: bool = True) -> Tensor:
-        return attention_score_macs(attn, n_in, class_token)
+        return attention_score_macs(costs, n_in, class_token)
 
     def static_width(self, settings: dict[str, Any], num_input_tokens: int) -> int:
         """The most tokens a block can keep: the width of static-shape padding."""

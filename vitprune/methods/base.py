@@ -82,6 +82,8 @@ class TokenState:
     # (B, N, M) the original patches each token stands for, only while `record_tokens(sources=True)`
     # asks for it (vitprune.reducers.sources); None: not tracked, at no cost
     source: Tensor | None = None
+    # (B, N, 2D) each token's rotary embedding [sin | cos] on rotary models (vitprune.reducers.rope)
+    rope: Tensor | None = None
 
     def key_bias(self) -> Tensor | None:
         """Additive attention-logit bias (B, 1, 1, N): proportional attention and padding."""
@@ -195,10 +197,12 @@ class Method:
         return x, ctx.state
 
     # -- FLOPs ------------------------------------------------------------------------------------
-    def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
+    def extra_macs(self, costs: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
                    settings: dict[str, Any], class_token: bool = True) -> Tensor:
-        """MACs of the method's own scoring inside a block (float64 per image); `class_token`: the
-        model has one (scores by attention fall back without it, `attention_scores`)."""
+        """MACs of the method's own matrix products inside a block (scoring, merging), float64 per
+        image, as FlopCounterMode counts them; `costs`: the block's sizes (vitprune.flops.BlockCosts:
+        attn_dim, head_dim, num_heads, width); `class_token`: the model has one (scores by attention
+        fall back without it, `attention_scores`)."""
         return torch.zeros_like(n_in)
 
     # -- calibrate's gradient search (vitprune.reducers.soft) ----------------------------------------
@@ -212,9 +216,9 @@ class Method:
         raise NotImplementedError
 
 
-def cls_row_macs(attn: Any, n_in: Tensor) -> Tensor:
+def cls_row_macs(costs: Any, n_in: Tensor) -> Tensor:
     """The CLS row of the attention computed once more, for scoring."""
-    return n_in * attn.attn_dim
+    return n_in * costs.attn_dim
 
 
 # The attention score of the scoring methods (EViT, ATS): the class token's attention row, or, on a
@@ -244,6 +248,6 @@ def attention_scores(ctx: BlockContext) -> Tensor:
     return received_attention(ctx.q, ctx.k, ctx.scale, ctx.key_bias, weight)
 
 
-def attention_score_macs(attn: Any, n_in: Tensor, class_token: bool) -> Tensor:
+def attention_score_macs(costs: Any, n_in: Tensor, class_token: bool) -> Tensor:
     """MACs of `attention_scores`: the class row once more, or every query's logits once more."""
-    return cls_row_macs(attn, n_in) if class_token else n_in * n_in * attn.attn_dim
+    return cls_row_macs(costs, n_in) if class_token else n_in * n_in * costs.attn_dim

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from vitprune.methods.base import (
@@ -44,9 +45,14 @@ class EViT(Method):
         x, size, _ = evit_reduce(x, cls_attn, ctx.num_prefix, keep_count, settings["fuse"], ctx.state.size)
         return x, replace(ctx.state, size=size)
 
-    def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
+    def extra_macs(self, costs: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
                    settings: dict[str, Any], class_token: bool = True) -> Tensor:
-        return attention_score_macs(attn, n_in, class_token)
+        macs = attention_score_macs(costs, n_in, class_token)
+        if not settings["fuse"]:
+            return macs
+        patch = n_in - num_prefix
+        kept = torch.clamp(torch.ceil(settings["keep"] * patch), min=1).minimum(patch)  # evit_keep_count
+        return macs + (patch - kept) * costs.width  # the dropped tokens' weighted sum
 
     def soft_reduce(self, tokens: SoftTokens, num_prefix: int, settings: dict[str, Any] | None,
                     soft: Tensor) -> SoftTokens:

@@ -39,11 +39,11 @@ class PPT(Method):
         x, size, _ = ppt_reduce(x, size, scores, ctx.k.mean(dim=1), ctx.num_prefix, settings["r"], settings["threshold"])
         return x, replace(ctx.state, size=size)
 
-    def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
+    def extra_macs(self, costs: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
                    settings: dict[str, Any], class_token: bool = True) -> Tensor:
         """The class-token row; for every image both policies run: ToMe's similarities and merge
         (the rows gathered into each output, r per image) beside the pruning's sort."""
         mergeable, removed = n_in - num_prefix, n_in - n_out
-        similarity = torch.ceil(mergeable / 2) * torch.floor(mergeable / 2) * attn.head_dim
-        merge = n_out * removed * (attn.qkv.in_features + 1)
-        return cls_row_macs(attn, n_in) + torch.where(removed > 0, similarity + merge, 0.0)
+        similarity = torch.ceil(mergeable / 2) * torch.floor(mergeable / 2) * costs.head_dim
+        merge = n_out * removed * (costs.width + 1)
+        return cls_row_macs(costs, n_in) + torch.where(removed > 0, similarity + merge, 0.0)

@@ -42,12 +42,13 @@ class ToMe(Method):
         x, size = tome_reduce(x, size, ctx.k.mean(dim=1), ctx.num_prefix, settings["r"], penalty)
         return x, replace(ctx.state, size=size)
 
-    def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
+    def extra_macs(self, costs: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
                    settings: dict[str, Any], class_token: bool = True) -> Tensor:
-        mergeable = n_in - num_prefix
-        similarity = torch.ceil(mergeable / 2) * torch.floor(mergeable / 2) * attn.head_dim
-        macs = torch.where(n_out < n_in, similarity, 0.0)  # ToMe skips matching when r = 0
-        return macs + cls_row_macs(attn, n_in) if settings["protect"] else macs
+        mergeable, merged = n_in - num_prefix, n_in - n_out
+        similarity = torch.ceil(mergeable / 2) * torch.floor(mergeable / 2) * costs.head_dim
+        merge = n_out * merged * (costs.width + 1)  # the merged rows added into each output, and their sizes
+        macs = torch.where(merged > 0, similarity + merge, 0.0)  # ToMe skips matching when r = 0
+        return macs + cls_row_macs(costs, n_in) if settings["protect"] else macs
 
     def soft_reduce(self, tokens: SoftTokens, num_prefix: int, settings: dict[str, Any] | None,
                     soft: Tensor) -> SoftTokens:

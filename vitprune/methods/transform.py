@@ -40,8 +40,8 @@ class TokenTransforming(Method):
                                    settings["neighbours"], settings["temperature"])
         return x, replace(ctx.state, size=size)
 
-    def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
+    def extra_macs(self, costs: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
                    settings: dict[str, Any], class_token: bool = True) -> Tensor:
         """The class-token row, the M x K key similarities and the K x M transformation of the tokens."""
         patch, kept = n_in - num_prefix, n_out - num_prefix
-        return cls_row_macs(attn, n_in) + patch * kept * (attn.head_dim + attn.qkv.in_features)
+        return cls_row_macs(costs, n_in) + patch * kept * (costs.head_dim + costs.width)

@@ -40,7 +40,7 @@ class ZeroTPrune(Method):
                                        keep_count, similar_count, settings["iters"])
         return x, replace(ctx.state, size=size)
 
-    def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
+    def extra_macs(self, costs: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
                    settings: dict[str, Any], class_token: bool = True) -> Tensor:
         """One vote on all tokens, the A x B key similarities, `iters` votes among the survivors
         (the attention itself is the block's own)."""
@@ -49,5 +49,5 @@ class ZeroTPrune(Method):
                                dtype=torch.float64)
         half = torch.floor(patch / 2)
         survivors = n_in - similar
-        return (attn.num_heads * (n_in ** 2 + settings["iters"] * survivors ** 2)
-                + half * (patch - half) * attn.head_dim)
+        return (costs.num_heads * (n_in ** 2 + settings["iters"] * survivors ** 2)
+                + half * (patch - half) * costs.head_dim)

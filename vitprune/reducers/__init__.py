@@ -8,6 +8,7 @@ from vitprune.reducers.attention import received_attention
 from vitprune.reducers.common import attention_probs, cls_attention, gather_tokens, graph_capture
 from vitprune.reducers.evit import evit_keep_count, evit_reduce
 from vitprune.reducers.ppt import ppt_prunes, ppt_reduce
+from vitprune.reducers.rope import token_rotations, unit_rotations
 from vitprune.reducers.soft import (
     SoftTokens,
     masked_attention,
@@ -28,5 +29,6 @@ __all__ = [
     "ppt_prunes", "ppt_reduce",
     "transform_matrix", "transform_reduce",
     "weighted_pagerank", "zerotprune_counts", "zerotprune_reduce",
+    "token_rotations", "unit_rotations",
     "SoftTokens", "masked_attention", "removal_weights", "soft_merge", "soft_prune", "straight_through",
 ]

@@ -1,0 +1,123 @@
+"""The adapter on every block kind (issue 25) and a reduced model's life as a Python object (issue 27.9)."""
+import copy
+import io
+import pickle
+
+import pytest
+import timm
+import torch
+from conftest import BLOCK_FAMILIES, build_family
+
+import vitprune
+from vitprune.flops import model_input
+from vitprune.models import is_supported_vit
+from vitprune.reducers import unit_rotations
+
+METHODS = [{"method": "tome", "r": 3}, {"method": "evit", "keep": 0.6, "layers": [1]},
+           {"method": "ats", "keep": 0.6, "layers": [1]}, {"method": "zerotprune", "keep": 0.7, "layers": [1]}]
+
+
+def _images(model, batch):
+    torch.manual_seed(2)
+    return torch.randn_like(model_input(model, batch))
+
+
+@pytest.mark.parametrize("family", sorted(BLOCK_FAMILIES))
+def test_every_block_kind_runs_noop_batch_and_remove_exactly(family):
+    model = build_family(family)
+    x = _images(model, 2)
+    with torch.inference_mode():
+        base = model(x)
+        vitprune.apply(model, method="tome", r=0)  # a no-op plan: timm's own blocks, bit-identical
+        assert torch.equal(model(x), base)
+        for kwargs in METHODS:
+            try:
+                vitprune.apply(model, **kwargs)
+            except vitprune.VitpruneError as error:  # e.g. ATS needs class-token or average pooling
+                assert "pools by" in str(error) or "class token" in str(error)
+                continue
+            batch = model(x)
+            alone = torch.cat([model(x[i:i + 1]) for i in range(2)])
+            torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-5)
+            assert batch.shape == base.shape and torch.isfinite(batch).all()
+        vitprune.remove(model)
+        assert torch.equal(model(x), base)
+
+
+@pytest.mark.parametrize("name, part", [("vit_base_patch16_rope_mixed_224", "mixed"),
+                                        ("beit_base_patch16_224", "relative position bias"),
+                                        ("vit_small_patch16_18x2_224", "ParallelThingsBlock"),
+                                        ("vit_base_patch16_plus_240", None)])
+def test_unsupported_families_are_refused_naming_the_part(name, part):
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    if part is None:  # a plain VisionTransformer: supported
+        assert is_supported_vit(model) is None
+        return
+    with pytest.raises(vitprune.VitpruneError, match=part):
+        vitprune.apply(model, method="tome", r=2)
+
+
+def test_dense_outputs_refuse_on_a_reduced_model():
+    model = vitprune.apply(build_family("vit"), method="tome", r=4)
+    for call in (lambda: model.forward_intermediates(torch.randn(1, 3, 96, 96)),
+                 lambda: model.get_intermediate_layers(torch.randn(1, 3, 96, 96)),
+                 lambda: model.prune_intermediate_layers([1])):
+        with pytest.raises(vitprune.VitpruneError, match="unreduced"):
+            call()
+    vitprune.remove(model)
+    assert len(model.forward_intermediates(torch.randn(1, 3, 96, 96), intermediates_only=True)) == len(model.blocks)
+
+
+@pytest.mark.parametrize("kwargs", [{"method": "tome", "r": 4}, {"method": "ats", "keep": 0.6, "layers": [1, 3]}])
+def test_a_reduced_model_pickles_saves_and_copies(kwargs):
+    model = vitprune.apply(build_family("vit"), **kwargs)
+    x = torch.randn(2, 3, 96, 96)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copies = [pickle.loads(pickle.dumps(model)), copy.deepcopy(model), torch.load(buffer, weights_only=False)]
+    with torch.inference_mode():
+        expected = model(x)
+        for other in copies:
+            assert type(other) is type(model) and vitprune.plan_of(other) == vitprune.plan_of(model)
+            assert torch.equal(other(x), expected)
+
+
+def test_rotary_tokens_keep_their_rotation():
+    # EViT keeping every token runs the reduced path (rotations carried per token) yet changes nothing
+    model = build_family("eva02_rotary_swiglu")
+    x = _images(model, 2)
+    with torch.inference_mode():
+        base = model(x)
+        vitprune.apply(model, method="evit", keep=1.0, fuse=False, layers=[1])
+        torch.testing.assert_close(model(x), base, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_rotations_are_the_weighted_circular_mean():
+    angles = torch.tensor([[[0.2, 1.0], [0.6, -1.0]]])  # two tokens, two frequencies
+    rope = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    assert torch.equal(unit_rotations(rope), rope)  # one token's own rotation: bit for bit
+    merged = unit_rotations(0.5 * rope[:, :1] + 0.5 * rope[:, 1:])
+    torch.testing.assert_close(merged, torch.cat([torch.tensor([[[0.4, 0.0]]]).sin(),
+                                                  torch.tensor([[[0.4, 0.0]]]).cos()], dim=-1))
+
+
+def test_a_reduced_rotary_model_exports_to_onnx_with_parity(tmp_path):
+    from vitprune.export.verify import verify_onnx
+    from vitprune.onnx_runtime import export_onnx
+    model = vitprune.apply(build_family("eva02_rotary_swiglu"), method="tome", r=3)
+    export_onnx(model, tmp_path / "model.onnx")
+    parity = verify_onnx(model, tmp_path / "model.onnx", _images(model, 2), batch_size=2, provider="cpu")
+    assert parity["passed"] and parity["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("family", ["eva02_rotary_swiglu", "res_post"])
+def test_the_gradient_search_soft_forward_runs_the_same_block_pieces(family):
+    from vitprune.calibrate.gradient import Walk, soft_logits
+    from vitprune.patch import tokens_before
+    model = build_family(family)
+    x = _images(model, 2)
+    with torch.no_grad():
+        soft = soft_logits(model, tokens_before(model, x, 0), Walk(), model.num_prefix_tokens)
+        torch.testing.assert_close(soft, model(x), rtol=1e-5, atol=1e-5)
