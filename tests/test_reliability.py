@@ -284,7 +284,7 @@ def test_out_of_memory_during_a_run_is_one_line_naming_what_to_lower(tmp_path, c
         warnings.warn("a library warning before the failure", UserWarning, stacklevel=1)
         raise failure()
 
-    monkeypatch.setattr(apply_command, "compare", run_out_of_memory)
+    monkeypatch.setattr(apply_command, "evaluate", run_out_of_memory)
     out = tmp_path / "out"
     assert_one_line_exit_2(apply_args("--method", "tome", "--r", "2", "-o", str(out)),
                            "out of memory during the run; lower --batch-size, --bench-batch or --limit", capsys, out)
@@ -365,14 +365,14 @@ def test_library_log_lines_and_warnings_stay_off_stderr(capsys, monkeypatch):
 
     from vitprune.commands import apply as apply_command
 
-    compare = apply_command.compare
+    evaluate = apply_command.evaluate
 
-    def chatty_compare(*args, **kwargs):
+    def chatty_evaluate(*args, **kwargs):
         logging.getLogger("timm.data.readers.reader_wds").warning("Dataset info file not found at ['x']")
         warnings.warn("a torch warning", UserWarning, stacklevel=1)
-        return compare(*args, **kwargs)
+        return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(apply_command, "compare", chatty_compare)
+    monkeypatch.setattr(apply_command, "evaluate", chatty_evaluate)
     assert run(apply_args("--method", "tome", "--r", "2", "--json")) == 0
     assert capsys.readouterr().err == ""
     assert_one_line_exit_2(apply_args("--method", "tome", "--r", "2", "--layers", "99"), "out of range", capsys)
