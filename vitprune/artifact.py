@@ -28,6 +28,7 @@ WEIGHTS_FILE = "model.safetensors"
 PLAN_FILE = "vitprune.json"
 METADATA_KEY = "vitprune"
 WEIGHTS_SHA256_KEY = "weights_sha256"
+TEACHER_KEY = "teacher"  # a fine-tuned artifact's teacher (vitprune.teacher), in vitprune.json and in `info`
 
 
 def versions() -> dict:
@@ -56,6 +57,7 @@ def artifact_metadata(model: nn.Module, info: dict, plan: Plan) -> dict:
         "params": plan.params(),
         "versions": versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **({TEACHER_KEY: info[TEACHER_KEY]} if info.get(TEACHER_KEY) else {}),
     }
 
 

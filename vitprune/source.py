@@ -15,6 +15,7 @@ from vitprune.hf import is_transformers_folder, load_transformers
 from vitprune.models import create_model, use_pre_logits
 from vitprune.patch import model_img_size, plan_of, remove_plan
 from vitprune.plan import Plan
+from vitprune.teacher import teacher_of
 from vitprune.timm_datasets import Batch, DatasetOptions, dataset_kind, find_image_set, stream_batches
 
 
@@ -25,6 +26,13 @@ class BaseModel:
     model: nn.Module
     info: dict
     artifact_plan: Plan | None = None
+    teacher: nn.Module | None = None  # the model a fine-tuned artifact was trained from (vitprune.teacher)
+    teacher_record: dict | None = None  # its record, also when its tensors are not with the artifact
+
+    @property
+    def reference(self) -> nn.Module:
+        """What reports judge a reduced model against: the teacher of a fine-tuned artifact, else the base."""
+        return self.teacher if self.teacher is not None else self.model
 
 
 def is_artifact(source: str | Path) -> bool:
@@ -53,9 +61,12 @@ def _load_base(source: str, checkpoint: Path | None, no_pretrained: bool, img_si
         model = load_artifact(source)
         plan = plan_of(model)
         remove_plan(model)
+        teacher, record = teacher_of(source, model)
         if img_size is not None and img_size != metadata["model"]["img_size"]:
-            model.set_input_size(img_size=img_size)
-        return BaseModel(model=model, info=identity_info(metadata), artifact_plan=plan)
+            for each in (model, teacher) if teacher is not None else (model,):
+                each.set_input_size(img_size=img_size)
+        return BaseModel(model=model, info=identity_info(metadata), artifact_plan=plan, teacher=teacher,
+                         teacher_record=record)
     if is_transformers_folder(source):
         if checkpoint is not None:
             raise VitpruneError("checkpoint applies to model names only: a transformers folder carries its own "

@@ -8,12 +8,13 @@ from torch import Tensor, nn
 
 from vitprune.artifact import model_identity, versions, write_artifact
 from vitprune.checks import check_whole
-from vitprune.commands.common import ReducedModelSpec, build_reduced, check_device
+from vitprune.commands.common import ReducedModelSpec, build_reduced, check_device, reference_section
 from vitprune.io import check_output_dir
 from vitprune.report import Evidence, compare, make_report, render_markdown
 from vitprune.runtime import Runtime
 from vitprune.show import token_maps_png
 from vitprune.source import is_dataset, load_eval_images, stream_eval_images
+from vitprune.teacher import reference_markdown
 from vitprune.timm_datasets import DatasetOptions
 
 TOKEN_MAP_IMAGES = 4  # images drawn in the artifact's tokens.png
@@ -80,7 +81,7 @@ def run_apply(request: ApplyRequest) -> ApplyResult:
     """Build the reduced model, measure it against the base, and write the artifact if asked."""
     request.check()
     base, plan, reduced = build_reduced(request)
-    base_model, reduced = base.model.to(request.device), reduced.to(request.device)
+    base_model, reduced = base.reference.to(request.device), reduced.to(request.device)  # a teacher, if any
     images = labels = base_images = batches = None
     if is_dataset(request.data):
         batches = stream_eval_images(base_model, reduced, str(request.data), request, limit=request.limit,
@@ -94,8 +95,11 @@ def run_apply(request: ApplyRequest) -> ApplyResult:
                         batch_size=request.batch_size, device=request.device, dtype=request.dtype,
                         compile=request.compile, compile_mode=request.compile_mode, progress=request.progress)
     report = make_report(model_identity(reduced, base.info), plan, compare(base_model, reduced, evidence), versions())
+    reference = reference_section(base, evidence)
+    if reference is not None:
+        report["reference"] = reference
     if request.output is not None:
-        report_md, extra = render_markdown(report), {}
+        report_md, extra = render_markdown(report) + reference_markdown(reference), {}
         if images is not None and plan.reductions:
             extra["tokens.png"] = token_maps_png(reduced, images[:TOKEN_MAP_IMAGES])
             report_md += TOKEN_MAPS_SECTION

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -13,9 +13,12 @@ from vitprune.checks import check_whole
 from vitprune.errors import VitpruneError
 from vitprune.patch import apply_plan
 from vitprune.plan import Plan, make_plan, read_plan_file
+from vitprune.report import Evidence, compare
 from vitprune.source import BaseModel, load_base
+from vitprune.teacher import TEACHER_FILE
 
 SETTING_FIELDS = ("keep", "r", "fuse", "protect")  # method settings the requests carry (None: not given)
+UNREDUCED_FIGURES = ("gmacs", "top1", "top5", "agreement", "kl", "cosine_mean", "retrieval_agreement")
 
 
 @dataclass(kw_only=True)
@@ -78,6 +81,24 @@ def resolve_plan(spec: ReducedModelSpec, base: BaseModel) -> Plan:
         raise VitpruneError(f"choose a reduction: a method ({', '.join(methods.names())}) with its settings, "
                             "or a plan file", param="method")
     return make_plan(spec.method, depth, layers=spec.layers, head_only=spec.head_only, **spec.settings())
+
+
+def reference_section(base: BaseModel, evidence: Evidence) -> dict | None:
+    """What a report on `base` is judged against, when `base` is a fine-tuned artifact: its teacher
+    (`base.reference`), with the fine-tuned weights unreduced measured against it as a second, labelled
+    baseline (on the same held images; not on a stream, which is read once). None otherwise."""
+    if base.teacher_record is None:
+        return None
+    if base.teacher is None:
+        return {"compared_with": "fine-tuned weights unreduced", "teacher": base.teacher_record,
+                "note": f"the teacher's tensors ({TEACHER_FILE}) are not with this artifact"}
+    section: dict = {"compared_with": "teacher", "teacher": base.teacher_record}
+    if evidence.batches is None:
+        images = evidence.base_images if evidence.base_images is not None else evidence.images
+        unreduced = replace(evidence, images=images, base_images=None, bench_batches=())
+        measured = compare(base.teacher.to(evidence.device), base.model.to(evidence.device), unreduced)
+        section["finetuned_unreduced"] = {key: measured[key] for key in UNREDUCED_FIGURES if key in measured}
+    return section
 
 
 def build_reduced(spec: ReducedModelSpec) -> tuple[BaseModel, Plan, nn.Module]:

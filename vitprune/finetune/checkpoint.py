@@ -81,6 +81,14 @@ class WorkFolder:
             start_work_dir(self.path)
             self.created = True
 
+    def write(self, files: dict[str, bytes]) -> None:
+        """Files a resumed run reads back (each written atomically)."""
+        if self.path is None:
+            return
+        for name, data in files.items():
+            with atomic_output_file(self.path / name) as tmp:
+                tmp.write_bytes(data)
+
     @contextmanager
     def guard(self) -> Iterator[None]:
         """Around a run: on any failure, remove or keep the folder; the error says how to resume."""

@@ -1,0 +1,102 @@
+"""The model a fine-tuned artifact was trained from (its teacher), kept with the artifact, so that
+every later report judges the fine-tuned model against the model the user started from.
+
+Fine-tuning changes few tensors (by default the norms and biases), so the artifact keeps only the
+teacher's values of the tensors that differ (`teacher.safetensors`); the teacher is the artifact's
+weights with those put back. vitprune.json's `teacher` names it (model, weights source, the weights
+file's sha256) and holds the sha256 of the teacher's whole state, checked when it is rebuilt.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from vitprune.artifact import TEACHER_KEY, read_metadata
+from vitprune.errors import VitpruneError
+
+TEACHER_FILE = "teacher.safetensors"
+
+
+def state_sha256(model: nn.Module) -> str:
+    """sha256 of a model's state: every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def teacher_record(teacher: nn.Module, student: nn.Module, info: dict) -> tuple[dict, bytes]:
+    """(the teacher's record for vitprune.json, the teacher.safetensors bytes: its tensors that
+    differ from the student's). `info` is the teacher's `create_model` info; when the teacher was
+    itself a fine-tuned artifact, the record names the model that one started from."""
+    student_state = student.state_dict()
+    changed = {name: tensor.detach().cpu().contiguous() for name, tensor in teacher.state_dict().items()
+               if name not in student_state or not torch.equal(tensor.cpu(), student_state[name].cpu())}
+    data = safetensors.torch.save(changed)
+    record = {
+        "model": info["model"] + (f".{info['tag']}" if info.get("tag") else ""),
+        "checkpoint": info.get("checkpoint"),
+        "checkpoint_sha256": info.get("checkpoint_sha256"),
+        "weights_sha256": state_sha256(teacher),
+        "file": TEACHER_FILE,
+        "file_sha256": hashlib.sha256(data).hexdigest(),
+        "tensors": len(changed),
+    }
+    return record, data
+
+
+def teacher_of(source: str | Path, unreduced: nn.Module) -> tuple[nn.Module | None, dict | None]:
+    """(the teacher rebuilt from the artifact at `source`, its record). `unreduced` is the artifact's
+    model without its plan. (None, None) when the artifact was not fine-tuned; (None, record) when its
+    teacher's tensors are not with it (the one-file .safetensors form)."""
+    record = read_metadata(source).get(TEACHER_KEY)
+    if not isinstance(record, dict):
+        return None, None
+    path = Path(source) / TEACHER_FILE
+    if not path.is_file():
+        return None, record
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != record.get("file_sha256"):
+        raise VitpruneError(f"{path} changed since it was written (sha256 mismatch with vitprune.json)")
+    teacher = copy.deepcopy(unreduced)
+    state = dict(teacher.state_dict())
+    state.update(safetensors.torch.load(data))
+    try:
+        teacher.load_state_dict(state, strict=True)
+    except RuntimeError as error:  # a tensor of another shape or name
+        raise VitpruneError(f"{path} does not fit the artifact's model: {str(error).splitlines()[0]}") from None
+    if state_sha256(teacher) != record.get("weights_sha256"):
+        raise VitpruneError(f"the teacher rebuilt from {path} is not the one recorded in vitprune.json "
+                            "(weights_sha256 mismatch)")
+    return teacher.eval(), record
+
+
+def describe_teacher(record: dict) -> str:
+    """One line naming the teacher: model, weights source and the weights file's sha256."""
+    source = record.get("checkpoint") or "pretrained weights"
+    sha = record.get("checkpoint_sha256") or record.get("weights_sha256")
+    return f"{record['model']} ({source}, sha256 {str(sha)[:12]})"
+
+
+def reference_markdown(section: dict | None) -> str:
+    """report.md's lines on what the figures are judged against (empty when not a fine-tuned artifact)."""
+    if not section:
+        return ""
+    teacher = describe_teacher(section["teacher"])
+    if section["compared_with"] != "teacher":
+        return (f"\nThe base column is the fine-tuned weights unreduced: {section.get('note', '')}. "
+                f"The model was fine-tuned from {teacher}.\n")
+    lines = [f"\nThe base column is the teacher this artifact was fine-tuned from: {teacher}."]
+    unreduced = section.get("finetuned_unreduced")
+    if unreduced:
+        figures = ", ".join(f"{key} {unreduced[key]}" for key in ("top1", "agreement", "kl") if key in unreduced)
+        lines.append(f"Second baseline, the fine-tuned weights unreduced: GMACs {unreduced['gmacs']:.3f}"
+                     + (f", {figures} (against the teacher)" if figures else "") + ".")
+    return " ".join(lines) + "\n"
