@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+import vitprune.commands.calibrate as calibrate_command
+import vitprune.finetune.run as finetune_run
+from vitprune.budget import Budget
 from vitprune.commands.apply import ApplyRequest, run_apply
-from vitprune.commands.finetune import FinetuneRequest, run_finetune
+from vitprune.commands.calibrate import CalibrateRequest, run_calibrate
+from vitprune.commands.finetune import FinetuneRecipe, FinetuneRequest, run_finetune
 from vitprune.errors import VitpruneError
+from vitprune.finetune import work_dir_for
 from vitprune.source import load_base
 from vitprune.teacher import TEACHER_FILE, state_sha256
 
@@ -106,3 +112,51 @@ def test_a_changed_teacher_file_is_refused(finetuned, tmp_path: Path) -> None:
     (copy / TEACHER_FILE).write_bytes(bytes(data))
     with pytest.raises(VitpruneError, match="sha256"):
         load_base(str(copy))
+
+
+def test_calibrate_then_finetune_resumes_and_writes_one_artifact_judged_against_the_original(
+        images: Path, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "tuned"
+    request = CalibrateRequest(model="vit_tiny_patch16_224", no_pretrained=True, img_size=64, img_sizes=[64],
+                               data=images, budget=Budget("ratio", 0.6), protect=0.0, search_images=2, refine_steps=0,
+                               bench_repeats=1, workers=0, progress=False, output=out,
+                               finetune=FinetuneRecipe(epochs=2, batch_size=2, warmup_epochs=0.0, lr=1e-2))
+    write_metrics = finetune_run.write_metrics_csv
+
+    def crash_after_epoch_one(rows, path):
+        write_metrics(rows, path)
+        if rows[-1]["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune_run, "write_metrics_csv", crash_after_epoch_one)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        run_calibrate(request)
+    monkeypatch.setattr(finetune_run, "write_metrics_csv", write_metrics)
+    work = work_dir_for(out)
+    assert not out.exists() and (work / "calibration.json").is_file()
+    with pytest.raises(VitpruneError, match=r"other settings \(calibrate\)"):
+        run_calibrate(replace(request, resume=True, budget=Budget("ratio", 0.7)))
+
+    def no_second_search(*args, **kwargs):
+        raise AssertionError("a resumed run searched again")
+
+    monkeypatch.setattr(calibrate_command, "_calibrate", no_second_search)
+    result = run_calibrate(replace(request, resume=True))
+    assert not work.exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["plan"] == result.report["plan"] and report["gmacs"] <= 0.6 * report["gmacs_base"] + 1e-9
+    tuning, calibration = report["finetune"], report["calibration"]
+    assert tuning["epochs"] == 2 and tuning["train_images"] == 4 and tuning["val_images"] == 4
+    assert set(result.calibration_files).isdisjoint(result.holdout_files) and len(result.holdout_files) == 4
+    assert calibration["images"]["holdout"] == 4 and "search_seconds" in calibration
+    assert report["reference"]["compared_with"] == "teacher"
+    before, after = tuning["variants"][0]["before"], tuning["variants"][0]["after"]
+    assert report["top1"] == pytest.approx(after["top1"], abs=0.01)
+    assert report["top1_base"] == pytest.approx(tuning["teacher"]["top1"], abs=0.01)
+    assert "top1" in before and (out / "pareto.png").is_file() and (out / "teacher.safetensors").is_file()
+    assert "Before fine-tuning: the search" in (out / "report.md").read_text()
+    # the artifact reports against the model it started from after save and load
+    torch.manual_seed(0)
+    teacher = load_base("vit_tiny_patch16_224", no_pretrained=True, img_size=64).model
+    assert state_sha256(load_base(str(out)).reference) == state_sha256(teacher)

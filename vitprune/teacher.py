@@ -18,6 +18,7 @@ from torch import nn
 
 from vitprune.artifact import TEACHER_KEY, read_metadata
 from vitprune.errors import VitpruneError
+from vitprune.patch import model_img_size
 
 TEACHER_FILE = "teacher.safetensors"
 
@@ -34,8 +35,8 @@ def state_sha256(model: nn.Module) -> str:
 
 def teacher_record(teacher: nn.Module, student: nn.Module, info: dict) -> tuple[dict, bytes]:
     """(the teacher's record for vitprune.json, the teacher.safetensors bytes: its tensors that
-    differ from the student's). `info` is the teacher's `create_model` info; when the teacher was
-    itself a fine-tuned artifact, the record names the model that one started from."""
+    differ from the student's, the position embedding too when the student runs at another input
+    size). `info` is the teacher's `create_model` info."""
     student_state = student.state_dict()
     changed = {name: tensor.detach().cpu().contiguous() for name, tensor in teacher.state_dict().items()
                if name not in student_state or not torch.equal(tensor.cpu(), student_state[name].cpu())}
@@ -48,6 +49,7 @@ def teacher_record(teacher: nn.Module, student: nn.Module, info: dict) -> tuple[
         "file": TEACHER_FILE,
         "file_sha256": hashlib.sha256(data).hexdigest(),
         "tensors": len(changed),
+        "img_size": model_img_size(teacher),  # the student's may be smaller (a plan's input size)
     }
     return record, data
 
@@ -66,6 +68,8 @@ def teacher_of(source: str | Path, unreduced: nn.Module) -> tuple[nn.Module | No
     if hashlib.sha256(data).hexdigest() != record.get("file_sha256"):
         raise VitpruneError(f"{path} changed since it was written (sha256 mismatch with vitprune.json)")
     teacher = copy.deepcopy(unreduced)
+    if isinstance(record.get("img_size"), int) and record["img_size"] != model_img_size(teacher):
+        teacher.set_input_size(img_size=record["img_size"])  # its own position embedding is put back below
     state = dict(teacher.state_dict())
     state.update(safetensors.torch.load(data))
     try:

@@ -3,28 +3,41 @@ held-out images, write the artifact."""
 from __future__ import annotations
 
 import copy
+import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
 
 from vitprune import calibrate
-from vitprune.artifact import model_identity
+from vitprune.artifact import model_identity, report_json
 from vitprune.budget import Budget
 from vitprune.checks import check_finite, check_whole
+from vitprune.commands.finetune import FinetuneRecipe, FinetuneRequest
 from vitprune.data import check_labels
 from vitprune.errors import VitpruneError
+from vitprune.finetune import (
+    Attachment,
+    FinetuneResult,
+    TrainingImages,
+    bound_settings,
+    check_work_dir,
+    distributed_job,
+    fit,
+    seed_everything,
+    single_variant,
+)
 from vitprune.io import check_output_dir
-from vitprune.patch import apply_plan
+from vitprune.patch import apply_plan, plan_of
 from vitprune.plan import Plan
 from vitprune.progress import progress_bar
 from vitprune.runtime import Runtime
 from vitprune.source import load_base
 from vitprune.timm_datasets import DatasetOptions
 
-__all__ = ["Budget", "CalibrateRequest", "CalibrateResult", "run_calibrate"]
+__all__ = ["Budget", "CalibrateRequest", "FinetuneRecipe", "CalibrateResult", "run_calibrate"]
 
 
 @dataclass
@@ -56,10 +69,14 @@ class CalibrateRequest(DatasetOptions):
     output: Path | None = None
     force: bool = False
     progress: bool = True
+    # then fine-tune the chosen plan on the calibration images (None: training-free); resume an interrupted run
+    finetune: FinetuneRecipe | None = None
+    resume: bool = False
 
     def check(self) -> None:
         """Every setting, before any model is built or image read."""
         Runtime(dtype=self.dtype).check()
+        self._check_finetune()
         if not isinstance(self.budget, Budget):
             raise VitpruneError(f"budget must be a vitprune.budget.Budget, got {self.budget!r}", param="budget")
         self.check_data_options(self.data)
@@ -82,8 +99,26 @@ class CalibrateRequest(DatasetOptions):
         if self.img_sizes is not None:
             for size in self.img_sizes:
                 check_whole(size, "img_sizes", 1)
-        if self.output is not None:
+        if self.output is not None and self.finetune is None:
             check_output_dir(self.output, self.force)
+
+    def _check_finetune(self) -> None:
+        if self.finetune is None:
+            if self.resume:
+                raise VitpruneError("resume continues an interrupted fine-tuning stage: give finetune", param="resume")
+            return
+        if not isinstance(self.finetune, FinetuneRecipe):
+            raise VitpruneError(f"finetune must be a vitprune.commands.finetune.FinetuneRecipe, got {self.finetune!r}",
+                                param="finetune")
+        self.finetune.check_recipe()
+        if self.finetune.amp != "none":
+            raise VitpruneError(f"amp {self.finetune.amp} is for CUDA GPUs; calibrate fine-tunes on the CPU",
+                                param="amp")
+        if self.features:
+            raise VitpruneError("finetune distils a classifier's logits; features (an embedding model) cannot be "
+                                "fine-tuned", param="features")
+        if self.resume and self.output is None:
+            raise VitpruneError("resume continues the run writing to output: give an output", param="resume")
 
 
 @dataclass
@@ -99,6 +134,8 @@ class CalibrateResult:
 def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
     """Search the plan for the budget, measure it and its frontier on held-out images, write the artifact."""
     request.check()
+    if request.finetune is not None:
+        return _calibrate_and_finetune(request)
     with Runtime(dtype=request.dtype).autocast():
         return _calibrate(request)
 
@@ -150,3 +187,81 @@ def _searched_shapes(search: calibrate.Search, request: CalibrateRequest, rng: r
     shapes = calibrate.make_shapes(sensitivity, setup.geometry, setup.block_methods, setup.sizes, setup.per_image)
     return sensitivity, shapes, calibrate.refine(search, calibrate.rank_shapes(search, shapes), request.refine_steps,
                                                  rng), []
+
+
+# -- calibrate, then fine-tune the chosen plan: one run, one artifact ---------------------------------
+
+SEARCH_FILE = "calibration.json"  # the search's result in the work folder, read back by a resumed run
+SEARCH_SETTINGS = ("budget", "img_sizes", "limit", "holdout", "seed", "swap_split", "objective", "head_only",
+                   "protect", "search_images", "search", "refine_steps", "gradient_steps")
+
+
+def _calibrate_and_finetune(request: CalibrateRequest) -> CalibrateResult:
+    """Search the plan (or read it back when resuming), distil it from the unreduced model on the
+    calibration images, and judge it on the held-out ones against that model: one artifact."""
+    work = check_work_dir(request.output, force=request.force, resume=request.resume)
+    searched = _searched_again(work) if request.resume else _search_only(request)
+    calibration_set, holdout_set = calibrate.split_images(request.data, limit=request.limit, holdout=request.holdout,
+                                                          seed=request.seed, swap_split=request.swap_split,
+                                                          options=request)[1:]
+    images = TrainingImages(calibration_set, holdout_set, f"{request.data} (held-out part)")
+    tuned = _finetune_plan(request, searched, images, work)
+    return CalibrateResult(plan=plan_of(tuned.model), reduced=tuned.model, report=tuned.report,
+                           calibration_files=calibration_set.files, holdout_files=holdout_set.files,
+                           frontier=searched.frontier)
+
+
+@dataclass
+class Searched:
+    """What the fine-tuning stage takes from the search: the chosen plan, calibrate's report, the frontier."""
+
+    plan: Plan
+    report: dict
+    frontier: list[Plan] = field(default_factory=list)  # not kept for a resumed run
+
+
+def _search_only(request: CalibrateRequest) -> Searched:
+    with Runtime(dtype=request.dtype).autocast():
+        result = _calibrate(replace(request, output=None, finetune=None, resume=False))
+    return Searched(result.plan, result.report, result.frontier)
+
+
+def _searched_again(work: Path) -> Searched:
+    """The search's result that the interrupted run kept in its work folder."""
+    try:
+        saved = json.loads((work / SEARCH_FILE).read_text())
+        return Searched(Plan.from_dict(saved["plan"], source=str(work / SEARCH_FILE)), saved["report"])
+    except (OSError, ValueError, KeyError) as error:
+        raise VitpruneError(f"resume: cannot read the search's result in {work / SEARCH_FILE} "
+                            f"({str(error).splitlines()[0]}); start over with force", param="resume") from None
+
+
+def _finetune_plan(request: CalibrateRequest, searched: Searched, images: TrainingImages,
+                   work: Path | None) -> FinetuneResult:
+    """The chosen plan distilled on the calibration images and validated on the held-out ones; the
+    artifact (with the calibration's report and pareto.png) is written once, at the end."""
+    finetuning = FinetuneRequest(
+        model=request.model, checkpoint=request.checkpoint, no_pretrained=request.no_pretrained,
+        img_size=request.img_size, data=request.data, split=request.split, label_field=request.label_field,
+        image_field=request.image_field, limit=request.limit, seed=request.seed, workers=request.workers,
+        output=request.output, force=request.force, resume=request.resume, progress=request.progress,
+        **request.finetune.recipe())
+    config = finetuning.config()
+    search_settings = {name: getattr(request, name) for name in SEARCH_SETTINGS} | {"budget": asdict(request.budget)}
+    kept = {"plan": searched.plan.to_dict(), "report": searched.report}
+    attachment = Attachment(work_files={SEARCH_FILE: report_json(kept).encode()},
+                            report={"calibration": searched.report["calibration"]},
+                            markdown=_search_markdown(searched.report),
+                            files={"pareto.png": calibrate.pareto_png(searched.report)})
+    config = replace(config, settings={**config.settings, "calibrate": bound_settings(search_settings)},
+                     attachment=attachment)
+    with distributed_job("cpu") as job:
+        seed_everything(request.seed)
+        base = load_base(request.model, request.checkpoint, request.no_pretrained, request.img_size)
+        return fit(config, base, [single_variant(searched.plan, base.model)], images, job, work)
+
+
+def _search_markdown(report: dict) -> str:
+    """The calibration's report.md, as the part of the fine-tuned artifact's report before fine-tuning."""
+    text = calibrate.render_calibration_markdown(report)
+    return "\n" + text.replace("# vitprune calibrate", "# Before fine-tuning: the search (vitprune calibrate)", 1)

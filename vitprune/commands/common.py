@@ -93,10 +93,9 @@ def reference_section(base: BaseModel, evidence: Evidence) -> dict | None:
         return {"compared_with": "fine-tuned weights unreduced", "teacher": base.teacher_record,
                 "note": f"the teacher's tensors ({TEACHER_FILE}) are not with this artifact"}
     section: dict = {"compared_with": "teacher", "teacher": base.teacher_record}
-    if evidence.batches is None:
-        images = evidence.base_images if evidence.base_images is not None else evidence.images
-        unreduced = replace(evidence, images=images, base_images=None, bench_batches=())
-        measured = compare(base.teacher.to(evidence.device), base.model.to(evidence.device), unreduced)
+    if evidence.batches is None:  # base.model runs at the reduced model's input size, the teacher at its own
+        measured = compare(base.teacher.to(evidence.device), base.model.to(evidence.device),
+                           replace(evidence, bench_batches=()))
         section["finetuned_unreduced"] = {key: measured[key] for key in UNREDUCED_FIGURES if key in measured}
     return section
 

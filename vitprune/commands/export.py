@@ -131,7 +131,7 @@ def _evidence(request: ExportRequest, base: BaseModel, reduced: nn.Module) -> Ev
     """The images of `data` (none without it), preprocessed for each model's input size."""
     images = labels = base_images = None
     if request.data is not None:
-        images, labels, base_images = load_eval_images(base.model, reduced, request.data, limit=request.limit,
+        images, labels, base_images = load_eval_images(base.reference, reduced, request.data, limit=request.limit,
                                                        workers=request.workers, progress=request.progress)
     return Evidence(images=images, labels=labels, base_images=base_images,
                     data_path=str(request.data) if request.data else None, progress=request.progress)
