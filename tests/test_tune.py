@@ -12,6 +12,7 @@ from PIL import Image
 import vitprune.commands.calibrate as calibrate_command
 import vitprune.finetune.run as finetune_run
 from vitprune.budget import Budget
+from vitprune.cli import run
 from vitprune.commands.apply import ApplyRequest, run_apply
 from vitprune.commands.calibrate import CalibrateRequest, run_calibrate
 from vitprune.commands.finetune import FinetuneRecipe, FinetuneRequest, run_finetune
@@ -160,3 +161,18 @@ def test_calibrate_then_finetune_resumes_and_writes_one_artifact_judged_against_
     torch.manual_seed(0)
     teacher = load_base("vit_tiny_patch16_224", no_pretrained=True, img_size=64).model
     assert state_sha256(load_base(str(out)).reference) == state_sha256(teacher)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--epochs", "2"], "go with --finetune"),
+    (["--resume"], "go with --finetune"),
+    (["--finetune", "--epochs", "0"], "epochs"),
+    (["--finetune", "--lr", "nan"], "lr"),
+    (["--finetune", "--trainable", ","], "trainable"),
+])
+def test_bad_finetune_options_exit_2_with_one_line(args, message, images: Path, tmp_path: Path, capsys) -> None:
+    code = run(["calibrate", "vit_tiny_patch16_224", "--no-pretrained", "--data", str(images), "--target-ratio", "0.6",
+                *args, "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error:") and message in err
+    assert not (tmp_path / "out").exists()

@@ -52,6 +52,11 @@ def calibrate(
     refine_steps: Annotated[int, typer.Option("--refine-steps", help="Evolutionary refinement steps at the budget.")] = 16,
     gradient_steps: Annotated[int, typer.Option("--gradient-steps", help="Optimiser steps of the gradient search.")] = 60,
     bench_repeats: Annotated[int, typer.Option("--bench-repeats", help="Timed runs per model (median reported).")] = 5,
+    finetune: Annotated[bool, typer.Option("--finetune", help="Then fine-tune the chosen plan by distillation from the unreduced model on the calibration images (finetune's recipe), and report it on the held-out images against that model: one artifact.")] = False,
+    epochs: Annotated[int, typer.Option("--epochs", help="--finetune: training epochs.")] = 8,
+    lr: Annotated[float, typer.Option("--lr", help="--finetune: peak learning rate (AdamW, cosine schedule).")] = 5e-4,
+    trainable: Annotated[str, typer.Option("--trainable", help="--finetune: parameters to train, comma-separated name patterns ('*' for all).")] = "*norm*,*bias",
+    resume: Annotated[bool, typer.Option("--resume", help="--finetune: continue the interrupted run in OUTPUT.partial/ (the search is not run again).")] = False,
     checkpoint: CheckpointOpt = None,
     no_pretrained: NoPretrainedOpt = False,
     img_size: ImgSizeOpt = None,
@@ -69,7 +74,7 @@ def calibrate(
 ) -> None:
     """Find the reduction plan that fits a budget best on your images; report its frontier on held-out images."""
     # torch loads only when the command runs: --help stays fast
-    from vitprune.commands.calibrate import Budget, CalibrateRequest, run_calibrate
+    from vitprune.commands.calibrate import Budget, CalibrateRequest, FinetuneRecipe, run_calibrate
 
     budget = Budget.from_targets(target_gmacs=target_gmacs, target_ratio=target_ratio,
                                  target_latency_ms=target_latency_ms, max_drop=max_drop, batch=batch)
@@ -80,19 +85,34 @@ def calibrate(
         objective=objective, head_only=not no_head_only, protect=protect, search_images=search_images,
         search=search, refine_steps=refine_steps, gradient_steps=gradient_steps, bench_repeats=bench_repeats,
         workers=workers, dtype=dtype, output=output, force=force,
-        progress=not json_out,
+        progress=not json_out, resume=resume,
+        finetune=FinetuneRecipe(epochs=epochs, lr=lr, trainable=_parse_patterns(trainable)) if finetune else None,
     )
+    if not finetune and (resume or (epochs, lr, trainable) != (8, 5e-4, "*norm*,*bias")):
+        raise VitpruneError("--epochs, --lr, --trainable and --resume go with --finetune", param="finetune")
     set_threads(threads)
     result = run_calibrate(request)
     if json_out:
         emit_json(result.report)
         return
     cal = result.report["calibration"]
+    after = " after fine-tuning" if finetune else ""
     console.print(report_table(result.report, f"{result.report['model']}: {result.report['plan']} "
-                                              f"(held-out {cal['images']['holdout']} images)"))
+                                              f"(held-out {cal['images']['holdout']} images{after})"))
     console.print(f"objective: {cal['objective_text']}; search took {cal['search_seconds']:.0f} s")
+    if finetune:
+        from vitprune.commands.finetune import before_after_table
+
+        console.print(before_after_table(result.report["finetune"]).rich())
+        console.print(f"fine-tuning took {result.report['finetune']['train_seconds']:.0f} s; compared with the "
+                      "unreduced model it started from (the teacher)")
     if output is not None:
         console.print(f"wrote [bold]{output}[/] (model.safetensors, vitprune.json, report.json, report.md, pareto.png)")
+
+
+def _parse_patterns(text: str) -> tuple[str, ...]:
+    """'*norm*,*bias' -> ('*norm*', '*bias')."""
+    return tuple(pattern.strip() for pattern in text.split(",") if pattern.strip())
 
 
 def _parse_sizes(text: str | None) -> list[int] | None:
