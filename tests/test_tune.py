@@ -18,10 +18,11 @@ from vitprune.commands.calibrate import CalibrateRequest, run_calibrate
 from vitprune.commands.finetune import FinetuneRecipe, FinetuneRequest, run_finetune
 from vitprune.errors import VitpruneError
 from vitprune.finetune import work_dir_for
-from vitprune.source import load_base
+from vitprune.metrics import classification_metrics
+from vitprune.source import load_base, load_images_for
 from vitprune.teacher import TEACHER_FILE, state_sha256
 
-TINY = dict(model="vit_tiny_patch16_224", no_pretrained=True, img_size=32, workers=0, progress=False)
+TINY = dict(model="vit_tiny_patch16_224", no_pretrained=True, img_size=64, workers=0, progress=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -55,7 +56,7 @@ def finetuned(images: Path, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     run_finetune(FinetuneRequest(**TINY, data=images, val=images, method="tome", r=2, epochs=1, batch_size=4,
                                  warmup_epochs=0.0, lr=1e-2, eval_batch_size=8, output=out))
     torch.manual_seed(0)
-    teacher = load_base("vit_tiny_patch16_224", no_pretrained=True, img_size=32).model
+    teacher = load_base("vit_tiny_patch16_224", no_pretrained=True, img_size=64).model
     return out, teacher
 
 
@@ -68,7 +69,7 @@ def test_a_finetuned_artifact_records_and_rebuilds_its_teacher(finetuned) -> Non
     base = load_base(str(out))
     assert state_sha256(base.model) != state_sha256(teacher)  # the fine-tuned weights
     assert base.teacher is not None and state_sha256(base.teacher) == record["weights_sha256"]
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(base.teacher(x), teacher.eval()(x))
     assert json.loads((out / "report.json").read_text())["reference"]["compared_with"] == "teacher"
@@ -79,15 +80,34 @@ def test_apply_on_a_finetuned_artifact_reports_against_its_teacher(finetuned, im
     result = run_apply(ApplyRequest(model=str(out), data=images, workers=0, progress=False, output=tmp_path / "a"))
     report = result.report
     with torch.no_grad():
-        from vitprune.source import load_images_for
         pixels, labels, _ = load_images_for(teacher, images, limit=None, workers=0, progress=False)
-        teacher_top1 = (teacher.eval()(pixels).argmax(-1) == labels).float().mean().item() * 100
         unreduced = load_base(str(out)).model
-        unreduced_top1 = (unreduced(pixels).argmax(-1) == labels).float().mean().item() * 100
-    assert report["top1_base"] == pytest.approx(teacher_top1, abs=0.01)
+        against_teacher = classification_metrics(result.reduced.cpu()(pixels), labels, teacher.eval()(pixels))
+        against_finetuned = classification_metrics(result.reduced(pixels), labels, unreduced(pixels))
+        unreduced_figures = classification_metrics(unreduced(pixels), labels, teacher(pixels))
     assert report["reference"]["compared_with"] == "teacher"
-    assert report["reference"]["finetuned_unreduced"]["top1"] == pytest.approx(unreduced_top1, abs=0.01)
+    assert report["kl"] == pytest.approx(against_teacher["kl"], rel=1e-3, abs=1e-5)
+    assert abs(against_teacher["kl"] - against_finetuned["kl"]) > 10 * abs(report["kl"] - against_teacher["kl"])
+    assert report["reference"]["finetuned_unreduced"]["kl"] == pytest.approx(unreduced_figures["kl"], rel=1e-3, abs=1e-5)
     assert "the teacher this artifact was fine-tuned from: vit_tiny_patch16_224" in (tmp_path / "a" / "report.md").read_text()
+
+
+def test_calibrate_on_a_finetuned_artifact_reports_against_its_teacher(finetuned, images: Path) -> None:
+    out, teacher = finetuned
+    result = run_calibrate(CalibrateRequest(model=str(out), data=images, budget=Budget("ratio", 0.7), img_sizes=[64],
+                                            protect=0.0, search_images=2, refine_steps=0, bench_repeats=1, workers=0,
+                                            progress=False))
+    report, holdout = result.report, result.holdout_files
+    with torch.no_grad():
+        pixels, labels, image_set = load_images_for(teacher, images, limit=None, workers=0, progress=False)
+        keep = [index for index, file in enumerate(image_set.files) if file in set(holdout)]
+        expected = classification_metrics(result.reduced(pixels[keep]), labels[keep], teacher.eval()(pixels[keep]))
+        unreduced = load_base(str(out)).model
+        finetuned = classification_metrics(result.reduced(pixels[keep]), labels[keep], unreduced(pixels[keep]))
+    assert report["reference"]["compared_with"] == "teacher"
+    assert report["kl"] == pytest.approx(expected["kl"], rel=1e-3, abs=1e-5)
+    assert abs(expected["kl"] - finetuned["kl"]) > 10 * abs(report["kl"] - expected["kl"])  # not the fine-tuned base
+    assert "finetuned_unreduced" in report["reference"] and "frontier_against" in report["reference"]
 
 
 def test_without_the_teacher_file_the_report_says_what_it_compares_with(finetuned, images: Path,

@@ -15,6 +15,7 @@ from vitprune import calibrate
 from vitprune.artifact import model_identity, report_json
 from vitprune.budget import Budget
 from vitprune.checks import check_finite, check_whole
+from vitprune.commands.common import reference_section
 from vitprune.commands.finetune import FinetuneRecipe, FinetuneRequest
 from vitprune.data import check_labels
 from vitprune.errors import VitpruneError
@@ -30,11 +31,12 @@ from vitprune.finetune import (
     single_variant,
 )
 from vitprune.io import check_output_dir
-from vitprune.patch import apply_plan, plan_of
+from vitprune.patch import apply_plan, model_img_size, plan_of
 from vitprune.plan import Plan
 from vitprune.progress import progress_bar
+from vitprune.report import Evidence, compare
 from vitprune.runtime import Runtime
-from vitprune.source import load_base
+from vitprune.source import BaseModel, load_base
 from vitprune.timm_datasets import DatasetOptions
 
 __all__ = ["Budget", "CalibrateRequest", "FinetuneRecipe", "CalibrateResult", "run_calibrate"]
@@ -171,10 +173,30 @@ def _calibrate(request: CalibrateRequest) -> CalibrateResult:
     report = calibrate.calibration_report(model_identity(reduced, base.info), written, search, found, held, images,
                                           info)
     report["runtime"] = Runtime(dtype=request.dtype).to_dict()
+    if base.teacher_record is not None:
+        _judge_against_teacher(report, base, reduced, images, setup.base_size)
     if request.output is not None:
         calibrate.write_calibration(request.output, reduced, base.info, report, request.force)
     return CalibrateResult(plan=written, reduced=reduced, report=report, calibration_files=images.calibration_set.files,
                            holdout_files=images.holdout_set.files, frontier=found.frontier)
+
+
+TEACHER_FIGURES = ("top1_base", "top5_base", "top1", "top5", "top1_drop", "agreement", "kl")
+
+
+def _judge_against_teacher(report: dict, base: BaseModel, reduced: nn.Module, images: calibrate.ImageSplit,
+                           base_size: int) -> None:
+    """A fine-tuned artifact calibrated: the chosen plan's held-out figures against the teacher it was
+    fine-tuned from, the fine-tuned weights unreduced as a second baseline (`reference_section`). The
+    search and the frontier stay relative to the weights being reduced, and the report says so."""
+    evidence = Evidence(images=images.holdout_images[model_img_size(reduced)], labels=images.holdout_labels,
+                        base_images=images.holdout_images[base_size], progress=False)
+    section = reference_section(base, evidence)
+    if base.teacher is not None:
+        measured = compare(base.teacher, reduced, evidence)
+        report.update({key: measured[key] for key in TEACHER_FIGURES if key in measured})
+    section["frontier_against"] = "the fine-tuned weights unreduced (the model the search reduces)"
+    report["reference"] = section
 
 
 def _searched_shapes(search: calibrate.Search, request: CalibrateRequest, rng: random.Random) -> tuple:
