@@ -142,6 +142,25 @@ def test_calibrate_then_finetune_resumes_and_writes_one_artifact_judged_against_
                                data=images, budget=Budget("ratio", 0.6), protect=0.0, search_images=2, refine_steps=0,
                                bench_repeats=1, workers=0, progress=False, output=out,
                                finetune=FinetuneRecipe(epochs=2, batch_size=2, warmup_epochs=0.0, lr=1e-2))
+    train_one_epoch = finetune_run.train_one_epoch
+
+    def crash_in_the_first_epoch(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune_run, "train_one_epoch", crash_in_the_first_epoch)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        run_calibrate(request)
+    work = work_dir_for(out)
+    assert not out.exists() and (work / "calibration.json").is_file() and not (work / "checkpoint.pt").exists()
+    with pytest.raises(VitpruneError, match=r"other settings \(budget\)"):
+        run_calibrate(replace(request, resume=True, budget=Budget("ratio", 0.7)))
+
+    def no_second_search(*args, **kwargs):
+        raise AssertionError("a resumed run searched again")
+
+    monkeypatch.setattr(calibrate_command, "_calibrate", no_second_search)
+    monkeypatch.setattr(finetune_run, "train_one_epoch", train_one_epoch)
     write_metrics = finetune_run.write_metrics_csv
 
     def crash_after_epoch_one(rows, path):
@@ -150,24 +169,18 @@ def test_calibrate_then_finetune_resumes_and_writes_one_artifact_judged_against_
             raise KeyboardInterrupt
 
     monkeypatch.setattr(finetune_run, "write_metrics_csv", crash_after_epoch_one)
-    torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
-        run_calibrate(request)
+        run_calibrate(replace(request, resume=True))
     monkeypatch.setattr(finetune_run, "write_metrics_csv", write_metrics)
-    work = work_dir_for(out)
-    assert not out.exists() and (work / "calibration.json").is_file()
-    with pytest.raises(VitpruneError, match=r"other settings \(calibrate\)"):
-        run_calibrate(replace(request, resume=True, budget=Budget("ratio", 0.7)))
-
-    def no_second_search(*args, **kwargs):
-        raise AssertionError("a resumed run searched again")
-
-    monkeypatch.setattr(calibrate_command, "_calibrate", no_second_search)
+    assert torch.load(work / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    with pytest.raises(VitpruneError, match=r"other settings \(lr\)"):
+        run_calibrate(replace(request, resume=True, finetune=replace(request.finetune, lr=2e-2)))
     result = run_calibrate(replace(request, resume=True))
     assert not work.exists()
     report = json.loads((out / "report.json").read_text())
     assert report["plan"] == result.report["plan"] and report["gmacs"] <= 0.6 * report["gmacs_base"] + 1e-9
     tuning, calibration = report["finetune"], report["calibration"]
+    assert [line.split(",")[0] for line in (out / "metrics.csv").read_text().splitlines()[1:]] == ["0", "1", "2"]
     assert tuning["epochs"] == 2 and tuning["train_images"] == 4 and tuning["val_images"] == 4
     assert set(result.calibration_files).isdisjoint(result.holdout_files) and len(result.holdout_files) == 4
     assert calibration["images"]["holdout"] == 4 and "search_seconds" in calibration

@@ -20,6 +20,7 @@ from vitprune.commands.finetune import FinetuneRecipe, FinetuneRequest
 from vitprune.data import check_labels
 from vitprune.errors import VitpruneError
 from vitprune.finetune import (
+    CHECKPOINT_FILE,
     Attachment,
     FinetuneResult,
     TrainingImages,
@@ -29,6 +30,7 @@ from vitprune.finetune import (
     fit,
     seed_everything,
     single_variant,
+    work_dir_for,
 )
 from vitprune.io import check_output_dir
 from vitprune.patch import apply_plan, model_img_size, plan_of
@@ -221,13 +223,14 @@ SEARCH_SETTINGS = ("budget", "img_sizes", "limit", "holdout", "seed", "swap_spli
 def _calibrate_and_finetune(request: CalibrateRequest) -> CalibrateResult:
     """Search the plan (or read it back when resuming), distil it from the unreduced model on the
     calibration images, and judge it on the held-out ones against that model: one artifact."""
-    work = check_work_dir(request.output, force=request.force, resume=request.resume)
-    searched = _searched_again(work) if request.resume else _search_only(request)
+    work = _work_dir(request)
+    settings = _search_settings(request)
+    searched = _searched_again(work, settings) if request.resume else _search_only(request)
     calibration_set, holdout_set = calibrate.split_images(request.data, limit=request.limit, holdout=request.holdout,
                                                           seed=request.seed, swap_split=request.swap_split,
                                                           options=request)[1:]
     images = TrainingImages(calibration_set, holdout_set, f"{request.data} (held-out part)")
-    tuned = _finetune_plan(request, searched, images, work)
+    tuned = _finetune_plan(request, searched, settings, images, work)
     return CalibrateResult(plan=plan_of(tuned.model), reduced=tuned.model, report=tuned.report,
                            calibration_files=calibration_set.files, holdout_files=holdout_set.files,
                            frontier=searched.frontier)
@@ -242,23 +245,45 @@ class Searched:
     frontier: list[Plan] = field(default_factory=list)  # not kept for a resumed run
 
 
+def _work_dir(request: CalibrateRequest) -> Path | None:
+    """The run's work folder, checked: a resumed run needs the search's result there (and a checkpoint
+    once an epoch is done)."""
+    if request.resume and request.output is not None and (work_dir_for(request.output) / SEARCH_FILE).is_file():
+        check_output_dir(request.output, request.force)
+        return work_dir_for(request.output)
+    return check_work_dir(request.output, force=request.force, resume=request.resume)
+
+
+def _search_settings(request: CalibrateRequest) -> dict:
+    """The settings the search's result is bound to (a resumed run must give the same)."""
+    return bound_settings({name: getattr(request, name) for name in SEARCH_SETTINGS} | {
+        "budget": asdict(request.budget), "model": request.model, "checkpoint": request.checkpoint,
+        "data": request.data})
+
+
 def _search_only(request: CalibrateRequest) -> Searched:
     with Runtime(dtype=request.dtype).autocast():
         result = _calibrate(replace(request, output=None, finetune=None, resume=False))
     return Searched(result.plan, result.report, result.frontier)
 
 
-def _searched_again(work: Path) -> Searched:
-    """The search's result that the interrupted run kept in its work folder."""
+def _searched_again(work: Path, settings: dict) -> Searched:
+    """The search's result that the interrupted run kept in its work folder, made with `settings`."""
     try:
         saved = json.loads((work / SEARCH_FILE).read_text())
-        return Searched(Plan.from_dict(saved["plan"], source=str(work / SEARCH_FILE)), saved["report"])
+        searched = Searched(Plan.from_dict(saved["plan"], source=str(work / SEARCH_FILE)), saved["report"])
+        kept = saved["settings"]
     except (OSError, ValueError, KeyError) as error:
         raise VitpruneError(f"resume: cannot read the search's result in {work / SEARCH_FILE} "
                             f"({str(error).splitlines()[0]}); start over with force", param="resume") from None
+    changed = sorted(key for key in kept.keys() | settings.keys() if kept.get(key) != settings.get(key))
+    if changed:
+        raise VitpruneError(f"other settings ({', '.join(changed)}) than the search in {work} was made with; run "
+                            "with those, or start over (force without resume)", param=changed[0])
+    return searched
 
 
-def _finetune_plan(request: CalibrateRequest, searched: Searched, images: TrainingImages,
+def _finetune_plan(request: CalibrateRequest, searched: Searched, settings: dict, images: TrainingImages,
                    work: Path | None) -> FinetuneResult:
     """The chosen plan distilled on the calibration images and validated on the held-out ones; the
     artifact (with the calibration's report and pareto.png) is written once, at the end."""
@@ -266,17 +291,15 @@ def _finetune_plan(request: CalibrateRequest, searched: Searched, images: Traini
         model=request.model, checkpoint=request.checkpoint, no_pretrained=request.no_pretrained,
         img_size=request.img_size, data=request.data, split=request.split, label_field=request.label_field,
         image_field=request.image_field, limit=request.limit, seed=request.seed, workers=request.workers,
-        output=request.output, force=request.force, resume=request.resume, progress=request.progress,
-        **request.finetune.recipe())
+        output=request.output, force=request.force, progress=request.progress, **request.finetune.recipe(),
+        resume=request.resume and work is not None and (work / CHECKPOINT_FILE).is_file())  # else: epoch 1
     config = finetuning.config()
-    search_settings = {name: getattr(request, name) for name in SEARCH_SETTINGS} | {"budget": asdict(request.budget)}
-    kept = {"plan": searched.plan.to_dict(), "report": searched.report}
+    kept = {"plan": searched.plan.to_dict(), "report": searched.report, "settings": settings}
     attachment = Attachment(work_files={SEARCH_FILE: report_json(kept).encode()},
                             report={"calibration": searched.report["calibration"]},
                             markdown=_search_markdown(searched.report),
                             files={"pareto.png": calibrate.pareto_png(searched.report)})
-    config = replace(config, settings={**config.settings, "calibrate": bound_settings(search_settings)},
-                     attachment=attachment)
+    config = replace(config, settings={**config.settings, "calibrate": settings}, attachment=attachment)
     with distributed_job("cpu") as job:
         seed_everything(request.seed)
         base = load_base(request.model, request.checkpoint, request.no_pretrained, request.img_size)

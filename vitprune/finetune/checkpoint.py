@@ -75,6 +75,7 @@ class WorkFolder:
     epochs: int  # the run's epochs
     saved: int = 0  # epochs done in its checkpoint (0: none yet)
     created: bool = False  # made by this run (a resumed run continues an existing one)
+    kept_files: bool = False  # holds files a resumed run reads back (`write`): kept when no epoch is done
 
     def start(self) -> None:
         if self.path is not None:
@@ -88,6 +89,7 @@ class WorkFolder:
         for name, data in files.items():
             with atomic_output_file(self.path / name) as tmp:
                 tmp.write_bytes(data)
+        self.kept_files = self.kept_files or bool(files)
 
     @contextmanager
     def guard(self) -> Iterator[None]:
@@ -107,10 +109,13 @@ class WorkFolder:
             raise
 
     def _tidy(self) -> None:
-        if self.path is not None and self.created and self.saved == 0:
+        if self.path is not None and self.created and self.saved == 0 and not self.kept_files:
             shutil.rmtree(self.path, ignore_errors=True)
 
     def _with_hint(self, error: VitpruneError) -> VitpruneError:
+        if self.path is not None and self.saved == 0 and self.kept_files:
+            return VitpruneError(f"{error}; run again with resume to start training from what {self.path} keeps",
+                                 param=error.param)
         if self.path is None or self.saved == 0:
             return error
         if self.saved >= self.epochs:
