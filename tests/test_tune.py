@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 import vitprune.commands.calibrate as calibrate_command
 import vitprune.finetune.run as finetune_run
@@ -25,27 +24,12 @@ from vitprune.teacher import TEACHER_FILE, state_sha256
 TINY = dict(model="vit_tiny_patch16_224", no_pretrained=True, img_size=64, workers=0, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    """8 labelled images, 2 classes (index folders)."""
-    root = tmp_path_factory.mktemp("images")
-    generator = torch.Generator().manual_seed(0)
-    for label in range(2):
-        for index in range(4):
-            pixels = (torch.rand(40, 48, 3, generator=generator) * 255).to(torch.uint8)
-            pixels[..., label] = 255 - 40 * index
-            path = root / str(label) / f"{index}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels.numpy()).save(path)
-    return root
+def images(labelled_images: Path) -> Path:
+    return labelled_images
 
 
 @pytest.fixture(scope="module")
@@ -181,9 +165,9 @@ def test_calibrate_then_finetune_resumes_and_writes_one_artifact_judged_against_
     assert report["plan"] == result.report["plan"] and report["gmacs"] <= 0.6 * report["gmacs_base"] + 1e-9
     tuning, calibration = report["finetune"], report["calibration"]
     assert [line.split(",")[0] for line in (out / "metrics.csv").read_text().splitlines()[1:]] == ["0", "1", "2"]
-    assert tuning["epochs"] == 2 and tuning["train_images"] == 4 and tuning["val_images"] == 4
-    assert set(result.calibration_files).isdisjoint(result.holdout_files) and len(result.holdout_files) == 4
-    assert calibration["images"]["holdout"] == 4 and "search_seconds" in calibration
+    assert tuning["epochs"] == 2 and tuning["train_images"] == 6 and tuning["val_images"] == 6
+    assert set(result.calibration_files).isdisjoint(result.holdout_files) and len(result.holdout_files) == 6
+    assert calibration["images"]["holdout"] == 6 and "search_seconds" in calibration
     assert report["reference"]["compared_with"] == "teacher"
     before, after = tuning["variants"][0]["before"], tuning["variants"][0]["after"]
     assert report["top1"] == pytest.approx(after["top1"], abs=0.01)

@@ -75,6 +75,7 @@ def calibrate(
     """Find the reduction plan that fits a budget best on your images; report its frontier on held-out images."""
     # torch loads only when the command runs: --help stays fast
     from vitprune.commands.calibrate import Budget, CalibrateRequest, FinetuneRecipe, run_calibrate
+    from vitprune.commands.finetune import before_after_table
 
     budget = Budget.from_targets(target_gmacs=target_gmacs, target_ratio=target_ratio,
                                  target_latency_ms=target_latency_ms, max_drop=max_drop, batch=batch)
@@ -101,8 +102,6 @@ def calibrate(
                                               f"(held-out {cal['images']['holdout']} images{after})"))
     console.print(f"objective: {cal['objective_text']}; search took {cal['search_seconds']:.0f} s")
     if finetune:
-        from vitprune.commands.finetune import before_after_table
-
         console.print(before_after_table(result.report["finetune"]).rich())
         console.print(f"fine-tuning took {result.report['finetune']['train_seconds']:.0f} s; compared with the "
                       "unreduced model it started from (the teacher)")
