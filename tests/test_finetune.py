@@ -150,7 +150,7 @@ def test_cli_writes_an_artifact_that_loads(images: Path, tmp_path: Path, capsys)
     assert code == 0, capsys.readouterr().err
     report = json.loads(capsys.readouterr().out)
     assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "model.safetensors", "report.json", "report.md",
-                                                     "training.png", "vitprune.json"]
+                                                     "teacher.safetensors", "training.png", "vitprune.json"]
     assert not work_dir_for(out).exists()
     lines = (out / "metrics.csv").read_text().splitlines()
     assert lines[0].startswith("epoch,") and "val_agreement" in lines[0] and "train_loss" in lines[0]
