@@ -106,7 +106,8 @@ def calibrate(
         console.print(f"fine-tuning took {result.report['finetune']['train_seconds']:.0f} s; compared with the "
                       "unreduced model it started from (the teacher)")
     if output is not None:
-        console.print(f"wrote [bold]{output}[/] (model.safetensors, vitprune.json, report.json, report.md, pareto.png)")
+        tuned = ", metrics.csv, training.png, teacher.safetensors" if finetune else ""
+        console.print(f"wrote [bold]{output}[/] (model.safetensors, vitprune.json, report.json, report.md, pareto.png{tuned})")
 
 
 def _parse_patterns(text: str) -> tuple[str, ...]:
