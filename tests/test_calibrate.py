@@ -52,7 +52,8 @@ def test_search_meets_the_budget_and_writes_everything(calibrated):
     assert cal["images"] == {"total": 10, "calibration": 5, "holdout": 5, "search_subset": 4, "validation": 5,
                              "validation_disjoint": False, "labelled": False, "holdout_fraction": 0.5, "seed": 0, "swap_split": False, "points_per_holdout_image": 20.0}
     assert cal["frontier"] and any(row["pareto"] for row in cal["frontier"])
-    assert {row["name"] for row in cal["references"]} == {"EViT 0.7 @3,6,9", "ToMe r=8", "ToMe r=13", "ToMe r=16"}
+    assert {row["name"] for row in cal["references"]} == {"evit:keep=0.7@3,6,9", "tome:r=8@0-11", "tome:r=13@0-11",
+                                                        "tome:r=16@0-11"}
     for row in cal["frontier"] + cal["references"]:
         assert row["ms_per_image"] > 0 and row["holdout"]["n_images"] == 5
     assert cal["search_seconds"] > 0
@@ -100,7 +101,7 @@ def test_apply_takes_the_calibrated_plan(calibrated, image_dir, tmp_path, capsys
     assert code == 0
     applied = json.loads((out / "report.json").read_text())
     # apply names the --img-size it was given; the reductions are the calibrated ones.
-    assert applied["plan"] == report["plan"] + "; 64px"
+    assert applied["plan"] == report["plan"] + "+64px"
     assert {k: v for k, v in applied["params"].items() if k != "img_size"} == report["params"]
     assert applied["gmacs"] == pytest.approx(report["gmacs"], abs=1e-4)  # EViT/ToMe GMACs do not depend on weights
     assert json.loads(capsys.readouterr().out)["gmacs"] == applied["gmacs"]

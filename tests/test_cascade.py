@@ -62,7 +62,7 @@ def _midpoint_threshold(values: torch.Tensor, quantile: float) -> float:
 # ---------------------------------------------------------------- grammar
 
 def test_parse_sizes_only() -> None:
-    plans = parse_stages("112, 160,224", depth=12, base_size=224)
+    plans = parse_stages("112, 160px,224", depth=12, base_size=224)
     assert [p.img_size for p in plans] == [112, 160, 224]
     assert all(not p.reductions for p in plans)
 
@@ -81,24 +81,35 @@ def test_parse_mixed_forms() -> None:
     assert plans[1].reductions[0].r == 13 and len(plans[1].reductions) == 12
 
 
+def test_stages_are_plan_lines_and_print_back() -> None:
+    text = "tome:r=8,protect=0.2@0-5+evit:keep=0.7@6,9+head-only+160px; ppt:r=40,threshold=0.0001@3,6,9+224px"
+    plans = parse_stages(text, depth=12, base_size=224)
+    assert plans[0].img_size == 160 and plans[0].head_only and plans[0].layers == [0, 1, 2, 3, 4, 5, 6, 9]
+    assert "; ".join(plan.describe() for plan in plans) == text
+    assert parse_stages("; ".join(plan.describe() for plan in plans), depth=12, base_size=224) == plans
+
+
 @pytest.mark.parametrize("text, fragment", [
     ("", "no stages"),
     ("224", "at least 2 stages"),
     ("112,,224", "empty stage"),
     ("abc,224", "unknown method 'abc'"),
-    ("evit,224", "exactly one setting"),
-    ("evit:0.5:3,224", "exactly one setting"),
-    ("evit:x,224", "not a number"),
-    ("evit:nan,224", "not a number"),
-    ("evit:1.5,224", "evit keep must be in (0, 1]"),
-    ("tome:2.5,224", "not a whole number"),
-    ("tome:-1,224", "tome r must be a whole number >= 0"),
+    ("evit,224", "evit needs keep"),
+    ("evit:0.5:3,224", "evit keep must be a number in (0, 1], got '0.5:3'"),
+    ("evit:x,224", "evit keep must be a number in (0, 1], got 'x'"),
+    ("evit:nan,224", "evit keep must be a number in (0, 1], got nan"),
+    ("evit:1.5,224", "evit keep must be a number in (0, 1]"),
+    ("tome:2.5,224", "tome r must be a whole number in [0, 1000000], got 2.5"),
+    ("tome:-1,224", "tome r must be a whole number in [0, 1000000]"),
+    ("tome:r=8@0-5+evit:keep=0.7@5;224px", "a layer appears twice"),
+    ("tome:r=8,q=1;224px", "q is not a parameter of tome (it takes r, protect)"),
     ("100,224", "multiple of the patch size 16"),
     ("0,224", "multiple of the patch size"),
     ("-16,224", "not a whole input size"),
     ("1.5e2,224", "not a whole input size"),
     ("112,112", "appears twice"),
     ("evit:0.7,224:evit:0.7", "appears twice"),
+    ("evit:0.7;evit:keep=0.7@3,6,9+224px", "appears twice"),
 ])
 def test_parse_bad_grammar(text: str, fragment: str) -> None:
     with pytest.raises(VitpruneError, match=None) as caught:

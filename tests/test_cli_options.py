@@ -72,7 +72,7 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(capsys):
     from vitprune.errors import VitpruneError
     from vitprune.plan import make_plan
 
-    with pytest.raises(VitpruneError, match=r"^evit keep must be in \(0, 1\], got 1.5$"):
+    with pytest.raises(VitpruneError, match=r"^evit keep must be a number in \(0, 1\], got 1.5$"):
         make_plan("evit", 12, keep=1.5)
     assert run(["apply", "vit_tiny", "--no-pretrained", "--method", "evit", "--keep", "1.5"]) == 2
-    assert capsys.readouterr().err.strip() == "error: evit --keep must be in (0, 1], got 1.5"
+    assert capsys.readouterr().err.strip() == "error: evit --keep must be a number in (0, 1], got 1.5"

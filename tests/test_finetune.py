@@ -159,7 +159,7 @@ def test_cli_writes_an_artifact_that_loads(images: Path, tmp_path: Path, capsys)
     assert report["finetune"]["val_images"] == 3 and report["finetune"]["train_images"] == 9
     assert "## Fine-tuning" in (out / "report.md").read_text()
     model = vitprune.load(out)
-    assert plan_of(model).describe() == "evit keep=0.5 @ 3,6,9"
+    assert plan_of(model).describe() == "evit:keep=0.5@3,6,9+32px"
     assert report["gmacs"] < report["gmacs_base"]
 
 

@@ -90,7 +90,7 @@ def test_png_grid_is_images_by_one_plus_reducing_blocks(vit):
     model = _reduced(vit, make_plan("evit", 12, keep=0.7))  # blocks 3, 6, 9
     figure = token_maps_figure(model, IMAGES[:2])
     assert [ax.get_subplotspec().get_geometry()[:2] for ax in figure.axes] == [(2, 4)] * 8
-    assert "layer 6: evit keep=0.7" in figure.axes[2].get_title()
+    assert "layer 6: evit:keep=0.7" in figure.axes[2].get_title()
     png = Image.open(io.BytesIO(token_maps_png(model, IMAGES[:2])))
     width, height = grid_inches(2, 4)
     assert png.size == (round(width * DPI), round(height * DPI))

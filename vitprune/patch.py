@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from vitprune.errors import VitpruneError
 from vitprune.methods import BlockContext, TokenState
-from vitprune.models import is_supported_vit
+from vitprune.models import is_supported_vit, patch_size_of
 from vitprune.plan import Plan, Reduction, make_plan
 from vitprune.reducers import attention_probs, gather_tokens
 from vitprune.reducers.sources import gather_sources, initial_sources, split_sources, with_sources
@@ -288,7 +288,7 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
     problem = is_supported_vit(model)
     if problem:
         raise VitpruneError(problem)
-    plan.validate(len(model.blocks))
+    plan.validate(len(model.blocks), tokens=input_tokens(model, plan.img_size))
     has_cls = getattr(model, "cls_token", None) is not None
     token_pooling = getattr(model, "global_pool", "token") == "token" and getattr(model, "attn_pool", None) is None
     # per-image padding is filled with the real tokens' mean (`_fill_padding`): average and max pooling stay exact
@@ -306,6 +306,12 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
             "head-only last block needs class-token pooling (the head must read only the class token); "
             f"this model pools by '{_pooling(model)}'"
         )
+
+
+def input_tokens(model: nn.Module, img_size: int | None = None) -> int:
+    """Tokens entering block 0 at `img_size` (default: the model's own), prefix tokens included."""
+    grid = (img_size or model_img_size(model)) // patch_size_of(model)
+    return grid * grid + model.num_prefix_tokens
 
 
 def _pooling(model: nn.Module) -> str:

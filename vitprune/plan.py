@@ -6,6 +6,8 @@ the input size; it never holds weights. `vitprune.json` stores it next to the ba
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 from vitprune import methods
 from vitprune.checks import is_whole
 from vitprune.errors import VitpruneError
+from vitprune.methods import Param
 
 PLAN_FORMAT = 1
 
@@ -79,14 +82,19 @@ class Reduction:
         layer = changes.pop("layer", self.layer)
         return Reduction(layer, self.method, **{**self.settings, **changes})
 
-    def validate(self, depth: int) -> None:
+    def validate(self, depth: int, tokens: int | None = None) -> None:
+        """In the model's blocks, every setting in range (`tokens`: the tokens entering the model)."""
         spec = self.spec
         if not 0 <= self.layer < depth:
-            raise VitpruneError(f"layer {self.layer} is out of range: the model has blocks 0..{depth - 1}")
-        spec.validate(self.settings)
+            raise VitpruneError(f"layer {self.layer} is out of range: the model has blocks 0..{depth - 1}",
+                                param="layers")
+        spec.validate(self.settings, tokens)
 
     def describe(self) -> str:
-        return self.spec.describe(self.settings)
+        """The method and its settings in the plan grammar, without the layer: 'tome:r=13,protect=0.2'."""
+        shown = self.spec.shown(self.settings)
+        return self.method + (":" + ",".join(f"{key}={format_value(value)}" for key, value in shown.items())
+                              if shown else "")
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "method": self.method, **self.settings}
@@ -107,18 +115,20 @@ def _rebuild_reduction(layer: int, method: str, settings: dict) -> Reduction:
     return Reduction(layer, method, **settings)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """Reductions for one base model. An empty plan is the unreduced model."""
+    """Reductions for one base model. An empty plan is the unreduced model. Immutable and hashable
+    (`dataclasses.replace` makes a changed copy); `describe()` writes it in the plan grammar."""
 
     reductions: tuple[Reduction, ...] = ()
     img_size: int | None = None  # None: the model's own input size
     # The last block computes only the prefix tokens the head reads (exact with class-token pooling).
     head_only: bool = False
-    notes: dict = field(default_factory=dict)  # free-form provenance (e.g. how a plan was calibrated)
+    # free-form provenance (e.g. how a plan was calibrated): compared, but not part of the hash
+    notes: dict = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        self.reductions = tuple(sorted(self.reductions, key=lambda red: red.layer))
+        object.__setattr__(self, "reductions", tuple(sorted(self.reductions, key=lambda red: red.layer)))
 
     @property
     def method(self) -> str:
@@ -142,12 +152,13 @@ class Plan:
         """Blocks before this one run unreduced (`depth` when none is reduced)."""
         return min(self.layers + ([depth - 1] if self.head_only else []), default=depth)
 
-    def validate(self, depth: int) -> None:
+    def validate(self, depth: int, tokens: int | None = None) -> None:
+        """The plan on a model of `depth` blocks (`tokens`: the tokens entering it, when known)."""
         layers = self.layers
         if len(set(layers)) != len(layers):
-            raise VitpruneError(f"a layer appears twice in the plan: {layers}")
+            raise VitpruneError(f"a layer appears twice in the plan: {layers}", param="layers")
         for red in self.reductions:
-            red.validate(depth)
+            red.validate(depth, tokens)
         # After a per-image method the batch is padded per image; the others assume equal counts.
         first = next((red for red in self.reductions if red.spec.varies_per_image), None)
         if first is not None:
@@ -164,10 +175,10 @@ class Plan:
             raise VitpruneError(f"img_size must be a positive whole number, got {self.img_size!r}")
 
     def params(self) -> dict:
-        """The plan in the compact form reports show: method, layers and the shared settings."""
+        """The plan in the compact form reports show: layers and the settings shown (`Method.shown`)."""
         out: dict = {"layers": self.layers}
-        shown = [red.spec.shown_params(red.settings) for red in self.reductions]
-        for key in _ordered_keys(shown):
+        shown = [red.spec.shown(red.settings) for red in self.reductions]
+        for key in dict.fromkeys(key for settings in shown for key in settings):
             values = [settings[key] for settings in shown if key in settings]
             out[key] = values[0] if len(set(values)) == 1 else values
         if self.img_size is not None:
@@ -177,14 +188,14 @@ class Plan:
         return out
 
     def describe(self) -> str:
-        head = "; head-only last block" if self.head_only else ""
-        if not self.reductions:
-            return ("no reduction" if not head else head[2:]) + (f" @ {self.img_size}px" if self.img_size else "")
+        """The plan in the grammar `make_plan` reads: 'tome:r=8@0-5+evit:keep=0.7@6,9+head-only+160px'."""
         groups: dict[str, list[int]] = {}
         for red in self.reductions:
             groups.setdefault(red.describe(), []).append(red.layer)
-        text = "; ".join(f"{what} @ {','.join(map(str, layers))}" for what, layers in groups.items())
-        return text + head + (f"; {self.img_size}px" if self.img_size else "")
+        terms = [f"{what}@{format_layers(layers)}" for what, layers in groups.items()]
+        terms += [HEAD_ONLY] if self.head_only else []
+        terms += [f"{self.img_size}px"] if self.img_size else []
+        return "+".join(terms) or NONE
 
     def to_dict(self) -> dict:
         return {
@@ -234,29 +245,165 @@ def _json_type(value: object) -> str:
     return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _ordered_keys(settings: list[dict]) -> list[str]:
-    """Setting names in the order of the shared report fields, then any others."""
-    order = ("keep", "r", "fuse", "protect")
-    seen = {key for entry in settings for key in entry}
-    return [key for key in order if key in seen] + sorted(seen - set(order))
+NONE, HEAD_ONLY = "none", "head-only"
+PLAN_GRAMMAR = ("METHOD[:NAME=VALUE,...][@LAYERS] joined by '+', with 'head-only' and SIZEpx terms, "
+                "e.g. tome:r=13,protect=0.2@0-10, tome:r=8@0-5+evit:keep=0.7@6,9+head-only, evit:0.7 "
+                "(METHOD:VALUE sets the method's first parameter)")
+_TERM = re.compile(r"(?P<method>[a-z][a-z0-9_-]*)(?::(?P<settings>[^@]*))?(?:@(?P<layers>.*))?")
+
+
+def format_value(value: Any) -> str:
+    """A setting as the grammar writes it: floats exactly (repr; whole ones without '.0'), bools as
+    true/false."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+    return str(value)
+
+
+def format_layers(layers: list[int]) -> str:
+    """[0, 1, 2, 3, 6, 9] -> '0-3,6,9'."""
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ",".join(f"{a}" if a == b else f"{a},{b}" if b == a + 1 else f"{a}-{b}" for a, b in runs)
+
+
+def parse_layers(text: str) -> list[int]:
+    """'3,6,9' or '3-11' or a mix -> [3, 6, 9]."""
+    layers: list[int] = []
+    for part in (part.strip() for part in text.split(",")):
+        start, _, end = part.partition("-") if "-" in part[1:] else (part, "", part)
+        if not (start.strip().isdigit() and end.strip().isdigit()):
+            raise VitpruneError(f"cannot read layers {text!r}: use e.g. 3,6,9 or 3-11", param="layers")
+        layers.extend(range(int(start), int(end) + 1))
+    return layers
+
+
+def _read_value(method: str, param: Param, text: str) -> Any:
+    """A setting's text as the parameter's type; the error names the method, the parameter and its range."""
+    word = text.strip().lower()
+    value: Any = None
+    if param.kind is bool:
+        value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(word)
+    else:
+        try:
+            value = int(word) if param.kind is int and word.lstrip("+-").isdigit() else float(word)
+            if param.kind is int and math.isfinite(value) and value == int(value):
+                value = int(value)
+        except ValueError:
+            value = None
+    if value is None:
+        raise VitpruneError(f"{method} {param.name} must be {param.range_text}, got {text!r}", param=param.name)
+    return value
+
+
+def _read_settings(spec: methods.Method, text: str | None) -> dict[str, Any]:
+    """'r=13,protect=0.2' -> {'r': 13, 'protect': 0.2}; a bare value sets the first parameter."""
+    if text is None or not text.strip():
+        return {}
+    if "=" not in text and "," not in text and spec.params:
+        return {spec.params[0].name: _read_value(spec.name, spec.params[0], text)}
+    settings: dict[str, Any] = {}
+    params = {param.name: param for param in spec.params}
+    for item in text.split(","):
+        name, equals, value = (part.strip() for part in item.partition("="))
+        if not equals or not name:
+            raise VitpruneError(f"cannot read {spec.name} setting {item.strip()!r}: write NAME=VALUE "
+                                f"({', '.join(params) or 'it takes none'})", param="method")
+        if name not in params:
+            raise VitpruneError(f"{name} is not a parameter of {spec.name} (it takes {', '.join(params) or 'none'})",
+                                param=name)
+        if name in settings:
+            raise VitpruneError(f"{spec.name} {name} is given twice", param=name)
+        settings[name] = _read_value(spec.name, params[name], value)
+    return settings
+
+
+def _read_terms(text: str) -> tuple[list[tuple[str, dict, list[int] | None]], bool, int | None]:
+    """The grammar's terms: [(method, settings, layers or None)], head-only, the input size or None."""
+    if not isinstance(text, str) or not text.strip():
+        raise VitpruneError(f"give a reduction: {PLAN_GRAMMAR}", param="method")
+    terms, head_only, img_size = [], False, None
+    for term in (part.strip() for part in text.strip().split("+")):
+        lowered = term.lower()
+        if lowered == NONE:
+            continue
+        if lowered == HEAD_ONLY:
+            head_only = True
+        elif lowered.endswith("px") and lowered[:-2].isdigit():
+            img_size = int(lowered[:-2])
+        elif (match := _TERM.fullmatch(lowered)) is not None:
+            spec = methods.get(match["method"])  # an unknown name fails here, naming the choices
+            layers = None if match["layers"] is None else parse_layers(match["layers"])
+            terms.append((spec.name, _read_settings(spec, match["settings"]), layers))
+        else:
+            raise VitpruneError(f"cannot read {term!r} in {text!r}: {PLAN_GRAMMAR}", param="method")
+    return terms, head_only, img_size
+
+
+def read_plan_text(method: str, *, layers: list[int] | None = None, img_size: int | None = None,
+                   head_only: bool = False, tokens: int | None = None, **settings: Any) -> PlanText:
+    """The plan grammar read and every setting checked, before any model (see `make_plan`)."""
+    terms, text_head_only, text_size = _read_terms(method)
+    given = {key: value for key, value in settings.items() if value is not None}
+    if (given or layers is not None) and len(terms) != 1:
+        name = next(iter(given), "layers")
+        raise VitpruneError(f"{name} given apart from a plan of {len(terms)} methods: write the settings inside "
+                            "the plan, e.g. tome:r=8@0-5+evit:keep=0.7@6,9", param=name)
+    if img_size is not None and text_size is not None and img_size != text_size:
+        raise VitpruneError(f"img_size {img_size} disagrees with the plan's {text_size}px", param="img_size")
+    if img_size is not None and not is_whole(img_size, 1):
+        raise VitpruneError(f"img_size must be a positive whole number, got {img_size!r}", param="img_size")
+    merged_terms = []
+    for name, own, own_layers in terms:
+        spec = methods.get(name)
+        clash = next((key for key in given if key in own and own[key] != given[key]), None)
+        if clash is not None:
+            raise VitpruneError(f"{name} {clash} is given twice ({own[clash]} and {given[clash]})", param=clash)
+        if layers is not None and own_layers is not None and layers != own_layers:
+            raise VitpruneError(f"layers are given twice for {name}", param="layers")
+        merged = spec.settings({**own, **given})
+        spec.validate(merged, tokens)
+        merged_terms.append((name, merged, own_layers if own_layers is not None else layers))
+    return PlanText(tuple(merged_terms), head_only or text_head_only, img_size if img_size is not None else text_size)
+
+
+@dataclass(frozen=True)
+class PlanText:
+    """A plan as its text says it, before the model's depth places the default layers."""
+
+    terms: tuple[tuple[str, dict, list[int] | None], ...]  # (method, settings, layers or None: its default)
+    head_only: bool
+    img_size: int | None
 
 
 def make_plan(method: str, depth: int, *, layers: list[int] | None = None, img_size: int | None = None,
-              head_only: bool = False, **settings: Any) -> Plan:
-    """The plan for one method with one setting at several layers, validated against `depth`.
+              head_only: bool = False, tokens: int | None = None, **settings: Any) -> Plan:
+    """The plan `method` says in the plan grammar (`PLAN_GRAMMAR`; a method name alone is that method
+    at its default layers), validated against `depth` (and `tokens`, the tokens entering the model).
 
-    `settings` are the method's parameters (evit: keep, fuse; ats: keep; tome: r, protect).
+        make_plan("tome:r=13,protect=0.2@0-10", 12)      make_plan("evit", 12, keep=0.7)
+
+    `layers`, `head_only`, `img_size` and `settings` (the method's parameters; None: not given) fill
+    in what a one-method text leaves out (the command line's shorthand flags); a value given both
+    ways must agree.
     """
-    spec = methods.get(method)
-    given = {key: value for key, value in settings.items() if value is not None}
-    spec.validate(spec.settings(given))
-    if layers is None:  # the head-only last block already reduces the last block to its class token
-        layers = [layer for layer in spec.default_layers(depth) if not (head_only and layer == depth - 1)]
-    if not layers:
-        raise VitpruneError("layers is empty: give at least one block to reduce in")
-    plan = Plan(reductions=tuple(Reduction(layer, method, **given) for layer in layers), img_size=img_size,
-                head_only=head_only)
-    plan.validate(depth)
+    text = read_plan_text(method, layers=layers, img_size=img_size, head_only=head_only, tokens=tokens, **settings)
+    reductions = []
+    for name, merged, chosen in text.terms:
+        if chosen is None:  # the head-only last block already reduces the last block to its class token
+            chosen = [layer for layer in methods.get(name).default_layers(depth)
+                      if not (text.head_only and layer == depth - 1)]
+        if not chosen:
+            raise VitpruneError("layers is empty: give at least one block to reduce in", param="layers")
+        reductions += [Reduction(layer, name, **merged) for layer in chosen]
+    plan = Plan(reductions=tuple(reductions), img_size=text.img_size, head_only=text.head_only)
+    plan.validate(depth, tokens)
     return plan
 
 

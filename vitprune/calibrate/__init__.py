@@ -5,6 +5,7 @@ follows the unreduced one on calibration images, and reports every figure on hel
 The calibration images are split once more: the search runs on a subset of them, and its finalists
 are re-ranked and guarded on the rest (the validation images), which it did not select them on.
 
+    policy.py    the search policy per method: which it searches, how it sets an amount at a block
     prepare.py   the frame: input sizes, models per size, methods, geometry, budget target, floor
     images.py    the split, images per size, base logits, the three evaluators
     evaluate.py  Score, TokenCache, Evaluator, MacsCounter: plans scored with caches

@@ -6,9 +6,8 @@ only runs the blocks from L on. GMACs are exact (vitprune.flops.count_macs) and 
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -104,15 +103,14 @@ def resolve_objective(objective: str, embedding: bool) -> str:
                             "use the features option to calibrate its pre-logits embedding", param="objective")
     return objective
 
-def plan_key(plan: Plan) -> str:
-    data = plan.to_dict()
-    data.pop("notes", None)
-    return json.dumps(data, sort_keys=True)
+def plan_key(plan: Plan) -> Plan:
+    """The plan without its notes: plans that reduce alike are one key."""
+    return replace(plan, notes={}) if plan.notes else plan
 
 
 def distinct(plans: list[Plan]) -> list[Plan]:
     """`plans` without repeats, in order."""
-    seen: set[str] = set()
+    seen: set[Plan] = set()
     out = []
     for plan in plans:
         key = plan_key(plan)
@@ -151,11 +149,11 @@ class MacsCounter:
 
     def __init__(self, models: dict[int, nn.Module]) -> None:
         self.models = models
-        self.known: dict[str, float] = {}
+        self.known: dict[tuple[Plan, int | None], float] = {}
 
     def gmacs(self, plan: Plan, images: Tensor | None = None) -> float:
         per_image = plan.varies_per_image
-        key = plan_key(plan) + (f"|{id(images)}" if per_image else "")
+        key = (plan_key(plan), id(images) if per_image else None)
         if key not in self.known:
             model = apply_plan(self.models[plan.img_size], plan)
             sample = images[:COUNT_IMAGES] if per_image and images is not None else None
@@ -172,7 +170,7 @@ class Evaluator:
         self.embedding = embedding  # the outputs are embeddings (base_logits: the base's embeddings)
         self.keep_all_sizes = keep_all_sizes  # False: cache one input size at a time (large image sets)
         self.caches: dict[int, TokenCache] = {}
-        self.scores: dict[str, Score] = {}
+        self.scores: dict[Plan, Score] = {}
         self.evaluations = 0
 
     def cache(self, size: int) -> TokenCache:

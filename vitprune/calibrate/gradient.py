@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitprune import methods
+from vitprune.calibrate import policy
 from vitprune.calibrate.search import Search
 from vitprune.calibrate.shapes import CONSTANT_METHOD, Geometry, Shape, constant_shape
 from vitprune.errors import VitpruneError
@@ -102,7 +103,7 @@ def block_choices(rates: Rates, layer: int, tokens: int, geometry: Geometry) -> 
     chosen = int(gate_probs.detach().argmax())
     choices = []
     for index, name in enumerate(rates.methods):
-        removal = methods.get(name).removing(hard_want, tokens, geometry.num_prefix, geometry.protect)
+        removal = policy.removing(name, hard_want, tokens, geometry.num_prefix, geometry.protect)
         settings, after = removal if removal is not None else (None, tokens)
         gate = straight_through(torch.tensor(float(index == chosen)), gate_probs[index])
         choices.append(BlockChoice(name, settings, after, gate, index == chosen and settings is not None))

@@ -20,7 +20,7 @@ class HeldOut:
     evaluator: Evaluator
     references: dict[str, Plan]  # the published schedules, by name
     timing: dict  # vitprune.bench.measure_latency's result
-    names: dict[str, str]  # plan key -> its name in `timing`
+    names: dict[Plan, str]  # plan key -> its name in `timing`
     base_size: int
     batch: int
 
@@ -54,7 +54,7 @@ def measure_held_out(search: Search, frontier: list[Plan], chosen: Plan | None, 
         holdout.score(sized(plan, setup.base_size))
     timed = {"base": setup.base_model}
     timed_inputs = {"base": holdout.images[setup.base_size]}
-    names: dict[str, str] = {}
+    names: dict[Plan, str] = {}
     for index, plan in enumerate(to_measure + list(references.values())):
         name = f"plan{index}"
         names[plan_key(sized(plan, setup.base_size))] = name

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vitprune import methods
 from vitprune.budget import Budget
+from vitprune.calibrate import policy
 from vitprune.calibrate.evaluate import MacsCounter
 from vitprune.calibrate.shapes import Geometry, auto_sizes, constant_shape, shape_plan
 from vitprune.errors import VitpruneError
@@ -17,8 +17,6 @@ from vitprune.models import outputs_embeddings, patch_size_of
 from vitprune.patch import apply_plan, check_plan_fits, model_img_size, tokens_before
 from vitprune.plan import Plan, make_plan
 
-# A valid setting of each method, to ask whether the model can run it at all.
-FIT_SETTINGS = {"evit": {"keep": 0.9}, "ats": {"keep": 0.9}, "tome": {"r": 1}, "ppt": {"r": 1}}
 LADDER = (0.9, 0.8, 0.7, 0.6, 0.5)  # GMACs budgets: frontier points at these ratios above the target
 # Budgets without a GMACs target (latency, accuracy drop): shapes are found at a middle budget, then
 # scaled along this ladder of ratios.
@@ -72,8 +70,8 @@ def prepare(base_model: nn.Module, img_sizes: list[int] | None, head_only: bool,
     sizes = search_sizes(base_model, img_sizes)
     depth = len(base_model.blocks)
     usable = usable_methods(base_model)
-    block_methods = tuple(m for m in usable if methods.get(m).searchable)
-    per_image = next((m for m in usable if methods.get(m).varies_per_image), None)
+    block_methods = tuple(m for m in usable if m in policy.block_methods())
+    per_image = next((m for m in usable if m in policy.per_image_methods()), None)
     models = {size: apply_plan(copy.deepcopy(base_model), Plan(img_size=size)) for size in sizes}
     macs = MacsCounter(models)
     base_gmacs = macs.gmacs(Plan(img_size=base_size))
@@ -107,9 +105,8 @@ def search_sizes(base_model: nn.Module, img_sizes: list[int] | None) -> list[int
 def usable_methods(base_model: nn.Module) -> tuple[str, ...]:
     """The methods this model can run: the searchable block methods in their order, then the per-image one."""
     depth = len(base_model.blocks)
-    per_image = tuple(name for name in methods.names() if methods.get(name).varies_per_image)
-    return tuple(name for name in methods.searchable() + per_image
-                 if fits(base_model, make_plan(name, depth, **FIT_SETTINGS[name])))
+    return tuple(name for name in policy.block_methods() + policy.per_image_methods()
+                 if fits(base_model, make_plan(name, depth, **policy.fit_settings(name))))
 
 
 def budget_targets(budget: Budget, base_gmacs: float) -> tuple[float, list[float]]:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field, replace
 
 from rich.progress import Progress
 
-from vitprune import methods
 from vitprune.budget import Budget
+from vitprune.calibrate import policy
 from vitprune.calibrate.evaluate import Evaluator, Score, distinct, plan_key
 from vitprune.calibrate.images import Evaluators
 from vitprune.calibrate.prepare import Setup
@@ -152,7 +152,7 @@ def sensitivity_probe(search: Search) -> list[dict]:
     rows = [{"layer": layer} for layer in range(geometry.depth)]
     probes = [(row, method) for row in rows for method in block_methods]
     for row, method in search.tracked("Sensitivity per block", probes):
-        settings = methods.get(method).probe(unit, tokens, geometry.num_prefix, geometry.protect)
+        settings = policy.probe(method, unit, tokens, geometry.num_prefix, geometry.protect)
         score = search.evals.search.score(Plan(reductions=(Reduction(row["layer"], method, **settings),),
                                                img_size=size))
         row[method] = {"divergence": score.divergence, "saved_gmacs": geometry.base_gmacs - score.gmacs,

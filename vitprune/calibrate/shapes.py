@@ -2,7 +2,7 @@
 
 A `Shape` gives each block a method (one calibrate may give any block with any amount,
 `vitprune.methods.searchable`) and a relative weight; `shape_plan` turns it into a plan removing
-about `scale * weight` tokens per block, within each method's limits (`Method.removing`). An
+about `scale * weight` tokens per block, within each method's limits (`policy.removing`). An
 `AtsShape` runs the per-image method (ATS) from one block on with a cap. `fit_to_budget` finds,
 by bisection on exact GMACs, the least reduction of a shape that meets a budget.
 """
@@ -14,17 +14,15 @@ from dataclasses import dataclass, replace
 from torch import Tensor
 
 from vitprune import methods
+from vitprune.calibrate import policy
 from vitprune.calibrate.evaluate import MacsCounter
 from vitprune.plan import Plan, Reduction, make_plan
 
 GAMMAS = (0.0, 1.0, 2.0)  # 0: the same amount everywhere (ToMe's schedule); 2: strongly by efficiency
 BISECTION_STEPS = 18
-# ToMe's constant schedule (the same r in every block) is the search's yardstick: the most reduced
-# plan searched (the budget's floor), the schedule the protect weight is chosen on, the guard's fallback.
-CONSTANT_METHOD = "tome"
-# The fixed published schedules, for reference: (name, method, settings); {layers} is filled in.
-REFERENCES = (("EViT 0.7 @{layers}", "evit", {"keep": 0.7}), ("ToMe r=8", "tome", {"r": 8}),
-              ("ToMe r=13", "tome", {"r": 13}), ("ToMe r=16", "tome", {"r": 16}))
+# The yardstick's constant schedule (ToMe: the same r in every block) is the most reduced plan searched
+# (the budget's floor), the schedule the protect weight is chosen on, the guard's fallback.
+CONSTANT_METHOD = policy.yardstick()
 
 
 @dataclass
@@ -92,7 +90,7 @@ def shape_plan(shape: Shape, scale: float, num_tokens: int, num_prefix: int, hea
     for layer, (method, weight) in enumerate(zip(shape.methods, shape.weights, strict=True)):
         if method is None or weight <= 0 or (head_only and layer == last):
             continue
-        removal = methods.get(method).removing(round(scale * weight), tokens, num_prefix, protect)
+        removal = policy.removing(method, round(scale * weight), tokens, num_prefix, protect)
         if removal is not None:
             settings, tokens = removal
             reductions.append(Reduction(layer, method, **settings))
@@ -100,7 +98,7 @@ def shape_plan(shape: Shape, scale: float, num_tokens: int, num_prefix: int, hea
 
 
 def ats_plan(shape: AtsShape, keep: float, depth: int, head_only: bool = False) -> Plan:
-    return Plan(reductions=tuple(Reduction(layer, shape.method, keep=round(keep, 4))
+    return Plan(reductions=tuple(Reduction(layer, shape.method, **policy.amount_settings(shape.method, round(keep, 4)))
                                  for layer in range(shape.start, depth - 1 if head_only else depth)),
                 img_size=shape.img_size, head_only=head_only)
 
@@ -190,14 +188,10 @@ def mutate(shape: Shape, block_methods: tuple[str, ...], sizes: list[int], rng: 
 
 
 def reference_plans(depth: int, usable) -> dict[str, Plan]:
-    """The fixed published schedules the model can run (`usable(plan)`): EViT keep 0.7 at its 3
-    blocks, ToMe r = 8, 13, 16."""
-    refs: dict[str, Plan] = {}
-    for name, method, settings in REFERENCES:
-        plan = make_plan(method, depth, **settings)
-        if usable(plan):
-            refs[name.format(layers=",".join(map(str, plan.layers)))] = plan
-    return refs
+    """The published settings of each method's policy that the model can run (`usable(plan)`), at the
+    method's default blocks (EViT keep 0.7 at its 3 blocks, ToMe r = 8, 13, 16), named by their plan line."""
+    plans = [make_plan(text, depth) for name in methods.names() for text in policy.policy(name).references]
+    return {plan.describe(): plan for plan in plans if usable(plan)}
 
 
 def auto_sizes(base_size: int, patch: int) -> list[int]:

@@ -79,7 +79,7 @@ class CascadeModel(nn.Module):
         return transform_for(widest, self.input_size)
 
     def describe(self) -> str:
-        return " -> ".join(describe_stage(plan) for plan in self.plans)
+        return "; ".join(describe_stage(plan) for plan in self.plans)  # pastes back as --stages
 
 
 class Resized(nn.Module):

@@ -16,8 +16,9 @@ import warnings
 import click
 import typer
 
-from vitprune.cli import apply, calibrate, cascade, export, finetune, show  # noqa: F401  (each registers its command)
+from vitprune.cli import apply, calibrate, cascade, export, finetune, methods, show  # noqa: F401  (each registers its command)
 from vitprune.cli.app import app
+from vitprune.cli.common import registry_help
 from vitprune.errors import VitpruneError
 
 EXIT_BAD_INPUT = 2
@@ -57,7 +58,9 @@ def run(argv: list[str] | None = None) -> int:
 
 def _dispatch(argv: list[str]) -> int:
     try:
-        result = app(args=argv, prog_name="vitprune", standalone_mode=False)
+        command = typer.main.get_command(app)
+        registry_help(command, argv)
+        result = command.main(args=argv, prog_name="vitprune", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except VitpruneError as error:
         return _fail(_with_flag(str(error), error.param, argv), EXIT_BAD_INPUT, argv)

@@ -33,12 +33,16 @@ CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the m
 CompileModeOpt = Annotated[str, typer.Option("--compile-mode", help="torch.compile mode: default, reduce-overhead (CUDA graphs on a GPU) or max-autotune.")]
 OutOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write the artifact folder here.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
-MethodOpt = Annotated[str | None, typer.Option("--method", "-m", help="evit, ats or tome (an artifact carries its plan).")]
-KeepOpt = Annotated[float | None, typer.Option("--keep", "-k", help="evit: keep rate in (0, 1]; ats: cap K as a ratio of the input tokens or a count.")]
-ROpt = Annotated[int | None, typer.Option("--r", help="tome: tokens merged per layer.")]
-ProtectOpt = Annotated[float | None, typer.Option("--protect", help="tome: weight of the class token's attention against merging a token (0: plain ToMe; 0.2 is a good start).")]
-LayersOpt = Annotated[str | None, typer.Option("--layers", "-l", help="Blocks to reduce in, e.g. 3,6,9 or 3-11 (default: per method and depth).")]
-NoFuseOpt = Annotated[bool, typer.Option("--no-fuse", help="evit: drop inattentive tokens instead of fusing them.")]
+# the methods themselves are listed when a command's --help is shown (`registry_help`): the registry loads torch
+METHOD_HELP = ("The reduction: METHOD:NAME=VALUE,...@LAYERS (settings and layers optional), several joined by '+', with 'head-only' and "
+               "SIZEpx terms, e.g. tome:r=13,protect=0.2@0-10 or tome:r=8@0-5+evit:keep=0.7@6,9; a report's plan "
+               "line pastes back here. `vitprune methods` lists every parameter (an artifact carries its plan).")
+MethodOpt = Annotated[str | None, typer.Option("--method", "-m", help=METHOD_HELP)]
+KeepOpt = Annotated[float | None, typer.Option("--keep", "-k", help="Shorthand for --method METHOD:keep=VALUE (evit, ats, ...: the share kept, or ats' cap).")]
+ROpt = Annotated[int | None, typer.Option("--r", help="Shorthand for --method METHOD:r=VALUE (tome, ppt: tokens removed per block).")]
+ProtectOpt = Annotated[float | None, typer.Option("--protect", help="Shorthand for --method tome:protect=VALUE (the class token's attention against merging a token; 0.2 is a good start).")]
+LayersOpt = Annotated[str | None, typer.Option("--layers", "-l", help="Blocks to reduce in, e.g. 3,6,9 or 3-11 (shorthand for --method METHOD@LAYERS; default: per method and depth).")]
+NoFuseOpt = Annotated[bool, typer.Option("--no-fuse", help="Shorthand for --method evit:fuse=false (drop inattentive tokens instead of fusing them).")]
 PlanOpt = Annotated[Path | None, typer.Option("--plan", help="A plan (vitprune.json from apply/calibrate) instead of --method.")]
 HeadOnlyOpt = Annotated[bool, typer.Option("--head-only", help="The last block computes only the class token the head reads: exact with class-token pooling, about 7% fewer GMACs.")]
 FeaturesOpt = Annotated[bool, typer.Option("--features", help="Use the classifier's pre-logits embedding (head removed): fidelity by cosine and nearest-neighbour retrieval agreement.")]
@@ -55,23 +59,25 @@ def set_threads(threads: int | None) -> None:
 
 
 def parse_layers(text: str | None) -> list[int] | None:
-    """'3,6,9' or '3-11' or a mix -> [3, 6, 9]; None when not given."""
+    """'3,6,9' or '3-11' or a mix -> [3, 6, 9] (the plan grammar's LAYERS); None when not given."""
     if text is None:
         return None
-    layers: list[int] = []
-    parts = [part.strip() for part in text.split(",")]
-    if any(not part for part in parts):
-        raise VitpruneError(f"cannot read layers {text!r}: use e.g. 3,6,9 or 3-11", param="layers")
-    try:
-        for part in parts:
-            if "-" in part[1:]:
-                start, end = part.split("-", 1)
-                layers.extend(range(int(start), int(end) + 1))
-            else:
-                layers.append(int(part))
-    except ValueError:
-        raise VitpruneError(f"cannot read layers {text!r}: use e.g. 3,6,9 or 3-11", param="layers") from None
-    return layers
+    from vitprune.plan import parse_layers as read_layers  # torch loads only when a command runs
+
+    return read_layers(text)
+
+
+def registry_help(command, argv: list[str]) -> None:
+    """Name the registered methods in the --method help of the command `argv` asks help for."""
+    if not argv or not {"--help", "-h"} & set(argv):
+        return
+    sub = getattr(command, "commands", {}).get(argv[0])
+    option = next((param for param in getattr(sub, "params", []) if param.name == "method"), None)
+    if option is not None and option.help == METHOD_HELP:
+        from vitprune import methods  # only for this help page: the registry loads torch
+
+        option.help += " Methods: " + "; ".join(
+            f"{name} ({', '.join(param.name for param in methods.get(name).params)})" for name in methods.names())
 
 
 def parse_numbers(text: str | None, kind: type, name: str, example: str) -> tuple:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -12,12 +12,11 @@ from vitprune import methods
 from vitprune.checks import check_whole
 from vitprune.errors import VitpruneError
 from vitprune.patch import apply_plan
-from vitprune.plan import Plan, make_plan, read_plan_file
+from vitprune.plan import PLAN_GRAMMAR, Plan, make_plan, read_plan_file, read_plan_text
 from vitprune.report import Evidence, compare
 from vitprune.source import BaseModel, load_base
 from vitprune.teacher import TEACHER_FILE
 
-SETTING_FIELDS = ("keep", "r", "fuse", "protect")  # method settings the requests carry (None: not given)
 UNREDUCED_FIGURES = ("gmacs", "top1", "top5", "agreement", "kl", "cosine_mean", "retrieval_agreement")
 
 
@@ -26,7 +25,8 @@ class ReducedModelSpec:
     """Which base model and which reduction: the options apply, export and finetune share."""
 
     model: str  # a timm name/alias or an artifact folder / .safetensors
-    method: str | None = None
+    method: str | None = None  # a plan in the plan grammar (vitprune.plan.PLAN_GRAMMAR), e.g. tome:r=13@0-10
+    # shorthand for a one-method plan's settings (None: not given): the command line's --keep, --r, ...
     keep: float | None = None
     r: int | None = None
     protect: float | None = None
@@ -40,8 +40,12 @@ class ReducedModelSpec:
     features: bool = False  # the classifier's pre-logits embedding (head removed): an embedding model
 
     def settings(self) -> dict:
-        """The method settings given (the method's defaults fill the rest)."""
-        return {name: getattr(self, name) for name in SETTING_FIELDS if getattr(self, name) is not None}
+        """The shorthand settings given: this class's fields named as some method's parameter (not a
+        command's own option that shares a name, e.g. finetune's distillation temperature); the
+        method's defaults fill the rest."""
+        declared = {param.name for name in methods.names() for param in methods.get(name).params}
+        return {field.name: getattr(self, field.name) for field in fields(ReducedModelSpec)
+                if field.name in declared and getattr(self, field.name) is not None}
 
     def check_reduction(self) -> None:
         """The reduction's settings, checked before any model is built."""
@@ -50,11 +54,10 @@ class ReducedModelSpec:
         if self.method is None and self.settings():
             name = next(iter(self.settings()))
             raise VitpruneError(f"{name} goes with a method; a plan carries its own settings", param=name)
-        if self.method is not None:
-            spec = methods.get(self.method)
-            spec.validate(spec.settings(self.settings()))
         if self.img_size is not None:
             check_whole(self.img_size, "img_size", 1)
+        if self.method is not None:
+            read_plan_text(self.method, layers=self.layers, head_only=self.head_only, **self.settings())
 
 
 def check_device(device: str) -> None:
@@ -70,17 +73,17 @@ def resolve_plan(spec: ReducedModelSpec, base: BaseModel) -> Plan:
     depth = len(base.model.blocks)
     if spec.plan_file is not None:
         plan, _ = read_plan_file(spec.plan_file)
-        if spec.img_size is not None:
-            plan.img_size = spec.img_size
-        plan.head_only = plan.head_only or spec.head_only
+        plan = replace(plan, img_size=plan.img_size if spec.img_size is None else spec.img_size,
+                       head_only=plan.head_only or spec.head_only)
         plan.validate(depth)
         return plan
     if spec.method is None:
         if base.artifact_plan is not None:
             return base.artifact_plan
         raise VitpruneError(f"choose a reduction: a method ({', '.join(methods.names())}) with its settings, "
-                            "or a plan file", param="method")
-    return make_plan(spec.method, depth, layers=spec.layers, head_only=spec.head_only, **spec.settings())
+                            f"or a plan file; {PLAN_GRAMMAR}", param="method")
+    return make_plan(spec.method, depth, layers=spec.layers, img_size=spec.img_size, head_only=spec.head_only,
+                     **spec.settings())
 
 
 def reference_section(base: BaseModel, evidence: Evidence) -> dict | None:

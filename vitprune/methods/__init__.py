@@ -5,7 +5,7 @@
     methods.names()                             # ('evit', 'ats', 'tome', 'zerotprune', 'ppt', 'transform')
 
 A new method is a module with a `Method` subclass (parameters, default layers, block hooks,
-FLOPs rule, cascade setting) and one `register` line below.
+FLOPs rule) and one `register` line below.
 """
 from __future__ import annotations
 
@@ -37,11 +37,6 @@ def get(name: str) -> Method:
         raise VitpruneError(f"unknown method {name!r}; choose one of {', '.join(_REGISTRY)}") from None
 
 
-def searchable() -> tuple[str, ...]:
-    """Methods calibrate can give any block with any amount."""
-    return tuple(name for name, method in _REGISTRY.items() if method.searchable)
-
-
 register(EViT())
 register(ATS())
 register(ToMe())
@@ -49,4 +44,4 @@ register(ZeroTPrune())
 register(PPT())
 register(TokenTransforming())
 
-__all__ = ["REQUIRED", "BlockContext", "Method", "Param", "TokenState", "get", "names", "register", "searchable"]
+__all__ = ["REQUIRED", "BlockContext", "Method", "Param", "TokenState", "get", "names", "register"]

@@ -9,6 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from vitprune.methods.base import (
+    MAX_TOKENS,
     BlockContext,
     Method,
     Param,
@@ -22,18 +23,15 @@ from vitprune.reducers import ats_cap, ats_sample, ats_scores, ats_select, gathe
 
 class ATS(Method):
     name = "ats"
+    paper = "Fayyaz et al., Adaptive Token Sampling for Efficient Vision Transformers (ECCV 2022)"
     params = (
         Param("keep", float, "cap K: a ratio in (0, 1] of the tokens entering the model, or a whole count > 1",
-              check=lambda value: 0 < value <= 1 or (value > 1 and value == int(value)),
-              rule="a ratio in (0, 1] or a whole token count > 1"),
+              low_open=True, counts_tokens=True, check=lambda value: value <= 1 or value == int(value),
+              rule=f"a ratio in (0, 1] or a whole token count in [2, {MAX_TOKENS}]"),
     )
-    stage_param = "keep"
     varies_per_image = True
     needs_token_pooling = True
     selects_queries = True
-
-    def describe(self, settings: dict[str, Any]) -> str:
-        return f"ats K={settings['keep']:g}"
 
     def default_layers(self, depth: int) -> list[int]:
         """Every block from the 4th of 12 (the official DeiT-S setting)."""

@@ -18,29 +18,59 @@ from vitprune.errors import VitpruneError
 from vitprune.reducers import SoftTokens, cls_attention, received_attention
 
 REQUIRED = object()  # a parameter without a default
+# More tokens than any ViT input holds: the upper bound of every token count, so a setting always fits
+# the runtime's integers (the model's own token count is checked where a plan meets a model).
+MAX_TOKENS = 1_000_000
 
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter of a method: its type, default, help text and range check."""
+    """One parameter of a method: its type, default, help text and range.
+
+    Numbers lie in [low, high] (`low_open`: (low, high]); `counts_tokens`: a value above 1 counts
+    tokens, so it is also at most the tokens entering the model (checked against the model).
+    `check` and `rule` add a rule the range cannot say (ATS: a ratio or a whole count)."""
 
     name: str
     kind: type
     help: str
     default: Any = REQUIRED
+    low: float = 0.0
+    high: float = MAX_TOKENS
+    low_open: bool = False
+    counts_tokens: bool = False
     check: Callable[[Any], bool] = lambda value: True
-    rule: str = ""  # the range `check` accepts, in words, for the error message
+    rule: str = ""
 
-    def validate(self, method: str, value: Any) -> None:
+    @property
+    def range_text(self) -> str:
+        """The values accepted, in words ('a whole number in [0, 1000000]')."""
         if self.kind is bool:
-            ok = isinstance(value, bool)
-        elif self.kind is int:
-            ok = is_finite_number(value) and int(value) == value and self.check(value)
-        else:
-            ok = is_finite_number(value) and self.check(value)
-        if not ok:
-            raise VitpruneError(f"{method} {self.name} must be {self.rule or self.kind.__name__}, got {value!r}",
-                                param=self.name)
+            return "true or false"
+        if self.rule:
+            return self.rule
+        word = "a whole number" if self.kind is int else "a number"
+        return f"{word} in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}]"
+
+    def accepts(self, value: Any) -> bool:
+        if self.kind is bool:
+            return isinstance(value, bool)
+        if not is_finite_number(value) or (self.kind is int and int(value) != value):
+            return False
+        above_low = value > self.low if self.low_open else value >= self.low
+        return above_low and value <= self.high and self.check(value)
+
+    def validate(self, method: str, value: Any, tokens: int | None = None) -> None:
+        """`tokens`: the tokens entering the model, when the plan meets one."""
+        if not self.accepts(value):
+            raise VitpruneError(f"{method} {self.name} must be {self.range_text}, got {value!r}", param=self.name)
+        if tokens is not None and self.counts_tokens and value > tokens:
+            raise VitpruneError(f"{method} {self.name} must be at most {tokens} (the tokens entering this model), "
+                                f"got {value!r}", param=self.name)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 @dataclass
@@ -96,8 +126,9 @@ class Method:
     """Base class of the methods; subclasses set the class attributes and override the hooks."""
 
     name: str = ""
+    paper: str = ""  # the paper the method follows (`vitprune methods`)
+    # the first parameter is the one `METHOD:VALUE` sets (vitprune.plan's grammar)
     params: tuple[Param, ...] = ()
-    stage_param: str = ""  # the parameter a cascade stage `METHOD:VALUE` sets
     # The kept count differs per image: the batch is padded (masked) from the first such block on,
     # so only methods of the same kind may follow, and FLOPs are counted on real images.
     varies_per_image: bool = False
@@ -123,18 +154,17 @@ class Method:
                 out[param.name] = value
         return out
 
-    def validate(self, settings: dict[str, Any]) -> None:
+    def validate(self, settings: dict[str, Any], tokens: int | None = None) -> None:
+        """Every parameter given and in range (`tokens`: the tokens entering the model, when known)."""
         for param in self.params:
             if param.name not in settings:
                 raise VitpruneError(f"{self.name} needs {param.name} ({param.help})", param=param.name)
-            param.validate(self.name, settings[param.name])
+            param.validate(self.name, settings[param.name], tokens)
 
-    def describe(self, settings: dict[str, Any]) -> str:
-        raise NotImplementedError
-
-    def shown_params(self, settings: dict[str, Any]) -> dict[str, Any]:
-        """The parameters a report shows (defaults that change nothing left out)."""
-        return dict(settings)
+    def shown(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """The settings a plan line shows: the required ones and those away from their default."""
+        return {param.name: settings[param.name] for param in self.params
+                if param.default is REQUIRED or settings[param.name] != param.default}
 
     def default_layers(self, depth: int) -> list[int]:
         return list(range(depth))
@@ -147,14 +177,10 @@ class Method:
         (the report names it); None: it scores no tokens by attention."""
         return None
 
-    # -- cascade stage grammar (METHOD:VALUE) ------------------------------------------------------
-    def stage_settings(self, value: str) -> dict[str, Any]:
-        param = next(p for p in self.params if p.name == self.stage_param)
-        try:
-            number = param.kind(float(value)) if param.kind is int and float(value).is_integer() else param.kind(value)
-        except ValueError:
-            raise VitpruneError(f"cannot read {self.name} {param.name} {value!r}: give a number") from None
-        return {param.name: number}
+    def static_width(self, settings: dict[str, Any], num_input_tokens: int) -> int:
+        """`varies_per_image` methods: the most tokens a block can keep, the width the static-shape
+        (ONNX) form pads every image to."""
+        raise NotImplementedError(f"{self.name} keeps the same count for every image: nothing to pad")
 
     # -- the block hooks (see vitprune.patch) ------------------------------------------------------
     def select(self, ctx: BlockContext, settings: dict[str, Any]) -> tuple[Tensor, TokenState] | None:
@@ -174,17 +200,6 @@ class Method:
         """MACs of the method's own scoring inside a block (float64 per image); `class_token`: the
         model has one (scores by attention fall back without it, `attention_scores`)."""
         return torch.zeros_like(n_in)
-
-    # -- calibrate's per-block search --------------------------------------------------------------
-    searchable: bool = False  # calibrate may give this method any block with any amount
-
-    def removing(self, want: int, tokens: int, num_prefix: int, protect: float) -> tuple[dict, int] | None:
-        """Settings that remove about `want` of the `tokens` entering a block, and the tokens after; None: nothing."""
-        return None
-
-    def probe(self, unit: int, tokens: int, num_prefix: int, protect: float) -> dict:
-        """Settings that remove `unit` patch tokens at one block (calibrate's sensitivity probe)."""
-        raise NotImplementedError
 
     # -- calibrate's gradient search (vitprune.reducers.soft) ----------------------------------------
     soft_searchable: bool = False  # `soft_reduce` is defined: the gradient search can learn this method's counts

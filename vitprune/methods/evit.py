@@ -4,7 +4,6 @@ Liang et al., "Not All Patches are What You Need" (ICLR 2022); docs/methods.md.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Any
 
@@ -22,22 +21,15 @@ from vitprune.methods.base import (
 )
 from vitprune.reducers import SoftTokens, evit_keep_count, evit_reduce, removal_weights, soft_prune
 
-MIN_SEARCH_KEEP = 0.2  # calibrate never keeps fewer than this share of a block's patch tokens
-
 
 class EViT(Method):
     name = "evit"
+    paper = "Liang et al., Not All Patches are What You Need (ICLR 2022)"
     params = (
-        Param("keep", float, "keep rate in (0, 1] of the patch tokens entering the block",
-              check=lambda value: 0 < value <= 1, rule="in (0, 1]"),
+        Param("keep", float, "keep rate of the patch tokens entering the block", high=1.0, low_open=True),
         Param("fuse", bool, "fuse the dropped tokens into one token (False: drop them)", default=True),
     )
-    stage_param = "keep"
-    searchable = True
     soft_searchable = True
-
-    def describe(self, settings: dict[str, Any]) -> str:
-        return f"evit keep={settings['keep']:g}" + ("" if settings["fuse"] else " no-fuse")
 
     def default_layers(self, depth: int) -> list[int]:
         """The 4th, 7th and 10th of 12 blocks, scaled to the depth."""
@@ -55,17 +47,6 @@ class EViT(Method):
     def extra_macs(self, attn: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
                    settings: dict[str, Any], class_token: bool = True) -> Tensor:
         return attention_score_macs(attn, n_in, class_token)
-
-    def removing(self, want: int, tokens: int, num_prefix: int, protect: float) -> tuple[dict, int] | None:
-        patch = tokens - num_prefix
-        removed = min(want, patch - max(1, math.ceil(MIN_SEARCH_KEEP * patch)))
-        if removed <= 0:
-            return None
-        keep = round((patch - removed) / patch, 4)
-        return {"keep": keep, "fuse": True}, num_prefix + evit_keep_count(patch, keep) + 1  # + the fused token
-
-    def probe(self, unit: int, tokens: int, num_prefix: int, protect: float) -> dict:
-        return {"keep": round(1 - unit / (tokens - num_prefix), 4), "fuse": True}
 
     def soft_reduce(self, tokens: SoftTokens, num_prefix: int, settings: dict[str, Any] | None,
                     soft: Tensor) -> SoftTokens:

@@ -17,17 +17,13 @@ from vitprune.reducers import ats_scores, cls_attention, ppt_reduce
 
 class PPT(Method):
     name = "ppt"
+    paper = "Wu et al., PPT: Token Pruning and Pooling for Efficient Vision Transformers (arXiv 2310.01812)"
     params = (
-        Param("r", int, "patch tokens each reducing block removes, pruned or pooled (whole number >= 0)", default=50,
-              check=lambda value: value >= 0, rule="a whole number >= 0"),
+        Param("r", int, "patch tokens each reducing block removes, pruned or pooled", default=50, counts_tokens=True),
+        # the significance scores sum to 1 over the tokens: their variance is below 1
         Param("threshold", float, "variance of the significance scores from which an image prunes instead of pooling",
-              default=7e-5, check=lambda value: value >= 0, rule="a finite number >= 0"),
+              default=7e-5, high=1.0),
     )
-    stage_param = "r"
-    searchable = True  # on the frontier: beats ToMe at equal GMACs on deit_tiny (docs/methods.md)
-
-    def describe(self, settings: dict[str, Any]) -> str:
-        return f"ppt r={settings['r']} threshold={settings['threshold']:g}"
 
     def default_layers(self, depth: int) -> list[int]:
         """The 4th, 7th and 10th of 12 blocks (the official DeiT setting), scaled to the depth."""
@@ -51,12 +47,3 @@ class PPT(Method):
         similarity = torch.ceil(mergeable / 2) * torch.floor(mergeable / 2) * attn.head_dim
         merge = n_out * removed * (attn.qkv.in_features + 1)
         return cls_row_macs(attn, n_in) + torch.where(removed > 0, similarity + merge, 0.0)
-
-    def removing(self, want: int, tokens: int, num_prefix: int, protect: float) -> tuple[dict, int] | None:
-        r = min(want, (tokens - num_prefix) // 2)
-        if r <= 0:
-            return None
-        return {"r": r}, tokens - r
-
-    def probe(self, unit: int, tokens: int, num_prefix: int, protect: float) -> dict:
-        return {"r": min(unit, (tokens - num_prefix) // 2)}

@@ -17,22 +17,14 @@ from vitprune.reducers import SoftTokens, cls_attention, protect_penalty, remova
 
 class ToMe(Method):
     name = "tome"
+    paper = "Bolya et al., Token Merging: Your ViT but Faster (ICLR 2023)"
     params = (
-        Param("r", int, "token pairs merged in the block, a whole number >= 0",
-              check=lambda value: value >= 0, rule="a whole number >= 0"),
+        Param("r", int, "token pairs merged in the block", counts_tokens=True),
         Param("protect", float, "weight of the class token's attention against merging a token (0: plain ToMe)",
-              default=0.0, check=lambda value: value >= 0, rule="a finite weight >= 0"),
+              default=0.0, high=1000.0),
     )
-    stage_param = "r"
-    searchable = True
     merges = True
     soft_searchable = True
-
-    def describe(self, settings: dict[str, Any]) -> str:
-        return f"tome r={settings['r']}" + (f" protect={settings['protect']:g}" if settings["protect"] else "")
-
-    def shown_params(self, settings: dict[str, Any]) -> dict[str, Any]:
-        return {key: value for key, value in settings.items() if key != "protect" or value}
 
     def needs_class_token(self, settings: dict[str, Any]) -> bool:
         return bool(settings["protect"])
@@ -56,17 +48,6 @@ class ToMe(Method):
         similarity = torch.ceil(mergeable / 2) * torch.floor(mergeable / 2) * attn.head_dim
         macs = torch.where(n_out < n_in, similarity, 0.0)  # ToMe skips matching when r = 0
         return macs + cls_row_macs(attn, n_in) if settings["protect"] else macs
-
-    def removing(self, want: int, tokens: int, num_prefix: int, protect: float) -> tuple[dict, int] | None:
-        r = min(want, (tokens - num_prefix) // 2)
-        if r <= 0:
-            return None
-        return {"r": r, "protect": protect}, tokens - r
-
-    def probe(self, unit: int, tokens: int, num_prefix: int, protect: float) -> dict:
-        return {"r": min(unit, (tokens - num_prefix) // 2), "protect": protect}
-
-
 
     def soft_reduce(self, tokens: SoftTokens, num_prefix: int, settings: dict[str, Any] | None,
                     soft: Tensor) -> SoftTokens:

@@ -16,19 +16,14 @@ from vitprune.reducers import cls_attention, evit_keep_count, transform_reduce
 
 class TokenTransforming(Method):
     name = "transform"
+    paper = "Zeng, Yu, Kong and Tang, Token Transforming: A Unified and Training-Free Token Compression Framework for Vision Transformer Acceleration (arXiv 2506.05709)"
     params = (
-        Param("keep", float, "share in (0, 1] of the patch tokens entering the block kept as outputs", default=0.63,
-              check=lambda value: 0 < value <= 1, rule="in (0, 1]"),
-        Param("neighbours", int, "kept tokens each token is spread over (whole number >= 1)", default=4,
-              check=lambda value: value >= 1, rule="a whole number >= 1"),
-        Param("temperature", float, "softmax temperature of the cosine similarities, > 0", default=0.03,
-              check=lambda value: value > 0, rule="a finite number > 0"),
+        Param("keep", float, "share of the patch tokens entering the block kept as outputs", default=0.63,
+              high=1.0, low_open=True),
+        Param("neighbours", int, "kept tokens each token is spread over", default=4, low=1, counts_tokens=True),
+        Param("temperature", float, "softmax temperature of the cosine similarities", default=0.03, high=1000.0,
+              low_open=True),
     )
-    stage_param = "keep"
-
-    def describe(self, settings: dict[str, Any]) -> str:
-        return (f"transform keep={settings['keep']:g} neighbours={settings['neighbours']} "
-                f"temperature={settings['temperature']:g}")
 
     def default_layers(self, depth: int) -> list[int]:
         """The 4th, 7th and 10th of 12 blocks, scaled to the depth."""

@@ -18,19 +18,15 @@ from vitprune.reducers import zerotprune_counts, zerotprune_reduce
 
 class ZeroTPrune(Method):
     name = "zerotprune"
+    paper = "Wang, Dedhia and Jha, Zero-TPrune: Zero-Shot Token Pruning through Leveraging of the Attention Graph in Pre-Trained Transformers (CVPR 2024)"
     params = (
-        Param("keep", float, "share in (0, 1] of the patch tokens entering the block kept", default=0.7,
-              check=lambda value: 0 < value <= 1, rule="in (0, 1]"),
-        Param("similar", float, "share in [0, 1] of the removed tokens that the similarity stage removes",
-              default=0.5, check=lambda value: 0 <= value <= 1, rule="in [0, 1]"),
-        Param("iters", int, "weighted-PageRank votes of the ranking stage, >= 1", default=30,
-              check=lambda value: value >= 1, rule="a whole number >= 1"),
+        Param("keep", float, "share of the patch tokens entering the block kept", default=0.7, high=1.0,
+              low_open=True),
+        Param("similar", float, "share of the removed tokens that the similarity stage removes", default=0.5,
+              high=1.0),
+        Param("iters", int, "weighted-PageRank votes of the ranking stage", default=30, low=1, high=1000),
     )
-    stage_param = "keep"
     needs_attention = True
-
-    def describe(self, settings: dict[str, Any]) -> str:
-        return f"zerotprune keep={settings['keep']:g} similar={settings['similar']:g} iters={settings['iters']}"
 
     def default_layers(self, depth: int) -> list[int]:
         """The 4th, 7th and 10th of 12 blocks (the stage blocks of EViT and ATS), scaled to the depth."""
