@@ -74,8 +74,7 @@ def calibrate(
 ) -> None:
     """Find the reduction plan that fits a budget best on your images; report its frontier on held-out images."""
     # torch loads only when the command runs: --help stays fast
-    from vitprune.commands.calibrate import Budget, CalibrateRequest, FinetuneRecipe, run_calibrate
-    from vitprune.commands.finetune import before_after_table
+    from vitprune.commands.calibrate import Budget, CalibrateRequest, FinetuneRecipe, before_after_table, run_calibrate
 
     budget = Budget.from_targets(target_gmacs=target_gmacs, target_ratio=target_ratio,
                                  target_latency_ms=target_latency_ms, max_drop=max_drop, batch=batch)

@@ -16,7 +16,7 @@ from vitprune.artifact import model_identity, report_json
 from vitprune.budget import Budget
 from vitprune.checks import check_finite, check_whole
 from vitprune.commands.common import reference_section
-from vitprune.commands.finetune import FinetuneRecipe, FinetuneRequest
+from vitprune.commands.finetune import FinetuneRecipe, FinetuneRequest, before_after_table
 from vitprune.data import check_labels
 from vitprune.errors import VitpruneError
 from vitprune.finetune import (
@@ -41,7 +41,7 @@ from vitprune.runtime import Runtime
 from vitprune.source import BaseModel, load_base
 from vitprune.timm_datasets import DatasetOptions
 
-__all__ = ["Budget", "CalibrateRequest", "FinetuneRecipe", "CalibrateResult", "run_calibrate"]
+__all__ = ["Budget", "CalibrateRequest", "FinetuneRecipe", "before_after_table", "CalibrateResult", "run_calibrate"]
 
 
 @dataclass
