@@ -21,11 +21,12 @@ import torch
 
 import vitprune
 from vitprune.data import find_images, load_images, predict, transform_for
+from vitprune.evaluation import token_scores
 from vitprune.flops import count_macs
 from vitprune.metrics import embedding_metrics
 from vitprune.models import create_model, use_pre_logits
 from vitprune.patch import plan_of
-from vitprune.report import count_gmacs, token_scores
+from vitprune.report import count_gmacs
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 WEIGHTS = {"vit_tiny_patch16_224": "vit_tiny_patch16_224.augreg_in21k_ft_in1k.pth",

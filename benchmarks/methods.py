@@ -2,6 +2,10 @@
 
     python benchmarks/methods.py                      # vit_tiny and deit_tiny from ../shared
     python benchmarks/methods.py --models vit_tiny_patch16_224 --limit 300 --repeats 5
+    python benchmarks/methods.py --batches ''         # accuracy with 95% intervals and GMACs, no timing
+
+The intervals are the report's (vitprune.evaluation): the top-1 change's is paired over the
+per-image differences (normal approximation), the agreement's is Wilson's.
 
 Each reduced model is timed in its own interleaved run with the unreduced model
 (vitprune.bench.measure_latency on the pair), so every speed-up is a ratio measured side by side,
@@ -28,7 +32,8 @@ from rich.table import Table
 import vitprune
 from vitprune.bench import measure_latency
 from vitprune.data import find_images, load_images, predict, transform_for
-from vitprune.metrics import classification_metrics
+from vitprune.evaluation import classification_figures
+from vitprune.metrics import classification_metrics, prediction_terms
 from vitprune.models import create_model
 from vitprune.report import count_gmacs
 
@@ -66,10 +71,15 @@ def benchmark_model(name: str, images_dir: Path, limit: int | None, batches: tup
         if only is not None and only not in label(method, setting):
             continue
         reduced = vitprune.apply(copy.deepcopy(base), method=method, **setting)
-        metrics = classification_metrics(predict(reduced, images, description=label(method, setting)), labels, base_logits)
+        logits = predict(reduced, images, description=label(method, setting))
+        metrics = classification_metrics(logits, labels, base_logits)
+        figures = classification_figures(prediction_terms(logits, base_logits, labels))  # the report's intervals
         rows.append({"model": name, "setting": label(method, setting), "top1": metrics["top1"],
-                     "agreement": metrics["agreement"], "gmacs": count_gmacs(reduced, images)})
+                     "agreement": metrics["agreement"], "gmacs": count_gmacs(reduced, images),
+                     "top1_drop_ci95": figures["top1_drop_ci95"], "agreement_ci95": figures["agreement_ci95"]})
         models[label(method, setting)] = reduced
+    if not batches:  # accuracy and GMACs only
+        return rows
     base_times: dict[int, list[float]] = {batch: [] for batch in batches}
     for row in rows[1:]:
         console.print(f"timing {row['setting']} against base at batch {batches} ...")
@@ -92,26 +102,33 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(WEIGHTS))
     parser.add_argument("--data", type=Path, default=SHARED / "images" / "imagenet-sample-images")
     parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--batches", default="1,32", help="'' for accuracy, intervals and GMACs without timing")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--only", help="run only the settings whose label contains this text, e.g. 'tome r=13'")
     args = parser.parse_args()
-    batches = tuple(int(b) for b in args.batches.split(","))
+    batches = tuple(int(b) for b in args.batches.split(",") if b)
     console = Console()
     rows = []
     for name in args.models:
         rows += benchmark_model(name, args.data, args.limit, batches, args.repeats, console, args.only)
     table = Table(title=f"vitprune methods — {platform.machine()}, {torch.get_num_threads()} threads, eager PyTorch {torch.__version__}")
-    for column in ["model", "setting", "top-1 %", "agree %", "GMACs", "GMACs ratio",
-                   *[f"ms/img b{b}" for b in batches], *[f"speed-up b{b}" for b in batches], "speed-up / GMACs ratio"]:
+    timed = bool(batches)
+    for column in ["model", "setting", "top-1 %", "top-1 change 95% CI", "agree %", "agree 95% CI", "GMACs",
+                   *(["GMACs ratio", *[f"ms/img b{b}" for b in batches], *[f"speed-up b{b}" for b in batches],
+                      "speed-up / GMACs ratio"] if timed else [])]:
         table.add_column(column, justify="left" if column in ("model", "setting") else "right")
-    last = batches[-1]
     for row in rows:
-        table.add_row(row["model"], row["setting"], f"{row['top1']:.1f}", f"{row['agreement']:.1f}", f"{row['gmacs']:.3f}",
-                      f"{row['gmacs_ratio']:.2f}", *[f"{row[f'ms_b{b}']:.2f}" for b in batches],
+        drop, agree = row.get("top1_drop_ci95"), row.get("agreement_ci95")
+        cells = [row["model"], row["setting"], f"{row['top1']:.1f}",
+                 f"{0.0 - drop[1]:+.1f}..{0.0 - drop[0]:+.1f}" if drop else "", f"{row['agreement']:.1f}",
+                 f"{agree[0]:.1f}..{agree[1]:.1f}" if agree else "", f"{row['gmacs']:.3f}"]
+        if timed:
+            last = batches[-1]
+            cells += [f"{row['gmacs_ratio']:.2f}", *[f"{row[f'ms_b{b}']:.2f}" for b in batches],
                       *[f"{row[f'speedup_b{b}']:.2f}x" for b in batches],
-                      f"{row[f'speedup_b{last}'] / row['gmacs_ratio']:.2f}")
+                      f"{row[f'speedup_b{last}'] / row['gmacs_ratio']:.2f}"]
+        table.add_row(*cells)
     console.print(table)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

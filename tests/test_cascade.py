@@ -492,7 +492,7 @@ def test_onnx_cascade_verifies_the_stage_graphs_sha256(base: torch.nn.Module, im
     import onnx
 
     from vitprune.cascade import OnnxCascade, export_cascade_onnx
-    from vitprune.models import file_sha256
+    from vitprune.io import file_sha256
 
     cascade = build_cascade(base, parse_stages("32,64", depth=12, base_size=64), thresholds=[0.5])
     folder = export_cascade_onnx(cascade, tmp_path / "onnx")

@@ -135,6 +135,18 @@ def test_labels_csv_errors(tmp_path: Path, csv_text: str, message: str) -> None:
         find_images(tmp_path)
 
 
+def test_labels_csv_file_listed_twice(tmp_path: Path) -> None:
+    """Two classes for one file are refused naming both lines; an exact repeat counts the image once."""
+    _write_image(tmp_path / "a.png")
+    _write_image(tmp_path / "b.png")
+    (tmp_path / "labels.csv").write_text("file,class_index\na.png,0\nb.png,1\n./a.png,3\n")
+    with pytest.raises(VitpruneError, match=r"line 4 lists a.png as class 3, but line 2 lists it as class 0"):
+        find_images(tmp_path)
+    (tmp_path / "labels.csv").write_text("file,class_index\na.png,0\nb.png,1\n./a.png,0\n")
+    image_set = find_images(tmp_path)
+    assert [file.name for file in image_set.files] == ["a.png", "b.png"] and image_set.labels == [0, 1]
+
+
 def test_unreadable_labels_csv(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_bytes(b"\xff\xfe\xfa not utf-8")
     with pytest.raises(VitpruneError, match="^cannot read .*labels.csv: "):

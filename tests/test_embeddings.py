@@ -12,6 +12,7 @@ from conftest import build_family
 from PIL import Image
 
 import vitprune
+import vitprune.evaluation
 from vitprune.cli import run
 from vitprune.errors import VitpruneError
 from vitprune.metrics import embedding_metrics, embedding_terms, nearest_neighbours
@@ -147,7 +148,7 @@ def test_the_gap_model_falls_back_to_received_attention_and_reduces(monkeypatch)
     with torch.inference_mode(), record_tokens(model) as trace:
         model(x)
     assert seen and trace[1]["n_out"].tolist() == [1 + 18 + 1] * 3  # register + ceil(0.5 * 36) + fused
-    report_scores = vitprune.report.token_scores(model)
+    report_scores = vitprune.evaluation.token_scores(model)
     assert report_scores == [{"layer": 1, "method": "evit", "score": "mean attention received (no class token)"}]
 
 

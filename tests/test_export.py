@@ -22,7 +22,7 @@ from vitprune.export import (
     onnx_session,
     verify_onnx,
 )
-from vitprune.models import file_sha256
+from vitprune.io import file_sha256
 
 IMG = 64  # 16 patch tokens + CLS: exports and ORT runs stay well under a second each
 SETTINGS = {"evit": {"keep": 0.7}, "tome": {"r": 4}, "ats": {"keep": 1.0}}

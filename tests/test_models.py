@@ -12,9 +12,9 @@ import timm
 import torch
 
 from vitprune.errors import VitpruneError
+from vitprune.io import file_sha256
 from vitprune.models import (
     create_model,
-    file_sha256,
     has_class_token,
     is_supported_vit,
     load_checkpoint_state_dict,

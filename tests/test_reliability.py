@@ -101,7 +101,8 @@ def test_infinite_settings_are_refused_in_the_api():
 
 
 @pytest.mark.parametrize("edit,field", [
-    (lambda meta: {}, "field model"),
+    (lambda meta: {}, "field format must be a whole number"),
+    (lambda meta: {k: v for k, v in meta.items() if k != "model"}, "field model"),
     (lambda meta: [1, 2], "must be a JSON object"),
     (lambda meta: {k: v for k, v in meta.items() if k != "plan"}, "field plan is missing"),
     (lambda meta: {**meta, "model": {**meta["model"], "img_size": "big"}}, "model.img_size must be a whole number"),
@@ -248,3 +249,227 @@ def test_json_errors_go_to_stdout_too(capsys):
 def test_no_arguments_prints_the_help_without_a_bare_error(capsys):
     run([])
     assert "error:" not in capsys.readouterr().err
+
+
+# 10. out of memory: impossible settings refused up front, an allocator failure during a run is one line
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--bench", "--bench-batch", "1,10000000"), "bench_batches 10000000 cannot fit in memory"),
+    (("--batch-size", "10000000"), "--batch-size 10000000 cannot fit in memory"),
+    (("--img-size", "160000"), "input size 160000 (--img-size) cannot fit in memory"),
+])
+def test_settings_that_cannot_fit_in_memory_are_refused_before_any_work(tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert_one_line_exit_2(apply_args("--method", "tome", "--r", "2", *extra, "-o", str(out)), message, capsys, out)
+
+
+def test_a_cascade_stage_too_large_for_memory_is_refused(images, capsys):
+    assert_one_line_exit_2(["cascade", "vit_tiny", "--no-pretrained", "--stages", "64,160000", "--data", str(images),
+                            "--target-ratio", "0.9"], "input size 160000 (--stages) cannot fit in memory", capsys)
+
+
+@pytest.mark.parametrize("failure", [
+    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried "
+                         "to allocate 400000000000 bytes."),
+    MemoryError,
+])
+def test_out_of_memory_during_a_run_is_one_line_naming_what_to_lower(tmp_path, capsys, monkeypatch, failure):
+    import warnings
+
+    from vitprune.commands import apply as apply_command
+
+    def run_out_of_memory(*args, **kwargs):
+        warnings.warn("a library warning before the failure", UserWarning, stacklevel=1)
+        raise failure()
+
+    monkeypatch.setattr(apply_command, "evaluate", run_out_of_memory)
+    out = tmp_path / "out"
+    assert_one_line_exit_2(apply_args("--method", "tome", "--r", "2", "-o", str(out)),
+                           "out of memory during the run; lower --batch-size, --bench-batch or --limit", capsys, out)
+
+
+# 11. artifacts vouch for themselves
+
+
+def _drop_hash(artifact: Path) -> None:
+    plan_file = artifact / "vitprune.json"
+    metadata = json.loads(plan_file.read_text())
+    del metadata["weights_sha256"]
+    plan_file.write_text(json.dumps(metadata))
+
+
+def test_an_artifact_without_its_hash_loads_only_unverified(artifact, capsys):
+    _drop_hash(artifact)
+    with pytest.raises(VitpruneError, match="carries no sha256") as error:
+        vitprune.load(artifact)
+    assert error.value.param == "verify"
+    assert vitprune.load(artifact, verify=False) is not None
+    assert_one_line_exit_2(["apply", str(artifact), "--method", "tome", "--r", "2"], "carries no sha256", capsys)
+
+
+def test_a_newer_format_is_refused_naming_both_versions(artifact):
+    plan_file = artifact / "vitprune.json"
+    metadata = json.loads(plan_file.read_text())
+    metadata.update(format=2, versions={**metadata["versions"], "vitprune": "9.0.0"})
+    plan_file.write_text(json.dumps(metadata))
+    with pytest.raises(VitpruneError, match=r"artifact format 2 \(written by vitprune 9.0.0\); this vitprune "
+                                            rf"{vitprune.__version__} reads format 1 and older"):
+        vitprune.load(artifact)
+
+
+def test_deeply_nested_metadata_is_one_line(artifact, capsys):
+    (artifact / "vitprune.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert_one_line_exit_2(["apply", str(artifact), "--method", "tome", "--r", "2"], "nested too deeply", capsys)
+    assert_one_line_exit_2(apply_args("--plan", str(artifact / "vitprune.json")), "cannot read plan", capsys)
+
+
+def test_the_one_file_form_carries_and_checks_the_hash_of_its_content(artifact, tmp_path):
+    import safetensors
+    import safetensors.torch
+
+    single = artifact / "model.safetensors"
+    assert vitprune.load(single) is not None
+    with safetensors.safe_open(str(single), framework="pt") as handle:
+        header = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    assert len(header["weights_sha256"]) == 64
+    tensors["head.bias"] = tensors["head.bias"] + 1  # finite, plausible: only the hash tells
+    edited = tmp_path / "edited.safetensors"
+    safetensors.torch.save_file(tensors, str(edited), metadata=header)
+    with pytest.raises(VitpruneError, match="sha256 mismatch"):
+        vitprune.load(edited)
+    assert vitprune.load(edited, verify=False) is not None
+    unhashed = tmp_path / "unhashed.safetensors"
+    safetensors.torch.save_file(tensors, str(unhashed), metadata={"vitprune": header["vitprune"]})
+    with pytest.raises(VitpruneError, match="carries no sha256"):
+        vitprune.load(unhashed)
+
+
+def test_save_refuses_non_finite_weights_and_writes_nothing(tmp_path):
+    model, info = vitprune.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32)
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("inf")
+    with pytest.raises(VitpruneError, match=r"non-finite weights \(NaN or infinity in head.weight\)"):
+        vitprune.save(tmp_path / "out", model, info)
+    assert list(tmp_path.iterdir()) == []
+
+
+# 12. one line on stderr: libraries' own lines stay off it
+
+
+def test_library_log_lines_and_warnings_stay_off_stderr(capsys, monkeypatch):
+    import logging
+    import warnings
+
+    from vitprune.commands import apply as apply_command
+
+    evaluate = apply_command.evaluate
+
+    def chatty_evaluate(*args, **kwargs):
+        logging.getLogger("timm.data.readers.reader_wds").warning("Dataset info file not found at ['x']")
+        warnings.warn("a torch warning", UserWarning, stacklevel=1)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(apply_command, "evaluate", chatty_evaluate)
+    assert run(apply_args("--method", "tome", "--r", "2", "--json")) == 0
+    assert capsys.readouterr().err == ""
+    assert_one_line_exit_2(apply_args("--method", "tome", "--r", "2", "--layers", "99"), "out of range", capsys)
+
+
+def test_a_webdataset_folder_with_split_prints_no_timm_line(tmp_path, capsys):
+    import io
+    import tarfile
+
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    with tarfile.open(folder / "train-000000.tar", "w") as tar:
+        for i in range(2):
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(png, format="PNG")
+            for name, data in ((f"{i:04d}.png", png.getvalue()), (f"{i:04d}.cls", b"3")):
+                member = tarfile.TarInfo(name)
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    code = run(apply_args("--method", "tome", "--r", "2", "--data", f"wds/{folder}", "--split", "train-000000.tar",
+                    "--json"))
+    err = capsys.readouterr().err
+    assert code == 0 and "Dataset info" not in err and err == "", err
+
+
+# 13. recovery after a hard kill
+
+
+def _sigkill_when(command: list[str], cwd: Path, ready) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "vitprune", *command], cwd=cwd, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and not ready():
+        time.sleep(0.005)
+    process.kill()
+    process.wait()
+
+
+def test_a_rerun_removes_what_a_killed_export_left_and_only_that(tmp_path):
+    command = ["export", "vit_tiny", "--no-pretrained", "--img-size", "96", "--method", "tome", "--r", "2",
+               "--onnx", "m.onnx"]
+    _sigkill_when(command, tmp_path, lambda: any(name.endswith(".tmp") for name in _leftovers(tmp_path)))
+    left = [name for name in _leftovers(tmp_path) if name.endswith(".tmp")]
+    assert left, "the export finished before the kill"
+    other = tmp_path / f".m.onnx.other-host.{os.getpid()}.0123456789ab.tmp"  # another machine's: kept
+    other.write_text("")
+    assert run(command[:-1] + [str(tmp_path / "m.onnx")]) == 0
+    assert sorted(_leftovers(tmp_path)) == sorted(["m.onnx", "report.json", "report.md", other.name])
+
+
+def test_a_killed_finetune_gets_one_consistent_piece_of_advice(tmp_path, images, capsys):
+    from vitprune.finetune import work_dir_for
+
+    out = tmp_path / "out"
+    work = work_dir_for(out)
+    command = ["finetune", "vit_tiny", "--no-pretrained", "--img-size", "32", "--data", str(images), "--epochs", "1",
+               "--batch-size", "2", "--workers", "0", "--method", "evit", "--keep", "0.5", "-o", str(out)]
+    _sigkill_when(command, tmp_path, lambda: (work / "owner").is_file())
+    assert work.is_dir() and not (work / "checkpoint.pt").exists()
+    assert_one_line_exit_2([*command, "--resume"], "nothing to resume", capsys)
+    assert not work.exists()  # nothing to resume: the dead run's folder is gone, and a plain rerun works
+    work.mkdir()
+    (work / "owner").write_text(f"{__import__('vitprune.io').io.run_host()} {os.getpid()}\n")  # alive: this test
+    assert_one_line_exit_2(command, f"another run (pid {os.getpid()}", capsys)
+
+
+# 14. the Python API raises VitpruneError naming the parameter
+
+
+def _meta_model():
+    with torch.device("meta"):
+        return timm.create_model("vit_tiny_patch16_224", img_size=32)
+
+
+@pytest.mark.parametrize("call,param", [
+    (lambda m: vitprune.apply(m, method="evit", keep=0.7, layers="3,6"), "layers"),
+    (lambda m: vitprune.apply(m, method="evit", keep=0.7, layers=[3.5]), "layers"),
+    (lambda m: vitprune.make_plan("tome", 12, layers=[1, 2.5], r=2), "layers"),
+    (lambda m: vitprune.apply(_meta_model(), method="tome", r=2), "model"),
+    (lambda m: vitprune.count_macs(torch.nn.Linear(3, 3)), "model"),
+    (lambda m: vitprune.count_macs(m, torch.empty(0, 3, 32, 32)), "images"),
+    (lambda m: vitprune.save("unused", m, None), "info"),
+    (lambda m: vitprune.load(5), "path"),
+    (lambda m: vitprune.load("unused", verify="no"), "verify"),
+    (lambda m: vitprune.create_model(5), "name"),
+    (lambda m: vitprune.remove("model"), "model"),
+])
+def test_api_misuse_is_a_vitprune_error_naming_the_parameter(call, param, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(VitpruneError) as error:
+        call(timm.create_model("vit_tiny_patch16_224", img_size=32))
+    assert error.value.param == param and param in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_reduced_model_passes_an_empty_batch_through():
+    for method, settings in (("ats", {"keep": 0.5}), ("evit", {"keep": 0.5}), ("tome", {"r": 2})):
+        model = vitprune.apply(timm.create_model("vit_tiny_patch16_224", img_size=32), method=method, **settings)
+        assert model(torch.empty(0, 3, 32, 32)).shape == (0, 1000)

@@ -6,10 +6,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 
 import vitprune.commands.calibrate as calibrate_command
 import vitprune.finetune.run as finetune_run
+from vitprune.artifact import content_sha256, read_artifact
 from vitprune.budget import Budget
 from vitprune.cli import run
 from vitprune.commands.apply import ApplyRequest, run_apply
@@ -19,7 +22,7 @@ from vitprune.errors import VitpruneError
 from vitprune.finetune import work_dir_for
 from vitprune.metrics import classification_metrics
 from vitprune.source import load_base, load_images_for
-from vitprune.teacher import TEACHER_FILE, state_sha256
+from vitprune.teacher import TEACHER_FILE, state_sha256, teacher_of
 
 TINY = dict(model="vit_tiny_patch16_224", no_pretrained=True, img_size=64, workers=0, progress=False)
 
@@ -119,6 +122,23 @@ def test_a_changed_teacher_file_is_refused(finetuned, tmp_path: Path) -> None:
         load_base(str(copy))
 
 
+def test_a_teacher_file_without_its_content_hash_loads_only_without_verify(finetuned, tmp_path: Path) -> None:
+    out, teacher = finetuned
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in out.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    header = safetensors.safe_open(str(out / TEACHER_FILE), framework="pt").metadata()
+    assert header["weights_sha256"] == content_sha256(header["teacher"], safetensors.torch.load_file(out / TEACHER_FILE))
+    safetensors.torch.save_file(safetensors.torch.load_file(out / TEACHER_FILE), copy / TEACHER_FILE)  # no hash
+    with pytest.raises(VitpruneError, match="carries no sha256") as error:
+        load_base(str(copy))
+    assert error.value.param == "verify"
+    artifact = read_artifact(copy)
+    rebuilt, _ = teacher_of(copy, artifact.model, artifact.metadata, verify=False)
+    assert state_sha256(rebuilt) == state_sha256(teacher)
+
+
 def test_calibrate_then_finetune_resumes_and_writes_one_artifact_judged_against_the_original(
         images: Path, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "tuned"
@@ -172,6 +192,8 @@ def test_calibrate_then_finetune_resumes_and_writes_one_artifact_judged_against_
     before, after = tuning["variants"][0]["before"], tuning["variants"][0]["after"]
     assert report["top1"] == pytest.approx(after["top1"], abs=0.01)
     assert report["top1_base"] == pytest.approx(tuning["teacher"]["top1"], abs=0.01)
+    assert after["agreement_ci95"][0] <= after["agreement"] <= after["agreement_ci95"][1]  # i26's intervals
+    assert "top1_drop_ci95" in after and "kl_ci95" in after and "kl_ci95" not in before
     assert "top1" in before and (out / "pareto.png").is_file() and (out / "teacher.safetensors").is_file()
     assert "Before fine-tuning: the search" in (out / "report.md").read_text()
     # the artifact reports against the model it started from after save and load

@@ -14,18 +14,18 @@ import importlib
 
 __version__ = "0.1.0"
 
-_API = {
-    "apply": ("vitprune.patch", "apply"),
+_API = {  # the calls check their arguments in vitprune.api: a misuse is a VitpruneError naming the parameter
+    "apply": ("vitprune.api", "apply"),
     "Plan": ("vitprune.plan", "Plan"),
     "Reduction": ("vitprune.plan", "Reduction"),
-    "make_plan": ("vitprune.plan", "make_plan"),
+    "make_plan": ("vitprune.api", "make_plan"),
     "VitpruneError": ("vitprune.errors", "VitpruneError"),
     "load": ("vitprune.api", "load"),
-    "save": ("vitprune.artifact", "write_artifact"),
-    "remove": ("vitprune.patch", "remove_plan"),
-    "plan_of": ("vitprune.patch", "plan_of"),
-    "create_model": ("vitprune.models", "create_model"),
-    "count_macs": ("vitprune.flops", "count_macs"),
+    "save": ("vitprune.api", "save"),
+    "remove": ("vitprune.api", "remove"),
+    "plan_of": ("vitprune.api", "plan_of"),
+    "create_model": ("vitprune.api", "create_model"),
+    "count_macs": ("vitprune.api", "count_macs"),
 }
 
 

@@ -6,6 +6,7 @@ import csv
 import io
 import random
 import re
+import signal
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -135,9 +136,19 @@ def _read_labels_csv(root: Path, labels_csv: Path) -> ImageSet:
         raise VitpruneError(f"{labels_csv} needs the columns {','.join(LABELS_CSV_COLUMNS)} (found: {found})")
     if not rows:
         raise VitpruneError(f"no images listed in {labels_csv}")
-    entries = [_labels_csv_entry(root, labels_csv, line, row) for line, row in enumerate(rows, start=2)]
-    entries.sort(key=lambda entry: entry[0])
-    return ImageSet([file for file, _ in entries], [label for _, label in entries], "labels_csv")
+    entries: dict[Path, tuple[int, int]] = {}  # file (resolved) -> (class, the line that first listed it)
+    files: dict[Path, Path] = {}
+    for line, row in enumerate(rows, start=2):
+        file, label = _labels_csv_entry(root, labels_csv, line, row)
+        key = file.resolve()
+        if key in entries and entries[key][0] != label:
+            raise VitpruneError(f"{labels_csv} line {line} lists {file.name} as class {label}, but line "
+                                f"{entries[key][1]} lists it as class {entries[key][0]}: give each file one class")
+        # An exact repeat (same file, same class) says the same thing twice: the image counts once.
+        entries.setdefault(key, (label, line))
+        files.setdefault(key, file)
+    ordered = sorted(entries, key=lambda key: files[key])
+    return ImageSet([files[key] for key in ordered], [entries[key][0] for key in ordered], "labels_csv")
 
 
 def _labels_csv_entry(root: Path, labels_csv: Path, line: int, row: dict[str, Any]) -> tuple[Path, int]:
@@ -237,6 +248,14 @@ class ImageDataset(Dataset):
             return None, label, f"cannot transform image {file}: {_first_line(error)}"
 
 
+def leave_stops_to_main(_worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a worker ignores Ctrl-C and SIGTERM (a terminal sends them to every
+    process of the job), so that only the main process answers with its one line and stops the
+    workers; a worker keeping the CLI's handler would print a traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def open_image(file: Path | StoredImage) -> Image.Image:
     """A file of the image set, opened (not yet decoded for a file)."""
     return file.open() if isinstance(file, StoredImage) else Image.open(file)
@@ -273,6 +292,7 @@ def load_images(
         shuffle=False,
         num_workers=num_workers,
         collate_fn=collate_images,
+        worker_init_fn=leave_stops_to_main,
     )
     images: Tensor | None = None
     filled = 0

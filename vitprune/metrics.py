@@ -1,6 +1,9 @@
 """The one set of fidelity metrics: top-1/top-5 against labels, agreement and KL against a reference;
-cosine and retrieval agreement of embeddings against reference embeddings."""
+cosine and retrieval agreement of embeddings against reference embeddings; 95% intervals of the
+figures from their per-image terms."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +12,7 @@ from torch import Tensor
 from vitprune.errors import VitpruneError
 
 TOP5 = 5
+Z_95 = 1.959963984540054  # the standard normal's 97.5th percentile: two-sided 95% intervals
 
 
 def classification_metrics(logits: Tensor, labels: Tensor | None, reference_logits: Tensor | None) -> dict[str, float | int]:
@@ -25,6 +29,43 @@ def classification_metrics(logits: Tensor, labels: Tensor | None, reference_logi
         metrics["agreement"] = match_percent(logits.argmax(dim=1), reference_logits.argmax(dim=1))
         metrics["kl"] = terms["kl"].mean().item()
     return metrics
+
+
+def prediction_terms(logits: Tensor, reference_logits: Tensor, labels: Tensor | None) -> dict[str, Tensor]:
+    """Per image, what every classification figure is a mean of: `pred` and `reference_pred` (top-1
+    classes), `kl` (KL(reference || model), float64) and, with labels, `hit1`/`hit5` and
+    `reference_hit1`/`reference_hit5` (bool). Held per image, they are all an evaluation keeps."""
+    _check_metric_inputs(logits, labels, reference_logits)
+    terms = {"pred": logits.argmax(dim=1), "reference_pred": reference_logits.argmax(dim=1),
+             "kl": kl_per_image(logits, reference_logits)}
+    if labels is not None:
+        for prefix, output in (("", logits), ("reference_", reference_logits)):
+            top_k = output.topk(min(TOP5, output.shape[1]), dim=1).indices == labels.unsqueeze(1)
+            terms[f"{prefix}hit1"], terms[f"{prefix}hit5"] = top_k[:, 0], top_k.any(dim=1)
+    return terms
+
+
+def mean_interval(values: Tensor) -> tuple[float, float] | None:
+    """Two-sided 95% interval of the mean of per-image values, by the normal approximation (for a
+    drop: the per-image differences of two models on the same images, a paired interval); None
+    with fewer than 2 images."""
+    if len(values) < 2:
+        return None
+    values = values.double()
+    mean, half = float(values.mean()), Z_95 * float(values.std()) / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def proportion_interval(hits: Tensor) -> tuple[float, float] | None:
+    """Two-sided 95% Wilson score interval of the share of true values (it stays inside [0, 1] and
+    has width when every image agrees); None without images."""
+    count = len(hits)
+    if count == 0:
+        return None
+    share, z2 = float(hits.double().mean()), Z_95 ** 2
+    centre = (share + z2 / (2 * count)) / (1 + z2 / count)
+    half = Z_95 * math.sqrt(share * (1 - share) / count + z2 / (4 * count ** 2)) / (1 + z2 / count)
+    return max(centre - half, 0.0), min(centre + half, 1.0)
 
 
 def match_percent(predicted: Tensor, target: Tensor) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import hashlib
+import os
 import pickle
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from vitprune.checks import is_whole
 from vitprune.errors import VitpruneError
+from vitprune.io import file_sha256
 
 SUPPORTED_MODELS_HINT = (
     "vitprune supports timm VisionTransformer models with standard Block/Attention: "
@@ -33,6 +34,10 @@ STATE_DICT_WRAPPER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
 DDP_PREFIX = "module."
 MISMATCH_EXAMPLES = 3
 LAYER_NORM_EPS = "layer_norm_eps"  # a model_args key vitprune applies after timm's build
+# Memory: what cannot fit is refused before any work, naming the largest value that could.
+FLOAT_BYTES = 4  # activations are float32 (autocast halves some; the estimate stays on the safe side)
+RESIDUAL_COPIES = 6  # the block input, its norm, q, k, v and the attention output, tokens x width each
+CGROUP_LIMIT = Path("/sys/fs/cgroup/memory.max")
 
 
 def resolve_model_name(name: str) -> str:
@@ -105,9 +110,43 @@ def use_pre_logits(model: nn.Module) -> nn.Module:
     return model
 
 
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+def device_memory_bytes(device: str | torch.device = "cpu") -> int:
+    """All the memory a run on `device` can have: the GPU's, or the machine's (its cgroup's limit when lower)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = CGROUP_LIMIT.read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def image_bytes(model: nn.Module, img_size: int) -> int:
+    """The activations one image at `img_size` holds at once in a block of `model` (no reduction
+    assumed): the residual stream and its copies, one head-stack of attention scores (the reducers
+    read them), the MLP's hidden layer; plus the image and its position embedding."""
+    tokens = (img_size // patch_size_of(model)) ** 2 + int(model.num_prefix_tokens)
+    block = model.blocks[0]
+    width, heads, hidden = block.attn.qkv.in_features, block.attn.num_heads, block.mlp.fc1.out_features
+    per_token = (RESIDUAL_COPIES + 1) * width + hidden + heads * tokens
+    return FLOAT_BYTES * (tokens * per_token + 3 * img_size * img_size)
+
+
+def check_image_fits(model: nn.Module, img_size: int, memory: int, param: str, where: str = "the CPU") -> None:
+    """Refuse an input size at which one image alone exceeds `memory` bytes, naming `param` and the
+    largest size that fits."""
+    one = image_bytes(model, img_size)
+    if one <= memory:
+        return
+    low, high = 1, max(img_size // patch_size_of(model), 1)  # in patches per side
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if image_bytes(model, middle * patch_size_of(model)) <= memory else (low, middle - 1)
+    raise VitpruneError(f"input size {img_size} ({param}) cannot fit in memory: one image needs about "
+                        f"{one / 2**30:.1f} GiB of activations, more than {where}'s {memory / 2**30:.1f} GiB; the "
+                        f"largest that fits is about {low * patch_size_of(model)}", param=param)
 
 
 def load_checkpoint_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -269,6 +308,8 @@ def _refuse_unsupported_architecture(full_name: str, build_kwargs: dict[str, int
         return  # the real build reports the error, and the built model is checked again
     _raise_if_unsupported(skeleton, full_name.partition(".")[0])
     _check_patch_multiple(skeleton, build_kwargs.get("img_size"))
+    if build_kwargs.get("img_size") is not None:  # before the build allocates the position embedding
+        check_image_fits(skeleton, build_kwargs["img_size"], device_memory_bytes(), "img_size")
 
 
 def _raise_if_unsupported(model: nn.Module, architecture: str) -> None:

@@ -59,6 +59,8 @@ class ReducedVisionTransformer:
         final norm. `num_input_tokens`: the tokens that entered the model (ATS caps are ratios of it).
         Eager per-image methods pack the real tokens of a batch (one image has no padding to skip);
         graph capture and `pad_to` use the padded form, whose shapes a graph can hold."""
+        if x.shape[0] == 0:  # an empty batch has no tokens to reduce (per-image widths have no maximum)
+            return self.norm(x)
         num_input_tokens = x.shape[1] if num_input_tokens is None else num_input_tokens
         state = TokenState()
         if getattr(self, "_vitprune_sources", False):  # source tracking (record_tokens(sources=True))

@@ -416,8 +416,8 @@ def read_plan_file(path: str | Path) -> tuple[Plan, dict]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise VitpruneError(f"plan file not found: {path}") from None
-    except (OSError, ValueError) as exc:
-        raise VitpruneError(f"cannot read plan {path}: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
+        raise VitpruneError(f"cannot read plan {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
     if not isinstance(data, dict):
         raise VitpruneError(f"cannot read plan {path}: not a JSON object")
     return Plan.from_dict(data.get("plan", data), source=str(path)), data.get("model", {})

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from vitprune.errors import VitpruneError
+from vitprune.models import check_image_fits, device_memory_bytes, image_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -117,3 +118,18 @@ def first_call_seconds(model: nn.Module, images: Tensor) -> float:
     if images.device.type == "cuda":
         torch.cuda.synchronize(images.device)
     return time.perf_counter() - start
+
+
+def check_fits(model: nn.Module, *, batch: int, img_size: int, device: str | torch.device, batch_param: str,
+               size_param: str | None = None) -> None:
+    """Refuse a batch of `batch` images at `img_size` whose activations alone exceed all of `device`'s
+    memory: `batch_param` (or, when one image cannot fit, `size_param`) is named with its largest
+    value that could."""
+    memory = device_memory_bytes(device)
+    check_image_fits(model, img_size, memory, size_param or batch_param, f"the {torch.device(device).type.upper()}")
+    one = image_bytes(model, img_size)
+    if batch * one > memory:
+        raise VitpruneError(f"{batch_param} {batch} cannot fit in memory: {batch} images at {img_size} px need "
+                            f"about {batch * one / 2**30:.1f} GiB of activations, more than the "
+                            f"{torch.device(device).type.upper()}'s {memory / 2**30:.1f} GiB; the largest that fits "
+                            f"is about {max(memory // one, 1)}", param=batch_param)

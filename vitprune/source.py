@@ -2,21 +2,20 @@
 folder; an image folder or a dataset timm reads."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor, nn
 
-from vitprune.artifact import identity_info, load_artifact, read_metadata
+from vitprune.artifact import identity_info, read_artifact
 from vitprune.data import ImageSet, check_labels, load_images, transform_for
 from vitprune.errors import VitpruneError
 from vitprune.hf import is_transformers_folder, load_transformers
 from vitprune.models import create_model, use_pre_logits
-from vitprune.patch import model_img_size, plan_of, remove_plan
+from vitprune.patch import model_img_size
 from vitprune.plan import Plan
 from vitprune.teacher import teacher_of
-from vitprune.timm_datasets import Batch, DatasetOptions, dataset_kind, find_image_set, stream_batches
+from vitprune.timm_datasets import DatasetOptions, ImageStream, find_image_set, stream_batches
 
 
 @dataclass
@@ -57,16 +56,13 @@ def _load_base(source: str, checkpoint: Path | None, no_pretrained: bool, img_si
         if checkpoint is not None:
             raise VitpruneError("checkpoint applies to model names only: an artifact carries its own weights",
                                 param="checkpoint")
-        metadata = read_metadata(source)
-        model = load_artifact(source)
-        plan = plan_of(model)
-        remove_plan(model)
-        teacher, record = teacher_of(source, model)
-        if img_size is not None and img_size != metadata["model"]["img_size"]:
-            for each in (model, teacher) if teacher is not None else (model,):
+        artifact = read_artifact(source)  # the base and its plan: the plan is applied once, by the command
+        teacher, record = teacher_of(source, artifact.model, artifact.metadata)
+        if img_size is not None and img_size != artifact.metadata["model"]["img_size"]:
+            for each in (artifact.model, teacher) if teacher is not None else (artifact.model,):
                 each.set_input_size(img_size=img_size)
-        return BaseModel(model=model, info=identity_info(metadata), artifact_plan=plan, teacher=teacher,
-                         teacher_record=record)
+        return BaseModel(model=artifact.model, info=identity_info(artifact.metadata), artifact_plan=artifact.plan,
+                         teacher=teacher, teacher_record=record)
     if is_transformers_folder(source):
         if checkpoint is not None:
             raise VitpruneError("checkpoint applies to model names only: a transformers folder carries its own "
@@ -93,7 +89,8 @@ def load_images_for(model: nn.Module, data: Path | str, *, limit: int | None, wo
 
 def load_eval_images(base: nn.Module, reduced: nn.Module, data: Path, *, limit: int | None, workers: int,
                      progress: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(images for the reduced model, labels, images for the base when its input size differs, else None)."""
+    """(images for the reduced model, labels, images for the base when its input size differs, else
+    None), held: for export, which checks the ONNX graph on the same images it evaluates."""
     images, labels, _ = load_images_for(reduced, data, limit=limit, workers=workers, progress=progress)
     base_images = None
     if model_img_size(base) != model_img_size(reduced):
@@ -101,16 +98,13 @@ def load_eval_images(base: nn.Module, reduced: nn.Module, data: Path, *, limit: 
     return images, labels, base_images
 
 
-def stream_eval_images(base: nn.Module, reduced: nn.Module, data: str, options: DatasetOptions, *,
-                       limit: int | None, workers: int, batch_size: int) -> Iterator[Batch]:
-    """Batches of a dataset (hfds/, wds/, .tar) for the reduced model, with the base model's input when
-    its size differs, read as they are evaluated."""
+def stream_eval_images(base: nn.Module, reduced: nn.Module, data: str | Path, options: DatasetOptions, *,
+                       limit: int | None, workers: int, batch_size: int, shard: tuple[int, int] = (0, 1),
+                       pin_memory: bool = False) -> ImageStream:
+    """Batches of an image folder or a dataset (hfds/, wds/, .tar) for the reduced model, with the base
+    model's input when its size differs, decoded while they are evaluated (every evaluation's path)."""
     transforms = [transform_for(reduced)]
     if model_img_size(base) != model_img_size(reduced):
         transforms.append(transform_for(base))
-    return stream_batches(data, options, transforms, limit=limit, batch_size=batch_size, workers=workers)
-
-
-def is_dataset(data: str | Path | None) -> bool:
-    """Data that timm's dataset readers read (streamed by apply) rather than an image folder."""
-    return dataset_kind(data) is not None
+    return stream_batches(data, options, transforms, limit=limit, batch_size=batch_size, workers=workers,
+                          num_classes=base.num_classes, shard=shard, pin_memory=pin_memory)

@@ -4,19 +4,23 @@ every later report judges the fine-tuned model against the model the user starte
 Fine-tuning changes few tensors (by default the norms and biases), so the artifact keeps only the
 teacher's values of the tensors that differ (`teacher.safetensors`); the teacher is the artifact's
 weights with those put back. vitprune.json's `teacher` names it (model, weights source, the weights
-file's sha256) and holds the sha256 of the teacher's whole state, checked when it is rebuilt.
+file's sha256) and holds the sha256 of the teacher's whole state, checked when it is rebuilt. Like
+every .safetensors vitprune writes, teacher.safetensors carries the sha256 of its content in its own
+metadata (`artifact.content_sha256`); a missing or wrong one is refused unless `verify=False`.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from pathlib import Path
 
+import safetensors
 import safetensors.torch
 import torch
 from torch import nn
 
-from vitprune.artifact import TEACHER_KEY, read_metadata
+from vitprune.artifact import TEACHER_KEY, WEIGHTS_SHA256_KEY, check_content_sha256, content_sha256
 from vitprune.errors import VitpruneError
 from vitprune.patch import model_img_size
 
@@ -40,7 +44,8 @@ def teacher_record(teacher: nn.Module, student: nn.Module, info: dict) -> tuple[
     student_state = student.state_dict()
     changed = {name: tensor.detach().cpu().contiguous() for name, tensor in teacher.state_dict().items()
                if name not in student_state or not torch.equal(tensor.cpu(), student_state[name].cpu())}
-    data = safetensors.torch.save(changed)
+    text = json.dumps({"model": info["model"], "tensors": len(changed)})
+    data = safetensors.torch.save(changed, metadata={TEACHER_KEY: text, WEIGHTS_SHA256_KEY: content_sha256(text, changed)})
     record = {
         "model": info["model"] + (f".{info['tag']}" if info.get("tag") else ""),
         "checkpoint": info.get("checkpoint"),
@@ -54,32 +59,51 @@ def teacher_record(teacher: nn.Module, student: nn.Module, info: dict) -> tuple[
     return record, data
 
 
-def teacher_of(source: str | Path, unreduced: nn.Module) -> tuple[nn.Module | None, dict | None]:
+def teacher_of(source: str | Path, unreduced: nn.Module, metadata: dict, *,
+               verify: bool = True) -> tuple[nn.Module | None, dict | None]:
     """(the teacher rebuilt from the artifact at `source`, its record). `unreduced` is the artifact's
-    model without its plan. (None, None) when the artifact was not fine-tuned; (None, record) when its
-    teacher's tensors are not with it (the one-file .safetensors form)."""
-    record = read_metadata(source).get(TEACHER_KEY)
+    model without its plan, `metadata` its checked metadata. (None, None) when the artifact was not
+    fine-tuned; (None, record) when its teacher's tensors are not with it (the one-file .safetensors
+    form). With `verify`, teacher.safetensors must match the sha256 of its content in its own metadata
+    and the file sha256 vitprune.json records."""
+    record = metadata.get(TEACHER_KEY)
     if not isinstance(record, dict):
         return None, None
     path = Path(source) / TEACHER_FILE
     if not path.is_file():
         return None, record
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != record.get("file_sha256"):
-        raise VitpruneError(f"{path} changed since it was written (sha256 mismatch with vitprune.json)")
+    tensors = _read_teacher_file(path, record, verify)
     teacher = copy.deepcopy(unreduced)
     if isinstance(record.get("img_size"), int) and record["img_size"] != model_img_size(teacher):
         teacher.set_input_size(img_size=record["img_size"])  # its own position embedding is put back below
     state = dict(teacher.state_dict())
-    state.update(safetensors.torch.load(data))
+    state.update(tensors)
     try:
         teacher.load_state_dict(state, strict=True)
     except RuntimeError as error:  # a tensor of another shape or name
         raise VitpruneError(f"{path} does not fit the artifact's model: {str(error).splitlines()[0]}") from None
-    if state_sha256(teacher) != record.get("weights_sha256"):
+    if verify and state_sha256(teacher) != record.get("weights_sha256"):
         raise VitpruneError(f"the teacher rebuilt from {path} is not the one recorded in vitprune.json "
-                            "(weights_sha256 mismatch)")
+                            "(weights_sha256 mismatch); pass verify=False to load it anyway", param="verify")
     return teacher.eval(), record
+
+
+def _read_teacher_file(path: Path, record: dict, verify: bool) -> dict[str, torch.Tensor]:
+    """teacher.safetensors' tensors; with `verify`, checked against the sha256 of its content (its own
+    metadata) and the file sha256 vitprune.json records."""
+    data = path.read_bytes()
+    try:
+        tensors = safetensors.torch.load(data)
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except Exception as error:  # safetensors raises several error types for a corrupt file
+        raise VitpruneError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+    if verify:
+        check_content_sha256(path, header, TEACHER_KEY, tensors)
+        if hashlib.sha256(data).hexdigest() != record.get("file_sha256"):
+            raise VitpruneError(f"{path} changed since it was written (sha256 mismatch with what {TEACHER_KEY} in "
+                                "vitprune.json records); pass verify=False to load it anyway", param="verify")
+    return tensors
 
 
 def describe_teacher(record: dict) -> str:

@@ -3,9 +3,9 @@
 readers. A folder of images stays vitprune.data's.
 
 Random-access datasets (hfds, .tar) become an ImageSet whose entries read one item each when
-decoded: nothing is held in memory. WebDataset shards are streams: `stream_batches` reads them
-batch by batch (apply); an ImageSet of them (calibrate, cascade, finetune) holds the decoded
-images, bounded by the image limit.
+decoded: nothing is held in memory. WebDataset shards are streams. `stream_batches` reads any of
+them, and image folders, batch by batch (every evaluation); an ImageSet of a stream (calibrate,
+cascade, finetune) holds the decoded images, bounded by the image limit.
 """
 from __future__ import annotations
 
@@ -24,7 +24,16 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from vitprune.data import ImageDataset, ImageSet, StoredImage, class_indices, find_images, random_subset
+from vitprune.data import (
+    ImageDataset,
+    ImageSet,
+    StoredImage,
+    check_labels,
+    class_indices,
+    find_images,
+    leave_stops_to_main,
+    random_subset,
+)
 from vitprune.errors import VitpruneError
 
 HFDS, WDS, TAR = "hfds", "wds", "tar"
@@ -113,21 +122,47 @@ class HeldImage(StoredImage):
         return self.name
 
 
-def stream_batches(data: str, options: DatasetOptions, transforms: list[Callable[[Image.Image], Tensor]], *,
-                   limit: int | None, seed: int = 0, batch_size: int, workers: int) -> Iterator[Batch]:
-    """Preprocessed batches of a dataset, one transform per model input size (one or two), read as
-    they are used: (images, images for the second transform or None, labels or None)."""
+@dataclass
+class ImageStream:
+    """Batches read once as they are used, and how many images they hold when known before reading
+    (not for a wds/ stream)."""
+
+    batches: Iterator[Batch]
+    count: int | None
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.batches
+
+
+def stream_batches(data: str | Path, options: DatasetOptions, transforms: list[Callable[[Image.Image], Tensor]], *,
+                   limit: int | None, seed: int = 0, batch_size: int, workers: int, num_classes: int = 0,
+                   shard: tuple[int, int] = (0, 1), pin_memory: bool = False) -> ImageStream:
+    """Preprocessed batches of an image folder or a dataset, one transform per model input size (one
+    or two), decoded by `workers` DataLoader processes while the caller computes: (images, images for
+    the second transform or None, labels or None). Nothing but the batches in flight is held.
+
+    `shard` (rank, processes) gives this process a contiguous part of the images, without padding
+    or repeats: the parts in rank order are the images in order (torchrun's evaluation)."""
     options.check_data_options(data)
     pair = _Pair(transforms)
+    rank, processes = shard
     if dataset_kind(data) == WDS:
-        dataset = _create(data, options)
+        if processes > 1:
+            raise VitpruneError("a wds/ stream has no random access to split across processes: evaluate it in "
+                                "one process, or give the images as a folder, hfds/ or .tar", param="data")
+        dataset = _create(str(data), options)
         dataset.transform = pair
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate_stream)
-        return _checked(data, _first_images(loader, limit))
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate_stream,
+                            pin_memory=pin_memory, worker_init_fn=leave_stops_to_main)
+        return ImageStream(_checked(str(data), _first_images(loader, limit), must_yield=True), None)
     image_set = find_image_set(data, options, limit=limit, seed=seed)
+    check_labels(image_set, num_classes)
+    count = len(image_set)
+    image_set = image_set.subset(range(count * rank // processes, count * (rank + 1) // processes))
     loader = DataLoader(ImageDataset(image_set, pair), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate_items)
-    return _checked(data, _unlabelled(loader) if image_set.labels is None else loader)
+                        collate_fn=_collate_items, pin_memory=pin_memory, worker_init_fn=leave_stops_to_main)
+    batches = _unlabelled(loader) if image_set.labels is None else loader
+    return ImageStream(_checked(str(data), batches, must_yield=False), len(image_set))
 
 
 class _Pair:
@@ -174,8 +209,9 @@ def _first_images(batches: Iterable[Batch], limit: int | None) -> Iterator[Batch
         yield images, second, labels
 
 
-def _checked(data: str, batches: Iterable[Batch | str]) -> Iterator[Batch]:
-    """The batches, with a reader's failure or a bad image as one VitpruneError; none at all is one too."""
+def _checked(data: str, batches: Iterable[Batch | str], *, must_yield: bool) -> Iterator[Batch]:
+    """The batches, with a reader's failure or a bad image as one VitpruneError (a bad image stops the
+    run where it is met: docs/inputs.md); a stream that yields nothing is one too."""
     count = 0
     try:
         for batch in batches:
@@ -187,7 +223,7 @@ def _checked(data: str, batches: Iterable[Batch | str]) -> Iterator[Batch]:
         raise
     except Exception as error:  # readers and DataLoader workers raise many types for bad shards and records
         raise VitpruneError(f"cannot read {data}: {_reason(error)}", param="data") from None
-    if count == 0:
+    if count == 0 and must_yield:
         raise VitpruneError(f"no images read from {data} (timm's WebDataset reader skips samples without an image "
                             "or without a label: a .cls file, or the label_field of the .json)", param="data")
 

@@ -72,7 +72,7 @@ def read_cascade_metadata(path: str | Path) -> dict:
         raise VitpruneError(f"{path} is not a vitprune cascade: no {CASCADE_FILE}")
     try:
         metadata = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+    except (OSError, ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deeply
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VitpruneError(f"cannot read {file}: {reason}") from None
     return check_cascade_metadata(metadata, str(file), CASCADE_FORMAT)

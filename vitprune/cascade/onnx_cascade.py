@@ -18,8 +18,7 @@ from vitprune.cascade.model import CascadeModel
 from vitprune.cascade.schema import check_onnx_manifest
 from vitprune.cascade.thresholds import threshold_entry, threshold_of
 from vitprune.errors import VitpruneError
-from vitprune.io import atomic_output_dir
-from vitprune.models import file_sha256
+from vitprune.io import atomic_output_dir, file_sha256
 from vitprune.onnx_runtime import export_onnx, onnx_session, run_session
 
 ONNX_MANIFEST = "cascade_onnx.json"
@@ -105,7 +104,7 @@ def _read_manifest(folder: Path) -> dict:
         manifest = json.loads(manifest_file.read_text())
     except FileNotFoundError:
         raise VitpruneError(f"{folder} is not an exported cascade: no {ONNX_MANIFEST}") from None
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+    except (OSError, ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deeply
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VitpruneError(f"cannot read {manifest_file}: {reason}") from None
     return check_onnx_manifest(manifest, str(manifest_file), MANIFEST_FORMAT)

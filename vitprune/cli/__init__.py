@@ -5,13 +5,16 @@ one-line error and exit code 2 (`run`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import signal
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 
 import click
 import typer
@@ -48,12 +51,31 @@ def run(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     previous = {signum: signal.signal(signum, _stop) for signum in STOPS} if _main_thread() else {}
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _one_line_warning
+        with _quiet_libraries():
             return _dispatch(argv)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """The CLI's stderr is its own: libraries' log records (timm's "Dataset info file not found" on every
+    wds/FOLDER --split run, transformers, huggingface_hub) and Python warnings (torch's, PIL's) are not
+    printed, so that an error is exactly one line and a success prints none. VITPRUNE_DEBUG shows them,
+    one line each. Filters set inside the library (a decompression bomb made an error) still apply."""
+    debug = bool(os.environ.get("VITPRUNE_DEBUG"))
+    disabled = logging.root.manager.disable
+    with warnings.catch_warnings():
+        if debug:
+            warnings.showwarning = _one_line_warning
+        else:
+            warnings.simplefilter("ignore")
+            logging.disable(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            logging.disable(disabled)
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -72,6 +94,8 @@ def _dispatch(argv: list[str]) -> int:
         message, code = STOPS[stop.signum]
         return _fail(message, code, argv, fresh_line=True)
     except Exception as error:
+        if _is_out_of_memory(error):
+            return _fail(_out_of_memory_message(error, argv), EXIT_BAD_INPUT, argv)
         if _is_usage_error(error):
             if not error.format_message():  # no arguments at all: the help was printed, nothing to add
                 return error.exit_code
@@ -80,6 +104,30 @@ def _dispatch(argv: list[str]) -> int:
             raise
         return _fail(f"internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
                      "(set VITPRUNE_DEBUG=1 for the traceback)", EXIT_INTERNAL, argv)
+
+
+# What a run holds in memory at once, by the option that sets it, most effective first: an out-of-memory
+# error names those of the command that ran (a setting that cannot fit at all is refused before any work).
+MEMORY_OPTIONS = ("batch_size", "bench_batch", "batch", "search_images", "stages", "limit")
+ALLOCATOR_FAILURES = ("DefaultCPUAllocator: can't allocate", "CUDA out of memory", "out of memory",
+                      "Cannot allocate memory", "std::bad_alloc")
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """An allocator failure: MemoryError, torch.OutOfMemoryError (CUDA, MPS), or the RuntimeError torch's
+    CPU allocator raises ("DefaultCPUAllocator: can't allocate memory")."""
+    torch = sys.modules.get("torch")  # not imported by the CLI itself: --help stays light
+    if isinstance(error, MemoryError) or (torch is not None and isinstance(error, torch.OutOfMemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in ALLOCATOR_FAILURES)
+
+
+def _out_of_memory_message(error: BaseException, argv: list[str]) -> str:
+    flags = _flags(argv)
+    lower = [flags[name] for name in MEMORY_OPTIONS if name in flags]
+    advice = f"; lower {', '.join(lower[:-1])} or {lower[-1]}" if len(lower) > 1 else (
+        f"; lower {lower[0]}" if lower else "; use smaller inputs or a machine with more memory")
+    return f"out of memory during the run{advice}"
 
 
 def _fail(message: str, code: int, argv: list[str], fresh_line: bool = False) -> int:

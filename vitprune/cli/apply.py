@@ -95,6 +95,8 @@ def apply(
     )
     set_threads(threads)
     result = run_apply(request)
+    if not result.is_main:
+        return  # torchrun: rank 0 prints
     if json_out:
         emit_json(result.report)
         return

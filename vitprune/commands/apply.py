@@ -4,18 +4,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from vitprune.artifact import model_identity, versions, write_artifact
 from vitprune.checks import check_whole
-from vitprune.commands.common import ReducedModelSpec, build_reduced, check_device, reference_section
+from vitprune.commands.common import ReducedModelSpec, build_reduced, check_device, check_memory, reference_section
+from vitprune.evaluation import Evidence, evaluate
+from vitprune.finetune.distributed import Distributed, distributed_job
 from vitprune.io import check_output_dir
-from vitprune.report import Evidence, compare, make_report, render_markdown
+from vitprune.report import make_report, render_markdown
 from vitprune.runtime import Runtime
 from vitprune.show import token_maps_png
-from vitprune.source import is_dataset, load_eval_images, stream_eval_images
+from vitprune.source import stream_eval_images
 from vitprune.teacher import reference_markdown
-from vitprune.timm_datasets import DatasetOptions
+from vitprune.timm_datasets import DatasetOptions, ImageStream
 
 TOKEN_MAP_IMAGES = 4  # images drawn in the artifact's tokens.png
 
@@ -61,9 +64,9 @@ class ApplyResult:
     reduced: nn.Module
     info: dict
     report: dict
-    images: Tensor | None = None
-    labels: Tensor | None = None
+    images: Tensor | None = None  # the first batch of images (the reduced model's input size)
     extra: dict = field(default_factory=dict)
+    is_main: bool = True  # False on the other processes of a torchrun job: rank 0 reports and writes
 
 
 TOKEN_MAPS_SECTION = f"""
@@ -78,31 +81,43 @@ merged groups one colour each.
 
 
 def run_apply(request: ApplyRequest) -> ApplyResult:
-    """Build the reduced model, measure it against the base, and write the artifact if asked."""
+    """Build the reduced model, measure it against the base, and write the artifact if asked. Under
+    torchrun each process evaluates its part of the images; rank 0 gathers, reports and writes."""
     request.check()
+    with distributed_job(request.device) as job:
+        return _apply(request, job)
+
+
+def _apply(request: ApplyRequest, job: Distributed) -> ApplyResult:
+    if job.world_size > 1:
+        torch.manual_seed(0)  # the same random init on every process (no_pretrained)
     base, plan, reduced = build_reduced(request)
-    base_model, reduced = base.reference.to(request.device), reduced.to(request.device)  # a teacher, if any
-    images = labels = base_images = batches = None
-    if is_dataset(request.data):
-        batches = stream_eval_images(base_model, reduced, str(request.data), request, limit=request.limit,
-                                     workers=request.workers, batch_size=request.batch_size)
-    elif request.data is not None:
-        images, labels, base_images = load_eval_images(base_model, reduced, request.data, limit=request.limit,
-                                                       workers=request.workers, progress=request.progress)
-    evidence = Evidence(images=images, labels=labels, base_images=base_images, batches=batches,
+    device = str(job.device)
+    check_memory(reduced, device, batch_size=request.batch_size, bench_batches=request.bench_batches)
+    base_model, reduced = base.reference.to(device), reduced.to(device)  # the teacher of a fine-tuned artifact
+
+    def stream(base_model: nn.Module, reduced: nn.Module) -> ImageStream:
+        return stream_eval_images(base_model, reduced, request.data, request, limit=request.limit,
+                                  workers=request.workers, batch_size=request.batch_size,
+                                  shard=(job.rank, job.world_size), pin_memory=job.device.type == "cuda")
+
+    evidence = Evidence(batches=stream(base_model, reduced) if request.data is not None else None,
                         data_path=str(request.data) if request.data else None,
-                        bench_batches=request.bench_batches, bench_repeats=request.bench_repeats,
-                        batch_size=request.batch_size, device=request.device, dtype=request.dtype,
-                        compile=request.compile, compile_mode=request.compile_mode, progress=request.progress)
-    report = make_report(model_identity(reduced, base.info), plan, compare(base_model, reduced, evidence), versions())
-    reference = reference_section(base, evidence)
+                        bench_batches=request.bench_batches if job.is_main else (),
+                        bench_repeats=request.bench_repeats, batch_size=request.batch_size, device=device,
+                        dtype=request.dtype, compile=request.compile, compile_mode=request.compile_mode,
+                        progress=request.progress and job.is_main, gather=job.gather)
+    evaluation = evaluate(base_model, reduced, evidence)
+    report = make_report(model_identity(reduced, base.info), plan, evaluation.figures, versions())
+    reference = reference_section(base, evidence, stream)
     if reference is not None:
         report["reference"] = reference
-    if request.output is not None:
+    if request.output is not None and job.is_main:
         report_md, extra = render_markdown(report) + reference_markdown(reference), {}
-        if images is not None and plan.reductions:
-            extra["tokens.png"] = token_maps_png(reduced, images[:TOKEN_MAP_IMAGES])
+        if evaluation.sample is not None and plan.reductions:
+            extra["tokens.png"] = token_maps_png(reduced, evaluation.sample[:TOKEN_MAP_IMAGES])
             report_md += TOKEN_MAPS_SECTION
         write_artifact(request.output, reduced.cpu(), base.info, report=report, report_md=report_md,
                        force=request.force, extra_files=extra)
-    return ApplyResult(base=base_model, reduced=reduced, info=base.info, report=report, images=images, labels=labels)
+    return ApplyResult(base=base_model, reduced=reduced, info=base.info, report=report, images=evaluation.sample,
+                       is_main=job.is_main)

@@ -15,10 +15,11 @@ from vitprune import calibrate
 from vitprune.artifact import model_identity, report_json
 from vitprune.budget import Budget
 from vitprune.checks import check_finite, check_whole
-from vitprune.commands.common import reference_section
+from vitprune.commands.common import check_memory, reference_section
 from vitprune.commands.finetune import FinetuneRecipe, FinetuneRequest, before_after_table
 from vitprune.data import check_labels
 from vitprune.errors import VitpruneError
+from vitprune.evaluation import Evidence, compare
 from vitprune.finetune import (
     CHECKPOINT_FILE,
     Attachment,
@@ -30,13 +31,11 @@ from vitprune.finetune import (
     fit,
     seed_everything,
     single_variant,
-    work_dir_for,
 )
 from vitprune.io import check_output_dir
 from vitprune.patch import apply_plan, model_img_size, plan_of
 from vitprune.plan import Plan
 from vitprune.progress import progress_bar
-from vitprune.report import Evidence, compare
 from vitprune.runtime import Runtime
 from vitprune.source import BaseModel, load_base
 from vitprune.timm_datasets import DatasetOptions
@@ -146,6 +145,7 @@ def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
 
 def _calibrate(request: CalibrateRequest) -> CalibrateResult:
     base = load_base(request.model, request.checkpoint, request.no_pretrained, request.img_size, request.features)
+    check_memory(base.model, "cpu", batch=request.budget.batch)  # the batch latencies are timed at
     started = time.perf_counter()
     setup = calibrate.prepare(base.model.eval(), request.img_sizes, request.head_only, request.budget)
     objective = calibrate.resolve_objective(request.objective, setup.embedding)
@@ -183,7 +183,8 @@ def _calibrate(request: CalibrateRequest) -> CalibrateResult:
                            holdout_files=images.holdout_set.files, frontier=found.frontier)
 
 
-TEACHER_FIGURES = ("top1_base", "top5_base", "top1", "top5", "top1_drop", "agreement", "kl")
+TEACHER_FIGURES = ("top1_base", "top5_base", "top1", "top5", "top1_drop", "top1_drop_ci95", "top5_drop",
+                   "top5_drop_ci95", "agreement", "agreement_ci95", "kl", "kl_ci95")
 
 
 def _judge_against_teacher(report: dict, base: BaseModel, reduced: nn.Module, images: calibrate.ImageSplit,
@@ -248,10 +249,7 @@ class Searched:
 def _work_dir(request: CalibrateRequest) -> Path | None:
     """The run's work folder, checked: a resumed run needs the search's result there (and a checkpoint
     once an epoch is done)."""
-    if request.resume and request.output is not None and (work_dir_for(request.output) / SEARCH_FILE).is_file():
-        check_output_dir(request.output, request.force)
-        return work_dir_for(request.output)
-    return check_work_dir(request.output, force=request.force, resume=request.resume)
+    return check_work_dir(request.output, force=request.force, resume=request.resume, kept=(SEARCH_FILE,))
 
 
 def _search_settings(request: CalibrateRequest) -> dict:

@@ -31,7 +31,7 @@ from vitprune.flops import count_macs
 from vitprune.io import check_output_dir
 from vitprune.models import outputs_embeddings, patch_size_of
 from vitprune.patch import model_img_size
-from vitprune.runtime import Runtime
+from vitprune.runtime import Runtime, check_fits
 from vitprune.source import BaseModel, load_base
 from vitprune.timm_datasets import DatasetOptions, find_image_set
 
@@ -132,6 +132,8 @@ def _build(request: CascadeRequest, model: nn.Module, info: dict) -> CascadeMode
     """The stages of `request.stages` on `model`'s weights (thresholds not calibrated yet)."""
     plans = parse_stages(request.stages, depth=len(model.blocks), base_size=model_img_size(model),
                          patch_size=patch_size_of(model))
+    check_fits(model, batch=request.batch_size, img_size=max(plan.img_size for plan in plans), device=request.device,
+               batch_param="batch_size", size_param="stages")  # before any stage is built at that size
     return build_cascade(model, plans, criterion=request.criterion, info=info)
 
 

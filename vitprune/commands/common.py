@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -11,9 +12,10 @@ from torch import nn
 from vitprune import methods
 from vitprune.checks import check_whole
 from vitprune.errors import VitpruneError
-from vitprune.patch import apply_plan
+from vitprune.evaluation import Evidence, compare
+from vitprune.patch import apply_plan, model_img_size
 from vitprune.plan import PLAN_GRAMMAR, Plan, make_plan, read_plan_file, read_plan_text
-from vitprune.report import Evidence, compare
+from vitprune.runtime import check_fits
 from vitprune.source import BaseModel, load_base
 from vitprune.teacher import TEACHER_FILE
 
@@ -68,6 +70,16 @@ def check_device(device: str) -> None:
         raise VitpruneError(f"device {device} asked for, but torch sees no CUDA GPU", param="device")
 
 
+def check_memory(model: nn.Module, device: str, **batches: int | tuple[int, ...] | None) -> None:
+    """Refuse, before any work, a batch setting (by its parameter name: the largest when several) or the
+    model's input size that cannot fit in the device's memory (`runtime.check_fits`)."""
+    for name, batch in batches.items():
+        largest = max(batch, default=None) if isinstance(batch, tuple) else batch
+        if largest is not None:
+            check_fits(model, batch=largest, img_size=model_img_size(model), device=device, batch_param=name,
+                       size_param="img_size")
+
+
 def resolve_plan(spec: ReducedModelSpec, base: BaseModel) -> Plan:
     """A plan file, or the method with its settings, or the plan of the artifact given as model."""
     depth = len(base.model.blocks)
@@ -86,20 +98,25 @@ def resolve_plan(spec: ReducedModelSpec, base: BaseModel) -> Plan:
                      **spec.settings())
 
 
-def reference_section(base: BaseModel, evidence: Evidence) -> dict | None:
+def reference_section(base: BaseModel, evidence: Evidence,
+                      restream: Callable[[nn.Module, nn.Module], Iterable] | None = None) -> dict | None:
     """What a report on `base` is judged against, when `base` is a fine-tuned artifact: its teacher
     (`base.reference`), with the fine-tuned weights unreduced measured against it as a second, labelled
-    baseline (on the same held images; not on a stream, which is read once). None otherwise."""
+    baseline on the same images: the held ones, or, when `evidence` streams (read once), a second stream
+    from `restream(teacher, fine-tuned)`. None otherwise."""
     if base.teacher_record is None:
         return None
     if base.teacher is None:
         return {"compared_with": "fine-tuned weights unreduced", "teacher": base.teacher_record,
                 "note": f"the teacher's tensors ({TEACHER_FILE}) are not with this artifact"}
     section: dict = {"compared_with": "teacher", "teacher": base.teacher_record}
-    if evidence.batches is None:  # base.model runs at the reduced model's input size, the teacher at its own
-        measured = compare(base.teacher.to(evidence.device), base.model.to(evidence.device),
-                           replace(evidence, bench_batches=()))
-        section["finetuned_unreduced"] = {key: measured[key] for key in UNREDUCED_FIGURES if key in measured}
+    if evidence.batches is not None and restream is None:
+        return section
+    teacher, finetuned = base.teacher.to(evidence.device), base.model.to(evidence.device)
+    # base.model runs at the reduced model's input size, the teacher at its own
+    batches = restream(teacher, finetuned) if evidence.batches is not None else None
+    measured = compare(teacher, finetuned, replace(evidence, batches=batches, bench_batches=()))
+    section["finetuned_unreduced"] = {key: measured[key] for key in UNREDUCED_FIGURES if key in measured}
     return section
 
 

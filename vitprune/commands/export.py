@@ -11,8 +11,9 @@ from torch import Tensor, nn
 
 from vitprune.artifact import model_identity, report_json, versions
 from vitprune.checks import check_whole
-from vitprune.commands.common import ReducedModelSpec, build_reduced, reference_section
+from vitprune.commands.common import ReducedModelSpec, build_reduced, check_memory, reference_section
 from vitprune.errors import VitpruneError
+from vitprune.evaluation import Evidence, compare
 from vitprune.export import (
     RANDOM_VERIFY_IMAGES,
     bench_against_base,
@@ -27,7 +28,7 @@ from vitprune.export import (
 from vitprune.io import atomic_output_file
 from vitprune.onnx_runtime import check_ats_padding, check_opset, choose_provider, parse_batch
 from vitprune.plan import Plan
-from vitprune.report import Evidence, compare, make_report, render_markdown
+from vitprune.report import make_report, render_markdown
 from vitprune.source import BaseModel, load_eval_images
 from vitprune.teacher import reference_markdown
 
@@ -88,6 +89,8 @@ def run_export(request: ExportRequest) -> dict:
     Nothing is written unless every step succeeds. Returns the report."""
     request.check()
     base, plan, reduced = build_reduced(request)
+    check_memory(reduced, "cpu", batch=parse_batch(request.batch), verify_batch=request.verify_batch,
+                 bench_batches=request.bench_batches)
     reduced.eval()
     report_path = Path(request.onnx).resolve().parent / "report.json"
     identity = model_identity(reduced, base.info)

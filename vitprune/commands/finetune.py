@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from vitprune.checks import check_finite, check_whole
-from vitprune.commands.common import ReducedModelSpec, check_device, resolve_plan
+from vitprune.commands.common import ReducedModelSpec, check_device, check_memory, resolve_plan
 from vitprune.errors import VitpruneError
 from vitprune.finetune import (
     AMP_DTYPES,
@@ -202,6 +202,7 @@ def run_finetune(request: FinetuneRequest) -> FinetuneResult:
         work = check_work_dir(request.output, force=request.force, resume=request.resume)
         seed_everything(request.seed)  # the same random init on every rank (no_pretrained)
         base = load_base(request.model, request.checkpoint, request.no_pretrained, request.img_size)
+        check_memory(base.model, request.device, eval_batch_size=request.eval_batch_size)
         return fit(config, base, _variants(request, base), images, job, work)
 
 

@@ -14,8 +14,7 @@ from torch import Tensor, nn
 from vitprune.artifact import artifact_metadata, load_artifact, save_weights
 from vitprune.errors import VitpruneError
 from vitprune.export.verify import verify_onnx
-from vitprune.io import writable_parent, write_error
-from vitprune.models import file_sha256
+from vitprune.io import file_sha256, writable_parent, write_error
 from vitprune.onnx_runtime import EXPORTER, export_onnx
 from vitprune.patch import model_img_size
 from vitprune.plan import Plan
@@ -55,7 +54,7 @@ def existing_report(report_path: Path, model_name: str, plan_text: str, force: b
         return None
     try:
         report = json.loads(report_path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         report = None
     if isinstance(report, dict) and report.get("model") == model_name and report.get("plan") == plan_text:
         return report

@@ -18,9 +18,10 @@ from torch import nn
 from vitprune.errors import VitpruneError
 from vitprune.finetune.report import History
 from vitprune.finetune.train import Training
-from vitprune.io import atomic_output_file, check_output_dir, write_error
+from vitprune.io import atomic_output_file, check_output_dir, claim, live_owner, write_error
 
 CHECKPOINT_FILE = "checkpoint.pt"
+OWNER_FILE = "owner"  # the host and pid of the run writing the work folder (`vitprune.io.claim`)
 CHECKPOINT_FORMAT = 1
 # Options that may change between a run and its resumption; every other one must match the checkpoint.
 RESUMABLE_FIELDS = ("output", "force", "resume", "keep_checkpoint", "progress", "workers", "eval_batch_size", "device")
@@ -41,26 +42,40 @@ def work_dir_for(output: Path) -> Path:
     return output.with_name(output.name + ".partial")
 
 
-def check_work_dir(output: Path | None, *, force: bool, resume: bool) -> Path | None:
-    """The work folder of a run writing to `output` (None: no output), checked before any work."""
+def check_work_dir(output: Path | None, *, force: bool, resume: bool, kept: tuple[str, ...] = ()) -> Path | None:
+    """The work folder of a run writing to `output` (None: no output), checked before any work.
+
+    One piece of advice whatever stopped the last run (an error, Ctrl-C, SIGKILL, a lost node): a
+    folder whose run is still alive is refused; one without a checkpoint (nor any of the `kept` files
+    a run fine-tuning another step's result writes at its start) holds nothing to resume and is
+    removed; one with them is resumed (resume) or replaced (force), and neither is refused."""
     if output is None:
         return None
     check_output_dir(output, force)
     work = work_dir_for(output)
-    if resume:
-        if not (work / CHECKPOINT_FILE).is_file():
-            raise VitpruneError(f"resume: nothing to resume, no {CHECKPOINT_FILE} in {work}", param="resume")
-    elif work.exists() and not force:
+    if work.exists():
+        owner = live_owner(work, OWNER_FILE)
+        if owner is not None:
+            raise VitpruneError(f"another run ({owner}) is writing {work}; wait for it or stop it first",
+                                param="output")
+    resumable = any((work / name).is_file() for name in (CHECKPOINT_FILE, *kept))
+    if work.exists() and not resumable:  # stopped before its first epoch ended: nothing to resume
+        shutil.rmtree(work, ignore_errors=True)
+    if resume and not resumable:
+        raise VitpruneError(f"resume: nothing to resume, no {CHECKPOINT_FILE} in {work}; run again without it",
+                            param="resume")
+    if resumable and not resume and not force:
         raise VitpruneError(f"pass resume to continue the unfinished run in {work}, or force to start over",
                             param="resume")
     return work
 
 
 def start_work_dir(work: Path) -> None:
-    """A fresh, empty work folder (whatever an earlier run left there is removed)."""
+    """A fresh, empty work folder (whatever an earlier run left there is removed), claimed by this run."""
     shutil.rmtree(work, ignore_errors=True)
     try:
         work.mkdir()
+        claim(work, OWNER_FILE)
     except OSError as error:
         raise write_error(work, error) from None
 
@@ -91,6 +106,14 @@ class WorkFolder:
                 tmp.write_bytes(data)
         self.kept_files = self.kept_files or bool(files)
 
+    def resume(self) -> None:
+        """A resumed run: the folder is this run's from now on."""
+        if self.path is not None:
+            try:
+                claim(self.path, OWNER_FILE)
+            except OSError as error:
+                raise write_error(self.path, error) from None
+
     @contextmanager
     def guard(self) -> Iterator[None]:
         """Around a run: on any failure, remove or keep the folder; the error says how to resume."""
@@ -111,6 +134,8 @@ class WorkFolder:
     def _tidy(self) -> None:
         if self.path is not None and self.created and self.saved == 0 and not self.kept_files:
             shutil.rmtree(self.path, ignore_errors=True)
+        elif self.path is not None:  # kept to resume: this run no longer writes it
+            (self.path / OWNER_FILE).unlink(missing_ok=True)
 
     def _with_hint(self, error: VitpruneError) -> VitpruneError:
         if self.path is not None and self.saved == 0 and self.kept_files:

@@ -19,6 +19,7 @@ from vitprune.data import (
     check_labels,
     collate_images,
     data_config_for,
+    leave_stops_to_main,
     open_image,
     split,
 )
@@ -133,7 +134,7 @@ def train_loader(image_set: ImageSet, transform: Callable[[Image.Image], Tensor]
                                  seed=options.seed)
     loader = DataLoader(dataset, batch_size=options.batch_size, sampler=sampler, num_workers=options.workers,
                         collate_fn=collate_images, pin_memory=job.device.type == "cuda",
-                        persistent_workers=options.workers > 0)
+                        persistent_workers=options.workers > 0, worker_init_fn=leave_stops_to_main)
     return loader, sampler
 
 

@@ -34,6 +34,15 @@ class Distributed:
         if self.world_size > 1:
             dist.barrier()
 
+    def gather(self, value: object) -> list:
+        """Every process's `value`, in rank order (alone: `[value]`): the per-image terms of an
+        evaluation split across the processes (vitprune.evaluation)."""
+        if self.world_size <= 1:
+            return [value]
+        parts: list = [None] * self.world_size
+        dist.all_gather_object(parts, value)
+        return parts
+
     def all_finite(self, value: float) -> bool:
         """Whether `value` is finite on every process (alone: here), so that all ranks stop together."""
         finite = math.isfinite(value)

@@ -7,6 +7,7 @@ from dataclasses import replace
 from torch import nn
 
 from vitprune.artifact import TEACHER_KEY, model_identity, versions, write_artifact
+from vitprune.evaluation import Evidence, compare
 from vitprune.finetune.checkpoint import CHECKPOINT_FILE
 from vitprune.finetune.report import (
     METRICS_FILE,
@@ -23,7 +24,7 @@ from vitprune.finetune.supervit import served_model
 from vitprune.patch import apply_plan, set_dynamic_img_size
 from vitprune.plan import Plan
 from vitprune.plots import png_bytes
-from vitprune.report import Evidence, compare, make_report, render_markdown
+from vitprune.report import make_report, render_markdown
 from vitprune.teacher import TEACHER_FILE, teacher_record
 
 UNREPORTED_SETTINGS = ("model", "data", "val", "checkpoint", "plan_file")  # the report names them elsewhere

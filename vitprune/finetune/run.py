@@ -32,6 +32,8 @@ def fit(config: FinetuneConfig, base: BaseModel, variants: list[Variant], images
         if not config.output.resume:
             folder.start()  # force: a fresh start
             folder.write(config.attachment.work_files)
+        else:
+            folder.resume()
         if run.start_epoch == 0 and job.is_main:
             _record(run, {"epoch": 0})
         job.barrier()
