@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WEIGHTS = {
@@ -58,3 +59,28 @@ def build_family(family: str, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture
 def tiny_vit() -> torch.nn.Module:
     return build_family("vit")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: the test machine's cores are shared, and one thread avoids
+    OpenMP oversubscription stalls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def labelled_images(tmp_path_factory) -> Path:
+    """12 labelled images, 3 classes (index folders), with enough texture to give distinct logits."""
+    root = tmp_path_factory.mktemp("labelled_images")
+    generator = torch.Generator().manual_seed(0)
+    for label in range(3):
+        for index in range(4):
+            pixels = (torch.rand(40, 48, 3, generator=generator) * 255).to(torch.uint8)
+            pixels[..., label] = 255 - 40 * index
+            path = root / str(label) / f"{index}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels.numpy()).save(path)
+    return root

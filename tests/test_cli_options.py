@@ -30,7 +30,8 @@ DERIVED = {
     "finetune": {"fuse": "no_fuse", "augment": "no_augment", "progress": "json_out", "eval_batch_size": None,
                  "features": None},
     "calibrate": {"progress": "json_out",
-                  "budget": ("target_gmacs", "target_ratio", "target_latency_ms", "max_drop", "batch")},
+                  "budget": ("target_gmacs", "target_ratio", "target_latency_ms", "max_drop", "batch"),
+                  "finetune": ("finetune", "epochs", "lr", "trainable")},
     "cascade": {"progress": "json_out", "budget": ("target_gmacs", "target_ratio")},
     "show": {"fuse": "no_fuse", "features": None},
 }

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
 
 import vitprune
 import vitprune.finetune as finetune
@@ -33,28 +32,12 @@ TINY = dict(model="vit_tiny_patch16_224", no_pretrained=True, img_size=32, worke
             eval_batch_size=16, progress=False, warmup_epochs=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine's cores are shared: one thread avoids OpenMP oversubscription stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    """12 labelled images, 3 classes (index folders), with enough texture to give distinct logits."""
-    root = tmp_path_factory.mktemp("images")
-    generator = torch.Generator().manual_seed(0)
-    for label in range(3):
-        for index in range(4):
-            pixels = (torch.rand(40, 48, 3, generator=generator) * 255).to(torch.uint8)
-            pixels[..., label] = 255 - 40 * index
-            path = root / str(label) / f"{index}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels.numpy()).save(path)
-    return root
+def images(labelled_images: Path) -> Path:
+    return labelled_images
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +150,7 @@ def test_cli_writes_an_artifact_that_loads(images: Path, tmp_path: Path, capsys)
     assert code == 0, capsys.readouterr().err
     report = json.loads(capsys.readouterr().out)
     assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "model.safetensors", "report.json", "report.md",
-                                                     "training.png", "vitprune.json"]
+                                                     "teacher.safetensors", "training.png", "vitprune.json"]
     assert not work_dir_for(out).exists()
     lines = (out / "metrics.csv").read_text().splitlines()
     assert lines[0].startswith("epoch,") and "val_agreement" in lines[0] and "train_loss" in lines[0]

@@ -32,6 +32,7 @@ PLAN_FILE = "vitprune.json"
 METADATA_KEY = "vitprune"
 WEIGHTS_SHA256_KEY = "weights_sha256"  # vitprune.json: of the weights file; the file's own metadata: of its content
 ARTIFACT_FORMAT = 1  # the newest artifact format this version reads and the one it writes
+TEACHER_KEY = "teacher"  # a fine-tuned artifact's teacher (vitprune.teacher), in vitprune.json and in `info`
 
 
 def versions() -> dict:
@@ -60,6 +61,7 @@ def artifact_metadata(model: nn.Module, info: dict, plan: Plan) -> dict:
         "params": plan.params(),
         "versions": versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **({TEACHER_KEY: info[TEACHER_KEY]} if info.get(TEACHER_KEY) else {}),
     }
 
 
@@ -243,10 +245,16 @@ def read_artifact(path: str | Path, *, verify: bool = True) -> Artifact:
     except Exception as exc:
         raise VitpruneError(f"cannot read {weights}: {str(exc).splitlines()[0]}") from None
     if verify and not path.is_dir():
-        _check_hash(header.get(WEIGHTS_SHA256_KEY), lambda: content_sha256(header[METADATA_KEY], state_dict),
-                    weights, "its metadata records")
+        check_content_sha256(weights, header, METADATA_KEY, state_dict)
     load_state_dict_into(model, state_dict, source=str(weights))
     return Artifact(model=model.eval(), plan=plan, metadata=metadata)
+
+
+def check_content_sha256(path: Path, header: dict[str, str], metadata_key: str,
+                         tensors: dict[str, torch.Tensor]) -> None:
+    """A .safetensors file's content must match the sha256 its own metadata records (`save_weights`)."""
+    _check_hash(header.get(WEIGHTS_SHA256_KEY), lambda: content_sha256(header.get(metadata_key, ""), tensors),
+                path, "its metadata records")
 
 
 def _check_hash(recorded: object, actual: Callable[[], str], weights: Path, where: str) -> None:

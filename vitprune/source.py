@@ -14,6 +14,7 @@ from vitprune.hf import is_transformers_folder, load_transformers
 from vitprune.models import create_model, use_pre_logits
 from vitprune.patch import model_img_size
 from vitprune.plan import Plan
+from vitprune.teacher import teacher_of
 from vitprune.timm_datasets import DatasetOptions, ImageStream, find_image_set, stream_batches
 
 
@@ -24,6 +25,13 @@ class BaseModel:
     model: nn.Module
     info: dict
     artifact_plan: Plan | None = None
+    teacher: nn.Module | None = None  # the model a fine-tuned artifact was trained from (vitprune.teacher)
+    teacher_record: dict | None = None  # its record, also when its tensors are not with the artifact
+
+    @property
+    def reference(self) -> nn.Module:
+        """What reports judge a reduced model against: the teacher of a fine-tuned artifact, else the base."""
+        return self.teacher if self.teacher is not None else self.model
 
 
 def is_artifact(source: str | Path) -> bool:
@@ -49,9 +57,12 @@ def _load_base(source: str, checkpoint: Path | None, no_pretrained: bool, img_si
             raise VitpruneError("checkpoint applies to model names only: an artifact carries its own weights",
                                 param="checkpoint")
         artifact = read_artifact(source)  # the base and its plan: the plan is applied once, by the command
+        teacher, record = teacher_of(source, artifact.model, artifact.metadata)
         if img_size is not None and img_size != artifact.metadata["model"]["img_size"]:
-            artifact.model.set_input_size(img_size=img_size)
-        return BaseModel(model=artifact.model, info=identity_info(artifact.metadata), artifact_plan=artifact.plan)
+            for each in (artifact.model, teacher) if teacher is not None else (artifact.model,):
+                each.set_input_size(img_size=img_size)
+        return BaseModel(model=artifact.model, info=identity_info(artifact.metadata), artifact_plan=artifact.plan,
+                         teacher=teacher, teacher_record=record)
     if is_transformers_folder(source):
         if checkpoint is not None:
             raise VitpruneError("checkpoint applies to model names only: a transformers folder carries its own "

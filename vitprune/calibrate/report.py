@@ -17,6 +17,7 @@ from vitprune.plan import Plan
 from vitprune.plots import new_figure, png_bytes
 from vitprune.report import make_report, render_markdown
 from vitprune.tables import ReportTable
+from vitprune.teacher import reference_markdown
 
 
 @dataclass
@@ -160,7 +161,8 @@ def write_calibration(output: Path, reduced: nn.Module, info: dict, report: dict
 def render_calibration_markdown(report: dict) -> str:
     """report.md: the chosen plan (held-out figures), then the frontier and the published schedules."""
     cal = report["calibration"]
-    lines = [render_markdown(report, title="vitprune calibrate"), "## Calibration", "", *_settings_lines(cal),
+    lines = [render_markdown(report, title="vitprune calibrate") + reference_markdown(report.get("reference")),
+             "## Calibration", "", *_settings_lines(cal),
              "", "## Frontier (held-out images)", "", frontier_table(cal).markdown(),
              "", "Rows in bold are the fixed published schedules, for reference. Latency: eager PyTorch, "
              f"median of {report['latency_setup']['repeats']} runs at batch {next(iter(report['latency_ms']))}, "

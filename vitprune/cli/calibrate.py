@@ -36,7 +36,7 @@ from vitprune.cli.common import (
 from vitprune.cli.options import Alias, make_request
 from vitprune.errors import VitpruneError
 
-BUDGET_PANEL, SEARCH_PANEL = "Budget", "Search"
+BUDGET_PANEL, SEARCH_PANEL, FINETUNE_PANEL = "Budget", "Search", "Fine-tuning"
 BUDGET_OPTIONS = ("target_gmacs", "target_ratio", "target_latency_ms", "max_drop", "batch")
 
 
@@ -61,6 +61,11 @@ def calibrate(
     refine_steps: Annotated[int, typer.Option("--refine-steps", rich_help_panel=SEARCH_PANEL, help="Evolutionary refinement steps at the budget.")] = 16,
     gradient_steps: Annotated[int, typer.Option("--gradient-steps", rich_help_panel=SEARCH_PANEL, help="Optimiser steps of the gradient search.")] = 60,
     bench_repeats: BenchRepeatsOpt = 5,
+    finetune: Annotated[bool, typer.Option("--finetune", rich_help_panel=FINETUNE_PANEL, help="Then fine-tune the chosen plan by distillation from the unreduced model on the calibration images (finetune's recipe), and report it on the held-out images against that model: one artifact.")] = False,
+    epochs: Annotated[int, typer.Option("--epochs", rich_help_panel=FINETUNE_PANEL, help="--finetune: training epochs.")] = 8,
+    lr: Annotated[float, typer.Option("--lr", rich_help_panel=FINETUNE_PANEL, help="--finetune: peak learning rate (AdamW, cosine schedule).")] = 5e-4,
+    trainable: Annotated[str, typer.Option("--trainable", rich_help_panel=FINETUNE_PANEL, help="--finetune: parameters to train, comma-separated name patterns ('*' for all).")] = "*norm*,*bias",
+    resume: Annotated[bool, typer.Option("--resume", rich_help_panel=FINETUNE_PANEL, help="--finetune: continue the interrupted run in OUTPUT.partial/ (the search is not run again).")] = False,
     checkpoint: CheckpointOpt = None,
     no_pretrained: NoPretrainedOpt = False,
     img_size: ImgSizeOpt = None,
@@ -80,22 +85,37 @@ def calibrate(
 ) -> None:
     """Find the reduction plan that fits a budget best on your images; report its frontier on held-out images."""
     # torch loads only when the command runs: --help stays fast
-    from vitprune.commands.calibrate import Budget, CalibrateRequest, run_calibrate
+    from vitprune.commands.calibrate import Budget, CalibrateRequest, FinetuneRecipe, before_after_table, run_calibrate
 
     request = make_request(CalibrateRequest, locals(), aliases=(Alias("old_batch", "batch"),), required=("data",), derive={
         "progress": progress_rule, "img_sizes": lambda values: _parse_sizes(values["img_sizes"]),
-        "budget": lambda values: Budget.from_targets(**{name: values[name] for name in BUDGET_OPTIONS})})
+        "budget": lambda values: Budget.from_targets(**{name: values[name] for name in BUDGET_OPTIONS}),
+        "finetune": lambda values: FinetuneRecipe(epochs=values["epochs"], lr=values["lr"],
+                                                  trainable=_parse_patterns(values["trainable"])) if values["finetune"] else None})
+    if not finetune and (resume or (epochs, lr, trainable) != (8, 5e-4, "*norm*,*bias")):
+        raise VitpruneError("--epochs, --lr, --trainable and --resume go with --finetune", param="finetune")
     set_threads(threads)
     result = run_calibrate(request)
     if json_out:
         emit_json(result.report)
         return
     cal = result.report["calibration"]
+    after = " after fine-tuning" if finetune else ""
     console.print(report_table(result.report, f"{result.report['model']}: {result.report['plan']} "
-                                              f"(held-out {cal['images']['holdout']} images)"))
+                                              f"(held-out {cal['images']['holdout']} images{after})"))
     console.print(f"objective: {cal['objective_text']}; search took {cal['search_seconds']:.0f} s")
+    if finetune:
+        console.print(before_after_table(result.report["finetune"]).rich())
+        console.print(f"fine-tuning took {result.report['finetune']['train_seconds']:.0f} s; compared with the "
+                      "unreduced model it started from (the teacher)")
     if output is not None:
-        console.print(f"wrote [bold]{output}[/] (model.safetensors, vitprune.json, report.json, report.md, pareto.png)")
+        tuned = ", metrics.csv, training.png, teacher.safetensors" if finetune else ""
+        console.print(f"wrote [bold]{output}[/] (model.safetensors, vitprune.json, report.json, report.md, pareto.png{tuned})")
+
+
+def _parse_patterns(text: str) -> tuple[str, ...]:
+    """'*norm*,*bias' -> ('*norm*', '*bias')."""
+    return tuple(pattern.strip() for pattern in text.split(",") if pattern.strip())
 
 
 def _parse_sizes(text: str | None) -> list[int] | None:

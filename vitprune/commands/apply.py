@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from vitprune.artifact import model_identity, versions, write_artifact
 from vitprune.checks import check_whole
-from vitprune.commands.common import ReducedModelSpec, build_reduced, check_device, check_memory
+from vitprune.commands.common import ReducedModelSpec, build_reduced, check_device, check_memory, reference_section
 from vitprune.evaluation import Evidence, evaluate
 from vitprune.finetune.distributed import Distributed, distributed_job
 from vitprune.io import check_output_dir
@@ -17,7 +17,8 @@ from vitprune.report import make_report, render_markdown
 from vitprune.runtime import Runtime
 from vitprune.show import token_maps_png
 from vitprune.source import stream_eval_images
-from vitprune.timm_datasets import DatasetOptions
+from vitprune.teacher import reference_markdown
+from vitprune.timm_datasets import DatasetOptions, ImageStream
 
 TOKEN_MAP_IMAGES = 4  # images drawn in the artifact's tokens.png
 
@@ -93,21 +94,26 @@ def _apply(request: ApplyRequest, job: Distributed) -> ApplyResult:
     base, plan, reduced = build_reduced(request)
     device = str(job.device)
     check_memory(reduced, device, batch_size=request.batch_size, bench_batches=request.bench_batches)
-    base_model, reduced = base.model.to(device), reduced.to(device)
-    batches = None
-    if request.data is not None:
-        batches = stream_eval_images(base_model, reduced, request.data, request, limit=request.limit,
-                                     workers=request.workers, batch_size=request.batch_size,
-                                     shard=(job.rank, job.world_size), pin_memory=job.device.type == "cuda")
-    evidence = Evidence(batches=batches, data_path=str(request.data) if request.data else None,
+    base_model, reduced = base.reference.to(device), reduced.to(device)  # the teacher of a fine-tuned artifact
+
+    def stream(base_model: nn.Module, reduced: nn.Module) -> ImageStream:
+        return stream_eval_images(base_model, reduced, request.data, request, limit=request.limit,
+                                  workers=request.workers, batch_size=request.batch_size,
+                                  shard=(job.rank, job.world_size), pin_memory=job.device.type == "cuda")
+
+    evidence = Evidence(batches=stream(base_model, reduced) if request.data is not None else None,
+                        data_path=str(request.data) if request.data else None,
                         bench_batches=request.bench_batches if job.is_main else (),
                         bench_repeats=request.bench_repeats, batch_size=request.batch_size, device=device,
                         dtype=request.dtype, compile=request.compile, compile_mode=request.compile_mode,
                         progress=request.progress and job.is_main, gather=job.gather)
     evaluation = evaluate(base_model, reduced, evidence)
     report = make_report(model_identity(reduced, base.info), plan, evaluation.figures, versions())
+    reference = reference_section(base, evidence, stream)
+    if reference is not None:
+        report["reference"] = reference
     if request.output is not None and job.is_main:
-        report_md, extra = render_markdown(report), {}
+        report_md, extra = render_markdown(report) + reference_markdown(reference), {}
         if evaluation.sample is not None and plan.reductions:
             extra["tokens.png"] = token_maps_png(reduced, evaluation.sample[:TOKEN_MAP_IMAGES])
             report_md += TOKEN_MAPS_SECTION

@@ -3,29 +3,44 @@ held-out images, write the artifact."""
 from __future__ import annotations
 
 import copy
+import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
 
 from vitprune import calibrate
-from vitprune.artifact import model_identity
+from vitprune.artifact import model_identity, report_json
 from vitprune.budget import Budget
 from vitprune.checks import check_finite, check_whole
-from vitprune.commands.common import check_memory
+from vitprune.commands.common import check_memory, reference_section
+from vitprune.commands.finetune import FinetuneRecipe, FinetuneRequest, before_after_table
 from vitprune.data import check_labels
 from vitprune.errors import VitpruneError
+from vitprune.evaluation import Evidence, compare
+from vitprune.finetune import (
+    CHECKPOINT_FILE,
+    Attachment,
+    FinetuneResult,
+    TrainingImages,
+    bound_settings,
+    check_work_dir,
+    distributed_job,
+    fit,
+    seed_everything,
+    single_variant,
+)
 from vitprune.io import check_output_dir
-from vitprune.patch import apply_plan
+from vitprune.patch import apply_plan, model_img_size, plan_of
 from vitprune.plan import Plan
 from vitprune.progress import progress_bar
 from vitprune.runtime import Runtime
-from vitprune.source import load_base
+from vitprune.source import BaseModel, load_base
 from vitprune.timm_datasets import DatasetOptions
 
-__all__ = ["Budget", "CalibrateRequest", "CalibrateResult", "run_calibrate"]
+__all__ = ["Budget", "CalibrateRequest", "FinetuneRecipe", "before_after_table", "CalibrateResult", "run_calibrate"]
 
 
 @dataclass
@@ -57,10 +72,14 @@ class CalibrateRequest(DatasetOptions):
     output: Path | None = None
     force: bool = False
     progress: bool = True
+    # then fine-tune the chosen plan on the calibration images (None: training-free); resume an interrupted run
+    finetune: FinetuneRecipe | None = None
+    resume: bool = False
 
     def check(self) -> None:
         """Every setting, before any model is built or image read."""
         Runtime(dtype=self.dtype).check()
+        self._check_finetune()
         if not isinstance(self.budget, Budget):
             raise VitpruneError(f"budget must be a vitprune.budget.Budget, got {self.budget!r}", param="budget")
         self.check_data_options(self.data)
@@ -83,8 +102,26 @@ class CalibrateRequest(DatasetOptions):
         if self.img_sizes is not None:
             for size in self.img_sizes:
                 check_whole(size, "img_sizes", 1)
-        if self.output is not None:
+        if self.output is not None and self.finetune is None:
             check_output_dir(self.output, self.force)
+
+    def _check_finetune(self) -> None:
+        if self.finetune is None:
+            if self.resume:
+                raise VitpruneError("resume continues an interrupted fine-tuning stage: give finetune", param="resume")
+            return
+        if not isinstance(self.finetune, FinetuneRecipe):
+            raise VitpruneError(f"finetune must be a vitprune.commands.finetune.FinetuneRecipe, got {self.finetune!r}",
+                                param="finetune")
+        self.finetune.check_recipe()
+        if self.finetune.dtype != "float32":
+            raise VitpruneError(f"the fine-tuning dtype {self.finetune.dtype} (mixed precision) is for CUDA GPUs; "
+                                "calibrate fine-tunes on the CPU in float32", param="finetune")
+        if self.features:
+            raise VitpruneError("finetune distils a classifier's logits; features (an embedding model) cannot be "
+                                "fine-tuned", param="features")
+        if self.resume and self.output is None:
+            raise VitpruneError("resume continues the run writing to output: give an output", param="resume")
 
 
 @dataclass
@@ -100,6 +137,8 @@ class CalibrateResult:
 def run_calibrate(request: CalibrateRequest) -> CalibrateResult:
     """Search the plan for the budget, measure it and its frontier on held-out images, write the artifact."""
     request.check()
+    if request.finetune is not None:
+        return _calibrate_and_finetune(request)
     with Runtime(dtype=request.dtype).autocast():
         return _calibrate(request)
 
@@ -136,10 +175,31 @@ def _calibrate(request: CalibrateRequest) -> CalibrateResult:
     report = calibrate.calibration_report(model_identity(reduced, base.info), written, search, found, held, images,
                                           info)
     report["runtime"] = Runtime(dtype=request.dtype).to_dict()
+    if base.teacher_record is not None:
+        _judge_against_teacher(report, base, reduced, images, setup.base_size)
     if request.output is not None:
         calibrate.write_calibration(request.output, reduced, base.info, report, request.force)
     return CalibrateResult(plan=written, reduced=reduced, report=report, calibration_files=images.calibration_set.files,
                            holdout_files=images.holdout_set.files, frontier=found.frontier)
+
+
+TEACHER_FIGURES = ("top1_base", "top5_base", "top1", "top5", "top1_drop", "top1_drop_ci95", "top5_drop",
+                   "top5_drop_ci95", "agreement", "agreement_ci95", "kl", "kl_ci95")
+
+
+def _judge_against_teacher(report: dict, base: BaseModel, reduced: nn.Module, images: calibrate.ImageSplit,
+                           base_size: int) -> None:
+    """A fine-tuned artifact calibrated: the chosen plan's held-out figures against the teacher it was
+    fine-tuned from, the fine-tuned weights unreduced as a second baseline (`reference_section`). The
+    search and the frontier stay relative to the weights being reduced, and the report says so."""
+    evidence = Evidence(images=images.holdout_images[model_img_size(reduced)], labels=images.holdout_labels,
+                        base_images=images.holdout_images[base_size], progress=False)
+    section = reference_section(base, evidence)
+    if base.teacher is not None:
+        measured = compare(base.teacher, reduced, evidence)
+        report.update({key: measured[key] for key in TEACHER_FIGURES if key in measured})
+    section["frontier_against"] = "the fine-tuned weights unreduced (the model the search reduces)"
+    report["reference"] = section
 
 
 def _searched_shapes(search: calibrate.Search, request: CalibrateRequest, rng: random.Random) -> tuple:
@@ -152,3 +212,99 @@ def _searched_shapes(search: calibrate.Search, request: CalibrateRequest, rng: r
     shapes = calibrate.make_shapes(sensitivity, setup.geometry, setup.block_methods, setup.sizes, setup.per_image)
     return sensitivity, shapes, calibrate.refine(search, calibrate.rank_shapes(search, shapes), request.refine_steps,
                                                  rng), []
+
+
+# -- calibrate, then fine-tune the chosen plan: one run, one artifact ---------------------------------
+
+SEARCH_FILE = "calibration.json"  # the search's result in the work folder, read back by a resumed run
+SEARCH_SETTINGS = ("budget", "img_sizes", "limit", "holdout", "seed", "swap_split", "objective", "head_only",
+                   "protect", "search_images", "search", "refine_steps", "gradient_steps")
+
+
+def _calibrate_and_finetune(request: CalibrateRequest) -> CalibrateResult:
+    """Search the plan (or read it back when resuming), distil it from the unreduced model on the
+    calibration images, and judge it on the held-out ones against that model: one artifact."""
+    work = _work_dir(request)
+    settings = _search_settings(request)
+    searched = _searched_again(work, settings) if request.resume else _search_only(request)
+    calibration_set, holdout_set = calibrate.split_images(request.data, limit=request.limit, holdout=request.holdout,
+                                                          seed=request.seed, swap_split=request.swap_split,
+                                                          options=request)[1:]
+    images = TrainingImages(calibration_set, holdout_set, f"{request.data} (held-out part)")
+    tuned = _finetune_plan(request, searched, settings, images, work)
+    return CalibrateResult(plan=plan_of(tuned.model), reduced=tuned.model, report=tuned.report,
+                           calibration_files=calibration_set.files, holdout_files=holdout_set.files,
+                           frontier=searched.frontier)
+
+
+@dataclass
+class Searched:
+    """What the fine-tuning stage takes from the search: the chosen plan, calibrate's report, the frontier."""
+
+    plan: Plan
+    report: dict
+    frontier: list[Plan] = field(default_factory=list)  # not kept for a resumed run
+
+
+def _work_dir(request: CalibrateRequest) -> Path | None:
+    """The run's work folder, checked: a resumed run needs the search's result there (and a checkpoint
+    once an epoch is done)."""
+    return check_work_dir(request.output, force=request.force, resume=request.resume, kept=(SEARCH_FILE,))
+
+
+def _search_settings(request: CalibrateRequest) -> dict:
+    """The settings the search's result is bound to (a resumed run must give the same)."""
+    return bound_settings({name: getattr(request, name) for name in SEARCH_SETTINGS} | {
+        "budget": asdict(request.budget), "model": request.model, "checkpoint": request.checkpoint,
+        "data": request.data})
+
+
+def _search_only(request: CalibrateRequest) -> Searched:
+    with Runtime(dtype=request.dtype).autocast():
+        result = _calibrate(replace(request, output=None, finetune=None, resume=False))
+    return Searched(result.plan, result.report, result.frontier)
+
+
+def _searched_again(work: Path, settings: dict) -> Searched:
+    """The search's result that the interrupted run kept in its work folder, made with `settings`."""
+    try:
+        saved = json.loads((work / SEARCH_FILE).read_text())
+        searched = Searched(Plan.from_dict(saved["plan"], source=str(work / SEARCH_FILE)), saved["report"])
+        kept = saved["settings"]
+    except (OSError, ValueError, KeyError) as error:
+        raise VitpruneError(f"resume: cannot read the search's result in {work / SEARCH_FILE} "
+                            f"({str(error).splitlines()[0]}); start over with force", param="resume") from None
+    changed = sorted(key for key in kept.keys() | settings.keys() if kept.get(key) != settings.get(key))
+    if changed:
+        raise VitpruneError(f"other settings ({', '.join(changed)}) than the search in {work} was made with; run "
+                            "with those, or start over (force without resume)", param=changed[0])
+    return searched
+
+
+def _finetune_plan(request: CalibrateRequest, searched: Searched, settings: dict, images: TrainingImages,
+                   work: Path | None) -> FinetuneResult:
+    """The chosen plan distilled on the calibration images and validated on the held-out ones; the
+    artifact (with the calibration's report and pareto.png) is written once, at the end."""
+    finetuning = FinetuneRequest(
+        model=request.model, checkpoint=request.checkpoint, no_pretrained=request.no_pretrained,
+        img_size=request.img_size, data=request.data, split=request.split, label_field=request.label_field,
+        image_field=request.image_field, limit=request.limit, seed=request.seed, workers=request.workers,
+        output=request.output, force=request.force, progress=request.progress, **request.finetune.recipe(),
+        resume=request.resume and work is not None and (work / CHECKPOINT_FILE).is_file())  # else: epoch 1
+    config = finetuning.config()
+    kept = {"plan": searched.plan.to_dict(), "report": searched.report, "settings": settings}
+    attachment = Attachment(work_files={SEARCH_FILE: report_json(kept).encode()},
+                            report={"calibration": searched.report["calibration"]},
+                            markdown=_search_markdown(searched.report),
+                            files={"pareto.png": calibrate.pareto_png(searched.report)})
+    config = replace(config, settings={**config.settings, "calibrate": settings}, attachment=attachment)
+    with distributed_job("cpu") as job:
+        seed_everything(request.seed)
+        base = load_base(request.model, request.checkpoint, request.no_pretrained, request.img_size)
+        return fit(config, base, [single_variant(searched.plan, base.model)], images, job, work)
+
+
+def _search_markdown(report: dict) -> str:
+    """The calibration's report.md, as the part of the fine-tuned artifact's report before fine-tuning."""
+    text = calibrate.render_calibration_markdown(report)
+    return "\n" + text.replace("# vitprune calibrate", "# Before fine-tuning: the search (vitprune calibrate)", 1)

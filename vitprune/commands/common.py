@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -12,10 +13,14 @@ from vitprune import methods
 from vitprune.cascade import CASCADE_FILE
 from vitprune.checks import check_whole
 from vitprune.errors import VitpruneError
+from vitprune.evaluation import Evidence, compare
 from vitprune.patch import apply_plan, model_img_size
 from vitprune.plan import PLAN_GRAMMAR, Plan, make_plan, read_plan_file, read_plan_text
 from vitprune.runtime import check_fits
 from vitprune.source import BaseModel, load_base
+from vitprune.teacher import TEACHER_FILE
+
+UNREDUCED_FIGURES = ("gmacs", "top1", "top5", "agreement", "kl", "cosine_mean", "retrieval_agreement")
 
 
 @dataclass(kw_only=True)
@@ -96,6 +101,28 @@ def resolve_plan(spec: ReducedModelSpec, base: BaseModel) -> Plan:
                             f"or a plan file; {PLAN_GRAMMAR}", param="method")
     return make_plan(spec.method, depth, layers=spec.layers, img_size=spec.img_size, head_only=spec.head_only,
                      **spec.settings())
+
+
+def reference_section(base: BaseModel, evidence: Evidence,
+                      restream: Callable[[nn.Module, nn.Module], Iterable] | None = None) -> dict | None:
+    """What a report on `base` is judged against, when `base` is a fine-tuned artifact: its teacher
+    (`base.reference`), with the fine-tuned weights unreduced measured against it as a second, labelled
+    baseline on the same images: the held ones, or, when `evidence` streams (read once), a second stream
+    from `restream(teacher, fine-tuned)`. None otherwise."""
+    if base.teacher_record is None:
+        return None
+    if base.teacher is None:
+        return {"compared_with": "fine-tuned weights unreduced", "teacher": base.teacher_record,
+                "note": f"the teacher's tensors ({TEACHER_FILE}) are not with this artifact"}
+    section: dict = {"compared_with": "teacher", "teacher": base.teacher_record}
+    if evidence.batches is not None and restream is None:
+        return section
+    teacher, finetuned = base.teacher.to(evidence.device), base.model.to(evidence.device)
+    # base.model runs at the reduced model's input size, the teacher at its own
+    batches = restream(teacher, finetuned) if evidence.batches is not None else None
+    measured = compare(teacher, finetuned, replace(evidence, batches=batches, bench_batches=()))
+    section["finetuned_unreduced"] = {key: measured[key] for key in UNREDUCED_FIGURES if key in measured}
+    return section
 
 
 def build_reduced(spec: ReducedModelSpec) -> tuple[BaseModel, Plan, nn.Module]:

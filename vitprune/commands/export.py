@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from vitprune.artifact import model_identity, report_json, versions
 from vitprune.checks import check_whole
-from vitprune.commands.common import ReducedModelSpec, build_reduced, check_memory
+from vitprune.commands.common import ReducedModelSpec, build_reduced, check_memory, reference_section
 from vitprune.errors import VitpruneError
 from vitprune.evaluation import Evidence, compare
 from vitprune.export import (
@@ -30,6 +30,7 @@ from vitprune.onnx_runtime import check_ats_padding, check_opset, choose_provide
 from vitprune.plan import Plan
 from vitprune.report import make_report, render_markdown
 from vitprune.source import BaseModel, load_eval_images
+from vitprune.teacher import reference_markdown
 
 
 @dataclass(kw_only=True)
@@ -103,10 +104,15 @@ def run_export(request: ExportRequest) -> dict:
         if request.safetensors is not None:
             weights_tmp = outputs.enter_context(atomic_output_file(request.safetensors, force=True))
             save_checked_weights(reduced, weights_tmp, base.info, plan, images[:RANDOM_VERIFY_IMAGES])
-        report = previous if previous is not None else make_report(
-            identity, plan, compare(base.model, reduced, evidence), versions())
+        if previous is not None:
+            report = previous
+        else:  # judged against the teacher of a fine-tuned artifact, saying so
+            report = make_report(identity, plan, compare(base.reference, reduced, evidence), versions())
+            reference = reference_section(base, evidence)
+            if reference is not None:
+                report["reference"] = reference
         if request.bench:
-            section.update(_bench(request, base.model, onnx_tmp, evidence, images))
+            section.update(_bench(request, base.reference, onnx_tmp, evidence, images))
             section["gmacs_speedup"] = round(report["gmacs_base"] / report["gmacs"], 3)
         report["onnx"] = section
         _write_reports(outputs, report_path, report)
@@ -128,7 +134,7 @@ def _evidence(request: ExportRequest, base: BaseModel, reduced: nn.Module) -> Ev
     """The images of `data` (none without it), preprocessed for each model's input size."""
     images = labels = base_images = None
     if request.data is not None:
-        images, labels, base_images = load_eval_images(base.model, reduced, request.data, limit=request.limit,
+        images, labels, base_images = load_eval_images(base.reference, reduced, request.data, limit=request.limit,
                                                        workers=request.workers, progress=request.progress)
     return Evidence(images=images, labels=labels, base_images=base_images,
                     data_path=str(request.data) if request.data else None, progress=request.progress)
@@ -159,4 +165,5 @@ def _write_reports(outputs: ExitStack, report_path: Path, report: dict) -> None:
     json_tmp = outputs.enter_context(atomic_output_file(report_path, force=True))
     json_tmp.write_text(report_json(report))  # strict JSON: absent figures are null, never NaN
     md_tmp = outputs.enter_context(atomic_output_file(report_path.with_name("report.md"), force=True))
-    md_tmp.write_text(render_markdown(report) + render_onnx_markdown(report["onnx"]))
+    md_tmp.write_text(render_markdown(report) + reference_markdown(report.get("reference"))
+                      + render_onnx_markdown(report["onnx"]))

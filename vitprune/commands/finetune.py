@@ -37,27 +37,15 @@ from vitprune.timm_datasets import DatasetOptions
 
 LOSS_WEIGHTS = ("distill_weight", "label_weight", "hard_distill", "feature_distill")
 
-__all__ = ["FinetuneRequest", "FinetuneResult", "before_after_table", "run_finetune"]
+__all__ = ["FinetuneRecipe", "FinetuneRequest", "FinetuneResult", "before_after_table", "run_finetune"]
 
 
 @dataclass(kw_only=True)
-class FinetuneRequest(ReducedModelSpec, DatasetOptions):
-    """Everything `vitprune finetune` takes; the same fields as its options.
+class FinetuneRecipe:
+    """How the reduced model is trained: the optimisation, the loss and the augmentation. The
+    defaults are the measured recipe (docs/finetune.md); `finetune` and calibrate's fine-tuning
+    stage take the same fields."""
 
-    The model and reduction fields are `apply`'s (an apply artifact folder brings its own plan)."""
-
-    data: Path | str  # an image folder or a dataset timm reads (hfds/..., wds/... held in memory: bound it with limit)
-    output: Path | None = None
-    # SuperViT: every size x keep rate trained at once
-    supervit: bool = False
-    sizes: tuple[int, ...] = ()
-    keeps: tuple[float, ...] = ()
-    # data
-    val: Path | str | None = None  # read like data (the same split, label_field, image_field)
-    val_split: float | None = None  # hold out this fraction of `data` for validation
-    limit: int | None = None
-    seed: int = 0
-    # optimisation
     epochs: int = 8
     batch_size: int = 32  # per process
     lr: float = 5e-4
@@ -77,23 +65,23 @@ class FinetuneRequest(ReducedModelSpec, DatasetOptions):
     trainable: tuple[str, ...] = ("*norm*", "*bias")  # parameter-name patterns to train (fnmatch); "*" for all
     dtype: str = "float32"  # bfloat16 / float16: mixed precision (autocast), CUDA only
     ema: float | None = None  # EMA decay; the EMA weights are validated and saved
-    # running
-    workers: int = 2
-    eval_batch_size: int = 64
-    device: str = "cpu"
-    force: bool = False
-    resume: bool = False
-    keep_checkpoint: bool = False
-    progress: bool = True
 
-    def check(self) -> None:
-        """Every number and combination of options, before any model is built or image read."""
-        self.check_reduction()
+    def check_recipe(self) -> None:
+        """Every number of the recipe, before any model is built or image read."""
         self._check_optimisation()
         self._check_losses()
-        self._check_data()
-        self._check_running()
-        self._check_supervit()
+        check_finite(self.crop_scale, "crop_scale", low=0, high=1, low_open=True, rule="in (0, 1]")
+        if self.auto_augment is not None:
+            if not self.augment:
+                raise VitpruneError("auto_augment is an augmentation: it cannot go with augment off",
+                                    param="auto_augment")
+            check_auto_augment(self.auto_augment)
+        if self.dtype not in AMP_DTYPES:
+            raise VitpruneError(f"dtype must be one of {', '.join(AMP_DTYPES)}, got {self.dtype!r}", param="dtype")
+
+    def recipe(self) -> dict:
+        """The recipe's fields and values (to build another request with the same recipe)."""
+        return {item.name: getattr(self, item.name) for item in fields(FinetuneRecipe)}
 
     def _check_optimisation(self) -> None:
         check_whole(self.epochs, "epochs", 1)
@@ -116,6 +104,42 @@ class FinetuneRequest(ReducedModelSpec, DatasetOptions):
         if not any(getattr(self, name) > 0 for name in LOSS_WEIGHTS):
             raise VitpruneError(f"the loss weights ({', '.join(LOSS_WEIGHTS)}) cannot all be 0", param=tuple(LOSS_WEIGHTS))
 
+
+@dataclass(kw_only=True)
+class FinetuneRequest(ReducedModelSpec, DatasetOptions, FinetuneRecipe):
+    """Everything `vitprune finetune` takes; the same fields as its options.
+
+    The model and reduction fields are `apply`'s (an apply artifact folder brings its own plan); the
+    training fields are the recipe's (`FinetuneRecipe`)."""
+
+    data: Path | str  # an image folder or a dataset timm reads (hfds/..., wds/... held in memory: bound it with limit)
+    output: Path | None = None
+    # SuperViT: every size x keep rate trained at once
+    supervit: bool = False
+    sizes: tuple[int, ...] = ()
+    keeps: tuple[float, ...] = ()
+    # data
+    val: Path | str | None = None  # read like data (the same split, label_field, image_field)
+    val_split: float | None = None  # hold out this fraction of `data` for validation
+    limit: int | None = None
+    seed: int = 0
+    # running
+    workers: int = 2
+    eval_batch_size: int = 64
+    device: str = "cpu"
+    force: bool = False
+    resume: bool = False
+    keep_checkpoint: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        """Every number and combination of options, before any model is built or image read."""
+        self.check_reduction()
+        self.check_recipe()
+        self._check_data()
+        self._check_running()
+        self._check_supervit()
+
     def _check_data(self) -> None:
         check_whole(self.seed, "seed")
         self.check_data_options(self.data)
@@ -129,19 +153,11 @@ class FinetuneRequest(ReducedModelSpec, DatasetOptions):
                          rule="a fraction in (0, 1)")
             if self.val is not None:
                 raise VitpruneError("give val or val_split, not both", param="val_split")
-        check_finite(self.crop_scale, "crop_scale", low=0, high=1, low_open=True, rule="in (0, 1]")
-        if self.auto_augment is not None:
-            if not self.augment:
-                raise VitpruneError("auto_augment is an augmentation: it cannot go with augment off",
-                                    param="auto_augment")
-            check_auto_augment(self.auto_augment)
 
     def _check_running(self) -> None:
         check_whole(self.workers, "workers", 0)
         check_whole(self.eval_batch_size, "eval_batch_size", 1)
         check_device(self.device)
-        if self.dtype not in AMP_DTYPES:
-            raise VitpruneError(f"dtype must be one of {', '.join(AMP_DTYPES)}, got {self.dtype!r}", param="dtype")
         if self.dtype != "float32" and not self.device.startswith("cuda"):
             raise VitpruneError(f"dtype {self.dtype} (mixed precision) is for CUDA GPUs; on the CPU train in float32",
                                 param="dtype")

@@ -56,7 +56,7 @@ from vitprune.finetune.report import (
     write_metrics_csv,
 )
 from vitprune.finetune.run import fit
-from vitprune.finetune.state import FinetuneConfig, FinetuneResult, OutputOptions, RunState
+from vitprune.finetune.state import Attachment, FinetuneConfig, FinetuneResult, OutputOptions, RunState
 from vitprune.finetune.supervit import (
     Variant,
     grid_variants,
@@ -70,7 +70,7 @@ from vitprune.finetune.train import AMP_DTYPES, Trainer, TrainOptions, seed_ever
 from vitprune.finetune.validate import Validation, prepare_validation
 
 __all__ = [
-    "AMP_DTYPES", "CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "METRICS_FILE", "PLOT_FILE", "RESUMABLE_FIELDS",
+    "AMP_DTYPES", "CHECKPOINT_FILE", "Attachment", "CHECKPOINT_FORMAT", "METRICS_FILE", "PLOT_FILE", "RESUMABLE_FIELDS",
     "Checkpoint", "DataOptions", "Distributed", "FinetuneConfig", "FinetuneResult", "History", "LossWeights",
     "OutputOptions", "RunState", "TrainOptions", "Trainer", "TrainingImages", "Validation", "Variant", "WorkFolder",
     "before_after_table", "bound_settings", "check_auto_augment", "check_work_dir", "distill_loss", "distributed_job",

@@ -42,12 +42,13 @@ def work_dir_for(output: Path) -> Path:
     return output.with_name(output.name + ".partial")
 
 
-def check_work_dir(output: Path | None, *, force: bool, resume: bool) -> Path | None:
+def check_work_dir(output: Path | None, *, force: bool, resume: bool, kept: tuple[str, ...] = ()) -> Path | None:
     """The work folder of a run writing to `output` (None: no output), checked before any work.
 
     One piece of advice whatever stopped the last run (an error, Ctrl-C, SIGKILL, a lost node): a
-    folder whose run is still alive is refused; one without a checkpoint holds nothing to resume and is
-    removed; one with a checkpoint is resumed (resume) or replaced (force), and neither is refused."""
+    folder whose run is still alive is refused; one without a checkpoint (nor any of the `kept` files
+    a run fine-tuning another step's result writes at its start) holds nothing to resume and is
+    removed; one with them is resumed (resume) or replaced (force), and neither is refused."""
     if output is None:
         return None
     check_output_dir(output, force)
@@ -57,13 +58,13 @@ def check_work_dir(output: Path | None, *, force: bool, resume: bool) -> Path | 
         if owner is not None:
             raise VitpruneError(f"another run ({owner}) is writing {work}; wait for it or stop it first",
                                 param="output")
-    has_checkpoint = (work / CHECKPOINT_FILE).is_file()
-    if work.exists() and not has_checkpoint:  # stopped before its first epoch ended: nothing to resume
+    resumable = any((work / name).is_file() for name in (CHECKPOINT_FILE, *kept))
+    if work.exists() and not resumable:  # stopped before its first epoch ended: nothing to resume
         shutil.rmtree(work, ignore_errors=True)
-    if resume and not has_checkpoint:
+    if resume and not resumable:
         raise VitpruneError(f"resume: nothing to resume, no {CHECKPOINT_FILE} in {work}; run again without it",
                             param="resume")
-    if has_checkpoint and not resume and not force:
+    if resumable and not resume and not force:
         raise VitpruneError(f"pass resume to continue the unfinished run in {work}, or force to start over",
                             param=("resume", "force"))
     return work
@@ -89,11 +90,21 @@ class WorkFolder:
     epochs: int  # the run's epochs
     saved: int = 0  # epochs done in its checkpoint (0: none yet)
     created: bool = False  # made by this run (a resumed run continues an existing one)
+    kept_files: bool = False  # holds files a resumed run reads back (`write`): kept when no epoch is done
 
     def start(self) -> None:
         if self.path is not None:
             start_work_dir(self.path)
             self.created = True
+
+    def write(self, files: dict[str, bytes]) -> None:
+        """Files a resumed run reads back (each written atomically)."""
+        if self.path is None:
+            return
+        for name, data in files.items():
+            with atomic_output_file(self.path / name) as tmp:
+                tmp.write_bytes(data)
+        self.kept_files = self.kept_files or bool(files)
 
     def resume(self) -> None:
         """A resumed run: the folder is this run's from now on."""
@@ -121,12 +132,15 @@ class WorkFolder:
             raise
 
     def _tidy(self) -> None:
-        if self.path is not None and self.created and self.saved == 0:
+        if self.path is not None and self.created and self.saved == 0 and not self.kept_files:
             shutil.rmtree(self.path, ignore_errors=True)
         elif self.path is not None:  # kept to resume: this run no longer writes it
             (self.path / OWNER_FILE).unlink(missing_ok=True)
 
     def _with_hint(self, error: VitpruneError) -> VitpruneError:
+        if self.path is not None and self.saved == 0 and self.kept_files:
+            return VitpruneError(f"{error}; run again with resume to start training from what {self.path} keeps",
+                                 param=error.param)
         if self.path is None or self.saved == 0:
             return error
         if self.saved >= self.epochs:

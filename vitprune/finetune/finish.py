@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from torch import nn
 
-from vitprune.artifact import model_identity, versions, write_artifact
+from vitprune.artifact import TEACHER_KEY, model_identity, versions, write_artifact
 from vitprune.evaluation import Evidence, compare
 from vitprune.finetune.checkpoint import CHECKPOINT_FILE
 from vitprune.finetune.report import (
@@ -25,6 +25,7 @@ from vitprune.patch import apply_plan, set_dynamic_img_size
 from vitprune.plan import Plan
 from vitprune.plots import png_bytes
 from vitprune.report import make_report, render_markdown
+from vitprune.teacher import TEACHER_FILE, teacher_record
 
 UNREPORTED_SETTINGS = ("model", "data", "val", "checkpoint", "plan_file")  # the report names them elsewhere
 
@@ -51,8 +52,11 @@ def _publish(run: RunState, final: nn.Module, served: nn.Module, train_seconds: 
     served.cpu()
     report = make_report(model_identity(served, run.base.info), plan, measured, versions())
     report["finetune"] = section
+    record, teacher_tensors = teacher_record(run.teacher, served, run.base.info)
+    report["reference"] = {"compared_with": "teacher", "teacher": record}
+    report.update(run.config.attachment.report)
     if run.config.output.output is not None:
-        _write(run, served, report)
+        _write(run, served, report, record, teacher_tensors)
     return report
 
 
@@ -93,15 +97,18 @@ def _evidence(run: RunState) -> Evidence:
     return evidence
 
 
-def _write(run: RunState, served: nn.Module, report: dict) -> None:
-    """The artifact (with metrics.csv, training.png and, if asked, the checkpoint); the work folder goes."""
+def _write(run: RunState, served: nn.Module, report: dict, teacher: dict, teacher_tensors: bytes) -> None:
+    """The artifact (with metrics.csv, training.png, the teacher's tensors and, if asked, the checkpoint);
+    the work folder goes."""
     output, work = run.config.output, run.work
     extra = {METRICS_FILE: metrics_csv(run.history.rows).encode(),
-             PLOT_FILE: png_bytes(training_figure(run.history, run.variants))}
+             PLOT_FILE: png_bytes(training_figure(run.history, run.variants)), TEACHER_FILE: teacher_tensors,
+             **run.config.attachment.files}
     if output.keep_checkpoint and work is not None and (work / CHECKPOINT_FILE).is_file():
         extra[CHECKPOINT_FILE] = (work / CHECKPOINT_FILE).read_bytes()
-    report_md = render_markdown(report, "vitprune finetune report") + finetune_markdown(report["finetune"])
-    write_artifact(output.output, served, run.base.info, report=report, report_md=report_md, force=output.force,
-                   extra_files=extra)
+    report_md = (render_markdown(report, "vitprune finetune report") + finetune_markdown(report["finetune"])
+                 + run.config.attachment.markdown)
+    write_artifact(output.output, served, {**run.base.info, TEACHER_KEY: teacher}, report=report,
+                   report_md=report_md, force=output.force, extra_files=extra)
     if work is not None:
         shutil.rmtree(work, ignore_errors=True)

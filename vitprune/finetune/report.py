@@ -114,6 +114,8 @@ def variant_entry(trained: nn.Module, variant: Variant, validation: Validation |
         found = {m: round(row[f"{variant.key}_{m}"], 4) for m in VARIANT_METRICS if f"{variant.key}_{m}" in row}
         if found:
             entry[when] = found
+    if validation is not None and "after" in entry:  # the trained weights' figures with their 95% intervals
+        entry["after"].update(validation.intervals(model, variant))
     return entry
 
 
@@ -148,7 +150,8 @@ def finetune_markdown(finetune: dict) -> str:
         teacher = finetune["teacher"]
         top1 = f", top-1 {teacher['top1']:.2f}%" if "top1" in teacher else ""
         lines += [f"Validation on {finetune['val_images']} images from `{finetune['val_data']}`; teacher (unreduced) "
-                  f"{teacher['gmacs']:.3f} GMACs{top1}.", "", _before_after_columns(finetune).markdown()]
+                  f"{teacher['gmacs']:.3f} GMACs{top1}. After: [95% interval] against the teacher (top-1: of "
+                  "its drop).", "", _before_after_columns(finetune).markdown()]
     else:
         table = ReportTable(["configuration", "GMACs"])
         for variant in finetune["variants"]:
@@ -169,7 +172,13 @@ def _before_after_columns(finetune: dict) -> ReportTable:
 
 
 def _cell(figures: dict, key: str, spec: str) -> str:
-    return format(figures[key], spec) if key in figures else "-"
+    return format(figures[key], spec) + _interval(figures, key, spec) if key in figures else "-"
+
+
+def _interval(figures: dict, key: str, spec: str) -> str:
+    """' [low, high]': the figure's 95% interval against the teacher (top-1: of its drop), when measured."""
+    interval = figures.get(f"{key}_drop_ci95" if key == "top1" else f"{key}_ci95")
+    return f" [{interval[0]:{spec}}, {interval[1]:{spec}}]" if interval else ""
 
 
 def before_after_table(finetune: dict) -> ReportTable:
@@ -177,7 +186,8 @@ def before_after_table(finetune: dict) -> ReportTable:
     teacher = finetune["teacher"]
     title = (f"{finetune['epochs']} epochs on {finetune['train_images']} images; teacher {teacher['gmacs']:.3f} GMACs"
              + (f", top-1 {teacher['top1']:.2f}%" if "top1" in teacher else ""))
-    table = ReportTable(["configuration", "GMACs", "top-1 %", "agreement %", "KL"], title=title)
+    table = ReportTable(["configuration", "GMACs", "top-1 %", "agreement %", "KL"], title=title
+                        + "; after: [95% interval] against the teacher (top-1: of the drop)")
     for variant in finetune["variants"]:
         before, after = variant.get("before", {}), variant.get("after", {})
         table.add(variant["label"], f"{variant['gmacs']:.3f}", _change(before, after, "top1", ".2f"),
@@ -188,4 +198,4 @@ def before_after_table(finetune: dict) -> ReportTable:
 def _change(before: dict, after: dict, key: str, spec: str) -> str:
     if key not in after:
         return "-"
-    return (f"{before[key]:{spec}} -> " if key in before else "") + f"{after[key]:{spec}}"
+    return (f"{before[key]:{spec}} -> " if key in before else "") + f"{after[key]:{spec}}" + _interval(after, key, spec)

@@ -31,6 +31,7 @@ def fit(config: FinetuneConfig, base: BaseModel, variants: list[Variant], images
     with folder.guard():
         if not config.output.resume:
             folder.start()  # force: a fresh start
+            folder.write(config.attachment.work_files)
         else:
             folder.resume()
         if run.start_epoch == 0 and job.is_main:

@@ -28,6 +28,18 @@ class OutputOptions:
 
 
 @dataclass(frozen=True)
+class Attachment:
+    """What a run fine-tuning another step's result (calibrate's chosen plan) carries: files for the
+    work folder (written at a fresh start, read back on resume), report.json sections, report.md text
+    and files for the artifact."""
+
+    work_files: dict[str, bytes] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+    markdown: str = ""
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     """Everything a run needs besides the model and its variants."""
 
@@ -37,6 +49,7 @@ class FinetuneConfig:
     output: OutputOptions
     supervit: bool
     settings: dict = field(default_factory=dict)  # what checkpoints are bound to (checkpoint.bound_settings)
+    attachment: Attachment = field(default_factory=Attachment)
 
 
 @dataclass

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from vitprune.data import ImageSet, load_images, predict, transform_for
+from vitprune.evaluation import classification_figures
 from vitprune.finetune.supervit import Variant, served_model
-from vitprune.metrics import classification_metrics
+from vitprune.metrics import classification_metrics, prediction_terms
 from vitprune.patch import model_img_size
 
 VARIANT_METRICS = ("top1", "agreement", "kl")
+INTERVALS = ("top1_drop_ci95", "agreement_ci95", "kl_ci95")  # vitprune.evaluation's paired 95% intervals
 
 
 @dataclass
@@ -33,6 +35,13 @@ class Validation:
         logits = predict(model, self.images[variant.img_size], batch_size=batch_size, progress=False)
         found = classification_metrics(logits, self.labels, self.teacher_logits)
         return {key: found[key] for key in VARIANT_METRICS if key in found}
+
+    def intervals(self, model: nn.Module, variant: Variant, batch_size: int = 64) -> dict:
+        """The 95% intervals of the variant's figures against the teacher (top-1 drop, paired;
+        agreement; KL), as every evaluation reports them (vitprune.evaluation)."""
+        logits = predict(model, self.images[variant.img_size], batch_size=batch_size, progress=False)
+        found = classification_figures(prediction_terms(logits, self.teacher_logits, self.labels))
+        return {key: found[key] for key in INTERVALS if found.get(key) is not None}
 
 
 def prepare_validation(teacher: nn.Module, image_set: ImageSet, sizes: set[int], path: str, *,
