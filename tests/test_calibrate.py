@@ -43,6 +43,7 @@ def calibrated(image_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_search_meets_the_budget_and_writes_everything(calibrated):
     report = json.loads((calibrated / "report.json").read_text())
     cal = report["calibration"]
@@ -83,6 +84,7 @@ def test_protect_weight_is_chosen_on_the_calibration_images_and_used_by_every_to
     assert "protect weight" in (calibrated / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_given_protect_weight_is_used_as_is(image_dir):
     torch.manual_seed(0)
     result = run_calibrate(CalibrateRequest(
@@ -93,6 +95,7 @@ def test_a_given_protect_weight_is_used_as_is(image_dir):
     assert all(red.settings.get("protect", 0.0) == 0.0 for red in result.plan.reductions)  # evit has no protect
 
 
+@pytest.mark.slow
 def test_apply_takes_the_calibrated_plan(calibrated, image_dir, tmp_path, capsys):
     report = json.loads((calibrated / "report.json").read_text())
     out = tmp_path / "applied"
@@ -107,6 +110,7 @@ def test_apply_takes_the_calibrated_plan(calibrated, image_dir, tmp_path, capsys
     assert json.loads(capsys.readouterr().out)["gmacs"] == applied["gmacs"]
 
 
+@pytest.mark.slow
 def test_holdout_is_disjoint_from_calibration(image_dir, monkeypatch):
     monkeypatch.setattr(calibrate_images, "MIN_VALIDATION_IMAGES", 4)  # the 7 calibration images leave 4 beside the search
     torch.manual_seed(0)
@@ -215,6 +219,7 @@ def test_bad_requests_name_their_parameter(field, value, image_dir):
     assert caught.value.param == field
 
 
+@pytest.mark.slow
 def test_a_ratio_of_one_keeps_every_block_whole(image_dir):
     torch.manual_seed(0)
     result = run_calibrate(CalibrateRequest(

@@ -85,6 +85,7 @@ def test_straight_through_gives_gradients_to_the_rates_and_none_to_the_weights()
     assert all(torch.equal(a, b) and b.grad is None for a, b in zip(before, setup.models[64].parameters(), strict=True))
 
 
+@pytest.mark.slow
 def test_a_few_steps_move_the_gmacs_to_the_budget():
     setup = _setup("vit_tiny_patch16_224")
     model, geometry = setup.models[64], setup.geometry
@@ -107,6 +108,7 @@ def image_dir(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_calibrate_search_gradient_writes_a_valid_plan(image_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code = run(["calibrate", *TINY, "--data", str(image_dir), "--target-ratio", "0.6", *FAST, "--search", "gradient",

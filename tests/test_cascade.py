@@ -410,6 +410,7 @@ def test_request_checked_before_any_model(changes: dict, param: str | tuple[str,
     assert all(name in str(caught.value) for name in caught.value.params)
 
 
+@pytest.mark.slow
 def test_cli_writes_a_loadable_cascade(tmp_path: Path, capsys) -> None:
     from vitprune.cli import run
 
@@ -430,6 +431,7 @@ def test_cli_writes_a_loadable_cascade(tmp_path: Path, capsys) -> None:
 
 # ---------------------------------------------------------------- real weights (skipped without ../shared)
 
+@pytest.mark.slow
 @pytest.mark.skipif(not VIT_TINY_WEIGHTS.is_file(), reason="shared weights not present")
 def test_real_weights_cascade_runs_batched_within_budget() -> None:
     from vitprune.data import find_images, load_images, transform_for
@@ -454,6 +456,7 @@ def test_real_weights_cascade_runs_batched_within_budget() -> None:
 
 # ---------------------------------------------------------------- ONNX
 
+@pytest.mark.slow
 def test_onnx_cascade_matches_pytorch(base: torch.nn.Module, images: torch.Tensor, tmp_path: Path) -> None:
     from vitprune.cascade import OnnxCascade, export_cascade_onnx
 
@@ -487,6 +490,7 @@ def test_parse_plan_file_stage(tmp_path: Path) -> None:
         parse_stages(f"@{tmp_path / 'missing.json'},none", depth=12, base_size=224)
 
 
+@pytest.mark.slow
 def test_onnx_cascade_verifies_the_stage_graphs_sha256(base: torch.nn.Module, images: torch.Tensor,
                                                         tmp_path: Path) -> None:
     import onnx

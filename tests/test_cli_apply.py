@@ -36,6 +36,7 @@ def apply_args(*extra):
     return ["apply", "vit_tiny", "--no-pretrained", "--img-size", "96", *extra]
 
 
+@pytest.mark.slow
 def test_apply_writes_an_artifact_that_loads_to_identical_logits(tmp_path, image_folder, capsys):
     out = tmp_path / "artifact"
     code = run(apply_args("--method", "evit", "--keep", "0.7", "--data", str(image_folder), "--bench",
@@ -63,6 +64,7 @@ def test_apply_writes_an_artifact_that_loads_to_identical_logits(tmp_path, image
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_apply_from_checkpoint_and_from_an_artifact(tmp_path, checkpoint, capsys):
     out = tmp_path / "a"
     assert run(["apply", "vit_tiny", "--checkpoint", str(checkpoint), "--img-size", "96", "--method", "tome",
@@ -151,6 +153,7 @@ def _bad_inputs(tmp_path, image_folder, checkpoint):
     }
 
 
+@pytest.mark.slow
 def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, image_folder, checkpoint, capsys):
     if torch.cuda.is_available():
         pytest.skip("the no-GPU case needs a machine without CUDA")

@@ -253,6 +253,7 @@ def test_metrics_reject_bad_shapes() -> None:
         classification_metrics(torch.zeros(2, 4), None, torch.zeros(2, 5))
 
 
+@pytest.mark.slow
 def test_real_images_with_real_weights() -> None:
     if not (SAMPLE_IMAGES.is_dir() and VIT_TINY_WEIGHTS.is_file()):
         pytest.skip(f"shared data not found under {SHARED_DATA}")

@@ -80,6 +80,7 @@ def _same_figures(report: dict, reference: dict) -> None:
     assert report["data"]["n_images"] == reference["data"]["n_images"] and report["data"]["labelled"]
 
 
+@pytest.mark.slow
 def test_apply_streams_every_dataset_to_the_figures_of_the_image_folder(sources, capsys):
     folder = _apply(capsys, "--data", str(sources / "folder"))
     for data, extra in ((f"hfds/{sources / 'parquet'}", []), (f"wds/{sources / 'shards'}", ["--split", "val-{000..001}.tar"]),
@@ -96,6 +97,7 @@ def test_apply_with_a_limit_and_a_latency_sample_from_the_stream(sources, capsys
     assert report["latency_setup"]["inputs"] == "real images"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data_key", ["parquet", "shards"])
 def test_calibrate_on_a_dataset(sources, tmp_path, capsys, data_key):
     data = f"hfds/{sources / 'parquet'}" if data_key == "parquet" else f"wds/{sources / 'shards'}"

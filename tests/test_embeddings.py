@@ -73,6 +73,7 @@ def test_pre_logits_are_forward_head_pre_logits_for_the_reduced_model_too():
         torch.testing.assert_close(model(x), expected)
 
 
+@pytest.mark.slow
 def test_a_num_classes_0_model_reports_cosine_and_retrieval(images, tmp_path, capsys):
     from vitprune.commands.apply import ApplyRequest, run_apply
 
@@ -89,6 +90,7 @@ def test_a_num_classes_0_model_reports_cosine_and_retrieval(images, tmp_path, ca
     assert loaded.num_classes == 0  # the artifact is the embedding model
 
 
+@pytest.mark.slow
 def test_cascade_refuses_an_embedding_model(images, tmp_path, capsys):
     assert run(["apply", *TINY_EMBED, "--features", "--method", "tome", "--r", "2", "-o", str(tmp_path / "e")]) == 0
     capsys.readouterr()
@@ -101,6 +103,7 @@ def test_cascade_refuses_an_embedding_model(images, tmp_path, capsys):
 
 # -- calibrate --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_calibrate_objective_cosine_on_an_embedding_model(images, tmp_path):
     out = tmp_path / "cal"
     code = run(["calibrate", *TINY_EMBED, "--features", "--data", str(images), "--target-ratio", "0.7",

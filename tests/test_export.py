@@ -109,6 +109,7 @@ def test_ats_static_padding_matches_the_data_dependent_form(tmp_path):
         export_onnx(model, tmp_path / "x.onnx", ats_padding="none")
 
 
+@pytest.mark.slow
 def test_fixed_batch_and_fp16(tmp_path):
     model = tiny("tome")
     export_onnx(model, tmp_path / "fixed.onnx", batch=4)
@@ -182,6 +183,7 @@ def cli(*args) -> int:
     return run(["export", *map(str, args)])
 
 
+@pytest.mark.slow
 def test_cli_apply_and_export_with_safetensors_round_trip(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -212,6 +214,7 @@ def test_cli_apply_and_export_with_safetensors_round_trip(tmp_path, capsys):
     assert (out / "m.onnx").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_cli_extends_the_report_of_an_artifact_folder(tmp_path, capsys):
     from vitprune.models import create_model
 
@@ -227,6 +230,7 @@ def test_cli_extends_the_report_of_an_artifact_folder(tmp_path, capsys):
     assert report["onnx"]["batch"] == 2 and report["onnx"]["parity"]["agreement"] == 100.0
 
 
+@pytest.mark.slow
 def test_cli_fails_and_writes_nothing_when_parity_fails(tmp_path, monkeypatch, capsys):
     import vitprune.export.graph as export_module  # where the export step looks verify_onnx up
 
@@ -311,6 +315,7 @@ def test_cli_disk_full_while_exporting_is_one_line_and_leaves_nothing(tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_disk_full_while_writing_the_report_leaves_nothing(tmp_path, capsys, monkeypatch):
     from pathlib import Path
 

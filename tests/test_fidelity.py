@@ -29,6 +29,7 @@ def evaluate(model, images, labels, base_logits):
     return classification_metrics(predict(model, images, progress=False), labels, base_logits)
 
 
+@pytest.mark.slow
 def test_base_accuracy_matches_provenance(vit_tiny_eval):
     _, _, labels, base_logits = vit_tiny_eval
     metrics = classification_metrics(base_logits, labels, None)
@@ -36,6 +37,7 @@ def test_base_accuracy_matches_provenance(vit_tiny_eval):
     assert metrics["top5"] == pytest.approx(96.4, abs=0.15)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kwargs,gmacs,drop", [
     ({"method": "evit", "keep": 0.7}, 0.821, 3.0),
     ({"method": "tome", "r": 13}, 0.738, 1.5),  # 0.735 before its merges were counted (issue 25)
@@ -51,6 +53,7 @@ def test_off_the_shelf_accuracy_matches_the_papers_reading(vit_tiny_eval, kwargs
     assert metrics["agreement"] > 85
 
 
+@pytest.mark.slow
 def test_ats_reduces_compute_and_stays_close(vit_tiny_eval):
     base, images, labels, base_logits = vit_tiny_eval
     import copy
@@ -63,6 +66,7 @@ def test_ats_reduces_compute_and_stays_close(vit_tiny_eval):
     assert metrics["agreement"] > 85 and 82.8 - metrics["top1"] < 4.5
 
 
+@pytest.mark.slow
 def test_tome_protect_follows_the_base_model_more_closely_at_the_same_cost(vit_tiny_eval):
     # 1000 images: plain ToMe r=13 agrees with the base on 91.2%, protect 0.2 on 92.1%, top-1 80.9 -> 81.3
     base, images, labels, base_logits = vit_tiny_eval

@@ -128,6 +128,7 @@ def test_dynamic_img_size_matches_the_served_size() -> None:
         dynamic(x)
 
 
+@pytest.mark.slow
 def test_distillation_lowers_the_kl_to_the_teacher(images: Path) -> None:
     # Pure distillation on the very images it is validated on: the KL to the teacher must fall.
     request = FinetuneRequest(**TINY, data=images, val=images, method="evit", keep=0.5, epochs=4, lr=1e-5,
@@ -142,6 +143,7 @@ def test_distillation_lowers_the_kl_to_the_teacher(images: Path) -> None:
     assert result.report["finetune"]["variants"][0]["after"]["kl"] == pytest.approx(after["val_kl"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_writes_an_artifact_that_loads(images: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "ft"
     code = run(["finetune", "vit_tiny_patch16_224", "--no-pretrained", "--img-size", "32", "--method", "evit",
@@ -163,6 +165,7 @@ def test_cli_writes_an_artifact_that_loads(images: Path, tmp_path: Path, capsys)
     assert report["gmacs"] < report["gmacs_base"]
 
 
+@pytest.mark.slow
 def test_trainable_patterns_freeze_the_rest(images: Path) -> None:
     request = FinetuneRequest(**TINY, data=images, method="evit", keep=0.5, epochs=1, lr=1e-3, trainable=("head.*",))
     trained = run_finetune(request).model.state_dict()
@@ -174,6 +177,7 @@ def test_trainable_patterns_freeze_the_rest(images: Path) -> None:
         run_finetune(replace(request, trainable=("nothing.*",)))
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_next_epoch_and_ends_where_an_uninterrupted_run_does(
         images: Path, tmp_path: Path, monkeypatch) -> None:
     request = FinetuneRequest(**TINY, data=images, val_split=0.25, method="evit", keep=0.5, epochs=3, lr=1e-3)
@@ -210,6 +214,7 @@ def test_resume_continues_at_the_next_epoch_and_ends_where_an_uninterrupted_run_
         assert torch.allclose(tensor, resumed.model.state_dict()[name], atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_supervit_trains_every_configuration(unlabelled: Path, tmp_path: Path, monkeypatch) -> None:
     sizes_seen = []
     resize = finetune_train.resize_images
@@ -248,6 +253,7 @@ def _ddp_worker(rank: int, port: int, request: FinetuneRequest, folder: str) -> 
     torch.save(result.model.state_dict(), Path(folder) / f"rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_gloo_ends_with_identical_weights(images: Path, tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -372,6 +378,7 @@ def _one_error_line(capsys) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_the_next_run_is_not_refused(images: Path, tmp_path: Path, capsys,
                                                                           monkeypatch) -> None:
     out = tmp_path / "ft"
@@ -385,6 +392,7 @@ def test_a_non_finite_loss_stops_the_run_and_the_next_run_is_not_refused(images:
     assert (out / "model.safetensors").is_file() and not work_dir_for(out).exists()
 
 
+@pytest.mark.slow
 def test_a_failure_after_a_checkpoint_says_how_to_resume(images: Path, tmp_path: Path, monkeypatch) -> None:
     request = FinetuneRequest(**TINY, data=images, method="evit", keep=0.5, epochs=2, lr=1e-4, output=tmp_path / "ft")
     calls = []

@@ -134,6 +134,7 @@ def test_a_plan_line_reads_back_as_the_same_plan(text):
     assert Plan.from_dict(plan.to_dict()) == plan
 
 
+@pytest.mark.slow
 def test_a_report_plan_line_pastes_back_as_method_with_the_same_gmacs(capsys):
     args = ["apply", "vit_tiny", "--no-pretrained", "--img-size", "96", "--json"]
     assert run([*args, "--method", "tome", "--r", "2", "--protect", "0.1", "--layers", "0-6"]) == 0

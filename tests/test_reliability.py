@@ -100,6 +100,7 @@ def test_infinite_settings_are_refused_in_the_api():
 # 3. malformed artifacts and plans
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit,field", [
     (lambda meta: {}, "field format must be a whole number"),
     (lambda meta: {k: v for k, v in meta.items() if k != "model"}, "field model"),
@@ -204,6 +205,7 @@ WRITERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", list(WRITERS))
 @pytest.mark.parametrize("sig,code,message", STOPS)
 def test_killed_mid_write_leaves_nothing(tmp_path, command, sig, code, message):
@@ -412,6 +414,7 @@ def _sigkill_when(command: list[str], cwd: Path, ready) -> None:
     process.wait()
 
 
+@pytest.mark.slow
 def test_a_rerun_removes_what_a_killed_export_left_and_only_that(tmp_path):
     command = ["export", "vit_tiny", "--no-pretrained", "--img-size", "96", "--method", "tome", "--r", "2",
                "--onnx", "m.onnx"]
@@ -424,6 +427,7 @@ def test_a_rerun_removes_what_a_killed_export_left_and_only_that(tmp_path):
     assert sorted(_leftovers(tmp_path)) == sorted(["m.onnx", "report.json", "report.md", other.name])
 
 
+@pytest.mark.slow
 def test_a_killed_finetune_gets_one_consistent_piece_of_advice(tmp_path, images, capsys):
     from vitprune.finetune import work_dir_for
 

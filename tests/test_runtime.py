@@ -60,6 +60,7 @@ def test_scores_and_sizes_stay_float32_under_autocast():
     assert merged_half[1].dtype == torch.float32 and torch.equal(merged_half[1], merged[1])  # exact sizes
 
 
+@pytest.mark.slow
 def test_no_graph_breaks_in_the_evit_and_tome_forward_and_compiled_equals_eager():
     plan = Plan(reductions=[Reduction(0, "tome", r=8), Reduction(1, "evit", keep=0.5)])
     model = vitprune.apply(tiny(), plan)
@@ -114,6 +115,7 @@ def test_bad_precision_settings_are_one_line_errors(tmp_path, capsys, args, mess
     assert not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_quick_mode_runs_on_the_cpu(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["gpu.py", "--device", "cpu", "--quick"])
     runpy.run_path(str(ROOT / "benchmarks" / "gpu.py"), run_name="__main__")

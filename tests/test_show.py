@@ -123,6 +123,7 @@ def image_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_cli_writes_the_png_and_refuses_bad_input(image_dir, tmp_path, capsys):
     args = ["show", "vit_tiny", "--no-pretrained", "--img-size", "32", "--method", "tome", "--r", "2",
             "--data", str(image_dir), "--workers", "0"]
@@ -159,6 +160,7 @@ def test_cli_draws_a_cascade_folder(vit, image_dir, tmp_path, capsys):
     assert "--method does not apply to a cascade folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_apply_writes_tokens_png_linked_from_the_report(image_dir, tmp_path):
     out = tmp_path / "art"
     assert run(["apply", "vit_tiny", "--no-pretrained", "--img-size", "32", "--method", "evit", "--keep", "0.7",

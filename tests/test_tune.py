@@ -47,6 +47,7 @@ def finetuned(images: Path, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     return out, teacher
 
 
+@pytest.mark.slow
 def test_a_finetuned_artifact_records_and_rebuilds_its_teacher(finetuned) -> None:
     out, teacher = finetuned
     metadata = json.loads((out / "vitprune.json").read_text())
@@ -62,6 +63,7 @@ def test_a_finetuned_artifact_records_and_rebuilds_its_teacher(finetuned) -> Non
     assert json.loads((out / "report.json").read_text())["reference"]["compared_with"] == "teacher"
 
 
+@pytest.mark.slow
 def test_apply_on_a_finetuned_artifact_reports_against_its_teacher(finetuned, images: Path, tmp_path: Path) -> None:
     out, teacher = finetuned
     result = run_apply(ApplyRequest(model=str(out), data=images, workers=0, progress=False, output=tmp_path / "a"))
@@ -79,6 +81,7 @@ def test_apply_on_a_finetuned_artifact_reports_against_its_teacher(finetuned, im
     assert "the teacher this artifact was fine-tuned from: vit_tiny_patch16_224" in (tmp_path / "a" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_calibrate_on_a_finetuned_artifact_reports_against_its_teacher(finetuned, images: Path) -> None:
     out, teacher = finetuned
     result = run_calibrate(CalibrateRequest(model=str(out), data=images, budget=Budget("ratio", 0.7), img_sizes=[64],
@@ -139,6 +142,7 @@ def test_a_teacher_file_without_its_content_hash_loads_only_without_verify(finet
     assert state_sha256(rebuilt) == state_sha256(teacher)
 
 
+@pytest.mark.slow
 def test_calibrate_then_finetune_resumes_and_writes_one_artifact_judged_against_the_original(
         images: Path, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "tuned"
