@@ -1,3 +1,4 @@
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,24 @@ def labelled_images(tmp_path_factory) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels.numpy()).save(path)
     return root
+
+
+@contextlib.contextmanager
+def interrupted_after_epoch(monkeypatch, epoch: int):
+    """Stop a fine-tuning run with Ctrl-C right after `epoch`'s metrics (and checkpoint) are written;
+    the run's own code is restored on leaving, so the test can resume it."""
+    import vitprune.finetune.run as finetune_run
+
+    write_metrics = finetune_run.write_metrics_csv
+
+    def crash_after_epoch(rows, path):
+        write_metrics(rows, path)
+        if rows[-1]["epoch"] == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune_run, "write_metrics_csv", crash_after_epoch)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(finetune_run, "write_metrics_csv", write_metrics)

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import interrupted_after_epoch
 
 import vitprune
 import vitprune.finetune as finetune
-import vitprune.finetune.run as finetune_run
 import vitprune.finetune.train as finetune_train
 from vitprune.cli import run
 from vitprune.commands.finetune import FinetuneRequest, run_finetune
@@ -184,17 +184,8 @@ def test_resume_continues_at_the_next_epoch_and_ends_where_an_uninterrupted_run_
     whole = run_finetune(replace(request, output=tmp_path / "whole"))
 
     out = tmp_path / "resumed"
-    write_metrics = finetune_run.write_metrics_csv
-
-    def crash_after_epoch_two(rows, path):
-        write_metrics(rows, path)
-        if rows[-1]["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(finetune_run, "write_metrics_csv", crash_after_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_epoch(monkeypatch, 2):
         run_finetune(replace(request, output=out))
-    monkeypatch.setattr(finetune_run, "write_metrics_csv", write_metrics)
     work = work_dir_for(out)
     assert not out.exists() and torch.load(work / "checkpoint.pt", weights_only=True)["epoch"] == 2
 

@@ -9,6 +9,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+from conftest import interrupted_after_epoch
 
 import vitprune.commands.calibrate as calibrate_command
 import vitprune.finetune.run as finetune_run
@@ -100,24 +101,26 @@ def test_calibrate_on_a_finetuned_artifact_reports_against_its_teacher(finetuned
     assert "finetuned_unreduced" in report["reference"] and "frontier_against" in report["reference"]
 
 
+def _copied(artifact: Path, copy: Path, leave_out: str | None = None) -> Path:
+    """The artifact's files in a new folder (all but `leave_out`), to edit without touching the fixture's."""
+    copy.mkdir()
+    for file in artifact.iterdir():
+        if file.name != leave_out:
+            (copy / file.name).write_bytes(file.read_bytes())
+    return copy
+
+
 def test_without_the_teacher_file_the_report_says_what_it_compares_with(finetuned, images: Path,
                                                                        tmp_path: Path) -> None:
     out, _ = finetuned
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for file in out.iterdir():
-        if file.name != TEACHER_FILE:
-            (copy / file.name).write_bytes(file.read_bytes())
+    copy = _copied(out, tmp_path / "copy", leave_out=TEACHER_FILE)
     report = run_apply(ApplyRequest(model=str(copy), data=images, workers=0, progress=False)).report
     assert report["reference"]["compared_with"] == "fine-tuned weights unreduced"
 
 
 def test_a_changed_teacher_file_is_refused(finetuned, tmp_path: Path) -> None:
     out, _ = finetuned
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for file in out.iterdir():
-        (copy / file.name).write_bytes(file.read_bytes())
+    copy = _copied(out, tmp_path / "copy")
     data = bytearray((copy / TEACHER_FILE).read_bytes())
     data[-1] ^= 1
     (copy / TEACHER_FILE).write_bytes(bytes(data))
@@ -127,10 +130,7 @@ def test_a_changed_teacher_file_is_refused(finetuned, tmp_path: Path) -> None:
 
 def test_a_teacher_file_without_its_content_hash_loads_only_without_verify(finetuned, tmp_path: Path) -> None:
     out, teacher = finetuned
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for file in out.iterdir():
-        (copy / file.name).write_bytes(file.read_bytes())
+    copy = _copied(out, tmp_path / "copy")
     header = safetensors.safe_open(str(out / TEACHER_FILE), framework="pt").metadata()
     assert header["weights_sha256"] == content_sha256(header["teacher"], safetensors.torch.load_file(out / TEACHER_FILE))
     safetensors.torch.save_file(safetensors.torch.load_file(out / TEACHER_FILE), copy / TEACHER_FILE)  # no hash
@@ -169,17 +169,8 @@ def test_calibrate_then_finetune_resumes_and_writes_one_artifact_judged_against_
 
     monkeypatch.setattr(calibrate_command, "_calibrate", no_second_search)
     monkeypatch.setattr(finetune_run, "train_one_epoch", train_one_epoch)
-    write_metrics = finetune_run.write_metrics_csv
-
-    def crash_after_epoch_one(rows, path):
-        write_metrics(rows, path)
-        if rows[-1]["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(finetune_run, "write_metrics_csv", crash_after_epoch_one)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_epoch(monkeypatch, 1):
         run_calibrate(replace(request, resume=True))
-    monkeypatch.setattr(finetune_run, "write_metrics_csv", write_metrics)
     assert torch.load(work / "checkpoint.pt", weights_only=True)["epoch"] == 1
     with pytest.raises(VitpruneError, match=r"other settings \(lr\)"):
         run_calibrate(replace(request, resume=True, finetune=replace(request.finetune, lr=2e-2)))
