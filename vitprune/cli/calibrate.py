@@ -90,10 +90,7 @@ def calibrate(
     request = make_request(CalibrateRequest, locals(), aliases=(Alias("old_batch", "batch"),), required=("data",), derive={
         "progress": progress_rule, "img_sizes": lambda values: _parse_sizes(values["img_sizes"]),
         "budget": lambda values: Budget.from_targets(**{name: values[name] for name in BUDGET_OPTIONS}),
-        "finetune": lambda values: FinetuneRecipe(epochs=values["epochs"], lr=values["lr"],
-                                                  trainable=_parse_patterns(values["trainable"])) if values["finetune"] else None})
-    if not finetune and (resume or (epochs, lr, trainable) != (8, 5e-4, "*norm*,*bias")):
-        raise VitpruneError("--epochs, --lr, --trainable and --resume go with --finetune", param="finetune")
+        "finetune": lambda values: _finetune_stage(values, FinetuneRecipe)})
     set_threads(threads)
     result = run_calibrate(request)
     if json_out:
@@ -111,6 +108,17 @@ def calibrate(
     if output is not None:
         tuned = ", metrics.csv, training.png, teacher.safetensors" if finetune else ""
         console.print(f"wrote [bold]{output}[/] (model.safetensors, vitprune.json, report.json, report.md, pareto.png{tuned})")
+
+
+def _finetune_stage(values: dict, recipe_type: type):
+    """The recipe of --finetune from its options (command line or --config file); without --finetune,
+    those options left at the recipe's defaults and no --resume."""
+    recipe = recipe_type(epochs=values["epochs"], lr=values["lr"], trainable=_parse_patterns(values["trainable"]))
+    if values["finetune"]:
+        return recipe
+    if values["resume"] or recipe != recipe_type():
+        raise VitpruneError("--epochs, --lr, --trainable and --resume go with --finetune", param="finetune")
+    return None
 
 
 def _parse_patterns(text: str) -> tuple[str, ...]:
