@@ -37,7 +37,7 @@ IMAGES = SHARED / "images" / "imagenet-sample-images"
 
 def tome_top1_at(gmacs: float, references: list[dict]) -> float | None:
     """ToMe's held-out top-1 at `gmacs`, linear between its measured r values (None outside them)."""
-    points = sorted((row["gmacs"], row["holdout"]["top1"]) for row in references if row["name"].startswith("ToMe"))
+    points = sorted((row["gmacs"], row["holdout"]["top1"]) for row in references if row["name"].startswith("tome:"))
     for (g0, a0), (g1, a1) in zip(points, points[1:], strict=False):
         if g0 <= gmacs <= g1:
             return a0 + (a1 - a0) * (gmacs - g0) / (g1 - g0) if g1 > g0 else a0
