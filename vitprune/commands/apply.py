@@ -113,11 +113,12 @@ def _apply(request: ApplyRequest, job: Distributed) -> ApplyResult:
     if reference is not None:
         report["reference"] = reference
     if request.output is not None and job.is_main:
-        report_md, extra = render_markdown(report) + reference_markdown(reference), {}
+        report_md = render_markdown(report) + reference_markdown(reference)
+        info, extra = base.info_for(reduced.cpu())
         if evaluation.sample is not None and plan.reductions:
             extra["tokens.png"] = token_maps_png(reduced, evaluation.sample[:TOKEN_MAP_IMAGES])
             report_md += TOKEN_MAPS_SECTION
-        write_artifact(request.output, reduced.cpu(), base.info, report=report, report_md=report_md,
+        write_artifact(request.output, reduced.cpu(), info, report=report, report_md=report_md,
                        force=request.force, extra_files=extra)
     return ApplyResult(base=base_model, reduced=reduced, info=base.info, report=report, images=evaluation.sample,
                        is_main=job.is_main)

@@ -103,7 +103,8 @@ def run_export(request: ExportRequest) -> dict:
         section = _export_and_verify(request, reduced, plan, onnx_tmp, images, evidence.images is not None)
         if request.safetensors is not None:
             weights_tmp = outputs.enter_context(atomic_output_file(request.safetensors, force=True))
-            save_checked_weights(reduced, weights_tmp, base.info, plan, images[:RANDOM_VERIFY_IMAGES])
+            info = base.info_for(reduced)[0]  # the one-file form names a fine-tuned artifact's teacher, without its tensors
+            save_checked_weights(reduced, weights_tmp, info, plan, images[:RANDOM_VERIFY_IMAGES])
         if previous is not None:
             report = previous
         else:  # judged against the teacher of a fine-tuned artifact, saying so
