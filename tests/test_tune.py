@@ -210,6 +210,8 @@ def test_calibrate_then_finetune_resumes_and_writes_one_artifact_judged_against_
     (["--finetune", "--epochs", "0"], "epochs"),
     (["--finetune", "--lr", "nan"], "lr"),
     (["--finetune", "--trainable", ","], "trainable"),
+    (["--device", "cuda"], "--device cuda is where the fine-tuning stage runs"),
+    (["--finetune", "--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
 ])
 def test_bad_finetune_options_exit_2_with_one_line(args, message, images: Path, tmp_path: Path, capsys) -> None:
     code = run(["calibrate", "vit_tiny_patch16_224", "--no-pretrained", "--data", str(images), "--target-ratio", "0.6",

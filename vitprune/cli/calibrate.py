@@ -65,6 +65,7 @@ def calibrate(
     epochs: Annotated[int, typer.Option("--epochs", rich_help_panel=FINETUNE_PANEL, help="--finetune: training epochs.")] = 8,
     lr: Annotated[float, typer.Option("--lr", rich_help_panel=FINETUNE_PANEL, help="--finetune: peak learning rate (AdamW, cosine schedule).")] = 5e-4,
     trainable: Annotated[str, typer.Option("--trainable", rich_help_panel=FINETUNE_PANEL, help="--finetune: parameters to train, comma-separated name patterns ('*' for all).")] = "*norm*,*bias",
+    device: Annotated[str, typer.Option("--device", rich_help_panel=FINETUNE_PANEL, help="--finetune: where the fine-tuning stage runs, cpu or cuda (the search runs on the CPU).")] = "cpu",
     resume: Annotated[bool, typer.Option("--resume", rich_help_panel=FINETUNE_PANEL, help="--finetune: continue the interrupted run in OUTPUT.partial/ (the search is not run again).")] = False,
     checkpoint: CheckpointOpt = None,
     no_pretrained: NoPretrainedOpt = False,

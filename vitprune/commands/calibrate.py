@@ -15,7 +15,7 @@ from vitprune import calibrate
 from vitprune.artifact import model_identity, report_json
 from vitprune.budget import Budget
 from vitprune.checks import check_finite, check_whole
-from vitprune.commands.common import check_memory, reference_section
+from vitprune.commands.common import check_device, check_memory, reference_section
 from vitprune.commands.finetune import FinetuneRecipe, FinetuneRequest, before_after_table
 from vitprune.data import check_labels
 from vitprune.errors import VitpruneError
@@ -74,6 +74,7 @@ class CalibrateRequest(DatasetOptions):
     progress: bool = True
     # then fine-tune the chosen plan on the calibration images (None: training-free); resume an interrupted run
     finetune: FinetuneRecipe | None = None
+    device: str = "cpu"  # where the fine-tuning stage runs (cpu, cuda, cuda:N); the search runs on the CPU
     resume: bool = False
 
     def check(self) -> None:
@@ -109,14 +110,18 @@ class CalibrateRequest(DatasetOptions):
         if self.finetune is None:
             if self.resume:
                 raise VitpruneError("resume continues an interrupted fine-tuning stage: give finetune", param="resume")
+            if self.device != "cpu":
+                raise VitpruneError(f"device {self.device} is where the fine-tuning stage runs (the search runs on the "
+                                    "CPU): give finetune", param=("device", "finetune"))
             return
+        check_device(self.device)
         if not isinstance(self.finetune, FinetuneRecipe):
             raise VitpruneError(f"finetune must be a vitprune.commands.finetune.FinetuneRecipe, got {self.finetune!r}",
                                 param="finetune")
         self.finetune.check_recipe()
-        if self.finetune.dtype != "float32":
+        if self.finetune.dtype != "float32" and not self.device.startswith("cuda"):
             raise VitpruneError(f"the fine-tuning dtype {self.finetune.dtype} (mixed precision) is for CUDA GPUs; "
-                                "calibrate fine-tunes on the CPU in float32", param="finetune")
+                                "give device cuda, or fine-tune on the CPU in float32", param=("finetune", "device"))
         if self.features:
             raise VitpruneError("finetune distils a classifier's logits; features (an embedding model) cannot be "
                                 "fine-tuned", param="features")
@@ -289,7 +294,8 @@ def _finetune_plan(request: CalibrateRequest, searched: Searched, settings: dict
         model=request.model, checkpoint=request.checkpoint, no_pretrained=request.no_pretrained,
         img_size=request.img_size, data=request.data, split=request.split, label_field=request.label_field,
         image_field=request.image_field, limit=request.limit, seed=request.seed, workers=request.workers,
-        output=request.output, force=request.force, progress=request.progress, **request.finetune.recipe(),
+        output=request.output, force=request.force, progress=request.progress, device=request.device,
+        **request.finetune.recipe(),
         resume=request.resume and work is not None and (work / CHECKPOINT_FILE).is_file())  # else: epoch 1
     config = finetuning.config()
     kept = {"plan": searched.plan.to_dict(), "report": searched.report, "settings": settings}
@@ -298,7 +304,7 @@ def _finetune_plan(request: CalibrateRequest, searched: Searched, settings: dict
                             markdown=_search_markdown(searched.report),
                             files={"pareto.png": calibrate.pareto_png(searched.report)})
     config = replace(config, settings={**config.settings, "calibrate": settings}, attachment=attachment)
-    with distributed_job("cpu") as job:
+    with distributed_job(request.device) as job:
         seed_everything(request.seed)
         base = load_base(request.model, request.checkpoint, request.no_pretrained, request.img_size)
         return fit(config, base, [single_variant(searched.plan, base.model)], images, job, work)
