@@ -20,11 +20,10 @@ from vitprune.flops import MacsReport
 from vitprune.flops import count_macs as _count_macs
 from vitprune.models import create_model as _create_model
 from vitprune.models import is_supported_vit
+from vitprune.patch import ReducedTokens, remove_plan
 from vitprune.patch import apply as _apply
-from vitprune.patch import ReducedTokens
 from vitprune.patch import plan_of as _plan_of
 from vitprune.patch import reduced_intermediates as _reduced_intermediates
-from vitprune.patch import remove_plan
 from vitprune.plan import Plan
 from vitprune.plan import make_plan as _make_plan
 
