@@ -13,7 +13,8 @@ from vitprune.reducers.sources import patch_groups, whole_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = ["vit", "registers", "dinov3_rotary_registers"]  # class token; 4 registers; Eva rotary + registers
+# class token; 4 registers; Eva rotary + registers; a non-square grid
+FAMILIES = ["vit", "registers", "dinov3_rotary_registers", "non_square"]
 METHODS = {
     "tome": {"method": "tome", "r": 3},
     "evit": {"method": "evit", "keep": 0.6, "layers": [1, 2]},
@@ -118,7 +119,7 @@ def _reference_patch_maps(trace, num_layers):
     return maps
 
 
-@pytest.mark.parametrize("family", ["vit", "dinov3_rotary_registers"])
+@pytest.mark.parametrize("family", ["vit", "dinov3_rotary_registers", "eva02_rotary_swiglu"])
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_the_patch_map_follows_the_sources_and_holds_the_reduced_features(family, method):
     """The O(N) integer map agrees with the source matrix in every block; a patch held by a token has
