@@ -68,30 +68,33 @@ def _flat_list(items):
     return [t for item in items for t in (item if isinstance(item, tuple) else (item,))]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_a_no_op_plan_gives_timms_dense_outputs_bit_identically(family):
+def _unreduced(family):
+    """A model, images, the formats its class takes and timm's unreduced outputs in each (flattened)."""
     model = _model(family)
     x = _images(model)
+    formats = _formats(model)
     with torch.inference_mode():
-        formats = _formats(model)
-        base = [model.forward_intermediates(x, **fmt) for fmt in formats]
+        return model, x, formats, [_flat(model.forward_intermediates(x, **fmt)) for fmt in formats]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_no_op_plan_gives_timms_dense_outputs_bit_identically(family):
+    model, x, formats, base = _unreduced(family)
+    with torch.inference_mode():
         base_early = model.forward_intermediates(x, indices=[0, -2], stop_early=True)
         vitprune.apply(model, method="tome", r=0)
         for fmt, expected in zip(formats, base, strict=True):
             got = _flat(model.forward_intermediates(x, **fmt))
-            assert [final for final, _ in got] == [final for final, _ in _flat(expected)]
-            assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, _flat(expected), strict=True)), fmt
+            assert [final for final, _ in got] == [final for final, _ in expected]
+            assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, expected, strict=True)), fmt
         early = model.forward_intermediates(x, indices=[0, -2], stop_early=True)
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(_flat(early), _flat(base_early), strict=True))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dense_outputs_have_timms_shapes_and_the_reduced_models_final_features(family):
-    model = _model(family)
-    x = _images(model)
+    model, x, formats, base = _unreduced(family)
     with torch.inference_mode():
-        formats = _formats(model)
-        base = [_flat(model.forward_intermediates(x, **fmt)) for fmt in formats]
         for method, kwargs in METHODS.items():
             vitprune.apply(model, **kwargs)
             logits, features = model(x), model.forward_features(x)
