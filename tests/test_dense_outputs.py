@@ -9,6 +9,7 @@ from conftest import build_family
 
 import vitprune
 from vitprune.patch import record_tokens
+from vitprune.reducers import PatchGrid, index_holders, merge_holders, merge_tokens, tome_match
 from vitprune.reducers.sources import patch_groups, whole_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -210,3 +211,24 @@ def test_dense_outputs_refuse_what_has_no_patch_grid_in_one_line():
     with pytest.raises(vitprune.VitpruneError, match="not token-reduced"):
         vitprune.reduced_intermediates(_model("vit"), x)
     assert len(tome.get_intermediate_layers(x, n=2)) == 2  # timm's older call goes through the reduced path
+
+
+def test_merge_holders_name_the_row_each_token_was_merged_into():
+    torch.manual_seed(0)
+    tokens = torch.eye(11).unsqueeze(0).repeat(2, 1, 1)  # token j is the unit vector j: where it goes is visible
+    matching = tome_match(torch.randn(2, 11, 8), num_prefix=2, r=3)
+    merged, _ = merge_tokens(tokens, torch.ones(2, 11, 1), matching, num_prefix=2)
+    holders = merge_holders(matching, 11, num_prefix=2)
+    assert torch.equal((merged > 0).sum(dim=1), torch.ones(2, 11, dtype=torch.int64))  # one holder per token
+    assert torch.equal(merged.argmax(dim=1), holders)
+
+
+def test_index_holders_skip_padding_and_a_grid_keeps_what_was_dropped():
+    index = torch.tensor([[0, 2, 3, 3]])
+    holders = index_holders(index, 5, valid=torch.tensor([[True, True, True, False]]))
+    assert holders.tolist() == [[0, -1, 1, 2, -1]]  # the padding repeat of token 3 holds nothing
+    x = torch.arange(5.0).view(1, 5, 1)
+    grid = PatchGrid.start(x, num_prefix=1).follow(holders, x)  # patches 0..3 were rows 1..4
+    assert grid.holder.tolist() == [[-1, 1, 2, -1]]
+    reduced = torch.tensor([[[10.0], [12.0], [13.0]]])
+    assert grid.dense(reduced).flatten().tolist() == [1.0, 12.0, 13.0, 4.0]

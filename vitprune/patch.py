@@ -53,8 +53,8 @@ class ReducedVisionTransformer:
                               output_fmt: str = "NCHW", intermediates_only: bool = False, output_dict: bool = False,
                               attn_mask: Tensor | None = None, is_causal: bool = False) -> Any:
         """timm's dense outputs of the reduced model, in timm's layout: each requested block's tokens
-        put back on the patch grid (`dense_tokens`: a merged token's features copied to every patch
-        it holds, a dropped patch keeping the features it had when it was dropped). The final
+        put back on the patch grid (`PatchGrid.dense`: a merged token's features copied to every
+        patch it holds, a dropped patch keeping the features it had when it was dropped). The final
         features are the reduced tokens, exactly `forward_features`' output, so `forward_head`
         gives the reduced model's logits."""
         if attn_mask is not None or is_causal:

@@ -41,8 +41,8 @@ def ppt_reduce(x: Tensor, size: Tensor, scores: Tensor, metric: Tensor, num_pref
     matching = tome_match(metric, num_prefix, r)
     pooled, pooled_size = merge_tokens(x, size, matching, num_prefix)
     choose = prunes[:, None, None]
-    moved = None
+    held_by = None
     if holders:
-        moved = torch.where(prunes[:, None], index_holders(index, tokens), merge_holders(matching, tokens, num_prefix))
+        held_by = torch.where(prunes[:, None], index_holders(index, tokens), merge_holders(matching, tokens, num_prefix))
     return (torch.where(choose, gather_tokens(x, index), pooled),
-            torch.where(choose, gather_tokens(size, index), pooled_size), prunes, moved)
+            torch.where(choose, gather_tokens(size, index), pooled_size), prunes, held_by)
