@@ -12,7 +12,8 @@ import vitprune
 from vitprune.flops import model_input
 from vitprune.models import is_supported_vit
 from vitprune.blocks import block_kind
-from vitprune.patch import record_tokens, shared_position_bias
+from vitprune.patch import has_position_bias, record_tokens, shared_position_bias
+from vitprune.plan import Plan
 from vitprune.reducers import pair_bias, unit_rotations
 
 METHODS = [{"method": "tome", "r": 3}, {"method": "evit", "keep": 0.6, "layers": [1]},
@@ -30,7 +31,8 @@ def test_every_block_kind_runs_noop_batch_and_remove_exactly(family):
     x = _images(model, 2)
     with torch.inference_mode():
         base = model(x)
-        vitprune.apply(model, method="tome", r=0)  # a no-op plan: timm's own blocks, bit-identical
+        # a no-op plan: timm's own blocks, bit-identical (ToMe is refused where a bias needs positions)
+        vitprune.apply(model, Plan()) if has_position_bias(model) else vitprune.apply(model, method="tome", r=0)
         assert torch.equal(model(x), base)
         for kwargs in METHODS:
             try:
@@ -187,3 +189,10 @@ def test_a_pruned_relative_position_model_exports_to_onnx_with_parity(tmp_path, 
     export_onnx(model, tmp_path / "model.onnx")
     parity = verify_onnx(model, tmp_path / "model.onnx", _images(model, 2), batch_size=2, provider="cpu")
     assert parity["passed"] and parity["max_abs_diff"] < 1e-4
+
+
+def test_calibrate_refuses_relative_position_models_naming_what_runs():
+    from vitprune.budget import Budget
+    from vitprune.calibrate.prepare import prepare
+    with pytest.raises(vitprune.VitpruneError, match="pruning only.*evit fuse=false, ats or zerotprune"):
+        prepare(build_family("beit_rel_pos"), None, False, Budget("ratio", 0.7))
