@@ -4,6 +4,7 @@ it runs is right.
     python benchmarks/zoo.py                       # census + forward tests of every config family
     python benchmarks/zoo.py --families 6          # the forward tests of the first 6 families only
     python benchmarks/zoo.py --no-onnx             # without the ONNX parity sample
+    python benchmarks/zoo.py --classes Beit,VisionTransformerRelPos   # the forward tests of these classes only
 
 1. Census: every model of timm's ViT modules built on the meta device (no memory, no weights),
    counted by class and by what vitprune says of it (supported, or refused with the part that blocks it).
@@ -14,7 +15,8 @@ it runs is right.
    error). For each that runs: MACs (vitprune.flops) against FlopCounterMode with math attention on the
    same image, to 1e-6 relative; a batch of 2 against the two images alone; and per family a no-op plan
    (ToMe r=0) and `vitprune.remove` bit-identical to the base model; ONNX parity (ToMe) on the first
-   family of each class.
+   family of each class. Models with a relative position bias (BEiT, RelPos) take pruning only: there
+   the no-op plan is the empty plan, EViT runs with fuse=false and the ONNX sample is EViT's.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ from vitprune import methods
 from vitprune.errors import VitpruneError
 from vitprune.flops import count_macs, model_input
 from vitprune.models import is_supported_vit
+from vitprune.patch import has_position_bias
+from vitprune.plan import Plan
 
 MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit", "vitamin", "vision_transformer_sam", "eva",
            "beit", "vision_transformer_relpos", "naflexvit")
@@ -43,6 +47,10 @@ DEPTH, GRID = 4, 6
 SETTINGS = {"evit": {"keep": 0.7, "layers": [1]}, "ats": {"keep": 0.7, "layers": [1]}, "tome": {"r": 3},
             "zerotprune": {"keep": 0.7, "layers": [1]}, "ppt": {"r": 3, "layers": [1]},
             "transform": {"keep": 0.7, "layers": [1]}}
+# models with a relative position bias: what runs in place of a merge (the no-op, the ONNX sample) and EViT unfused
+PRUNING_ONLY = {"evit": {"fuse": False}}
+ONNX_SAMPLE = {"method": "tome", "r": 3}
+ONNX_SAMPLE_PRUNING = {"method": "evit", "keep": 0.7, "fuse": False, "layers": [1]}
 
 
 def census() -> list[dict]:
@@ -117,13 +125,15 @@ def test_family(row: dict, onnx: bool) -> dict:
         return out
     x = torch.randn_like(model_input(model, 2))
     worst = 0.0
+    pruning_only = has_position_bias(model)
     with torch.inference_mode():
         base = model(x)
-        vitprune.apply(model, method="tome", r=0)
+        vitprune.apply(model, Plan()) if pruning_only else vitprune.apply(model, method="tome", r=0)
         noop = torch.equal(model(x), base)
     for name in methods.names():
+        extra = PRUNING_ONLY.get(name, {}) if pruning_only else {}
         try:
-            vitprune.apply(model, method=name, **SETTINGS[name])
+            vitprune.apply(model, method=name, **SETTINGS[name], **extra)
         except VitpruneError as error:
             out["methods"][name] = f"refused ({error})"
             continue
@@ -134,7 +144,8 @@ def test_family(row: dict, onnx: bool) -> dict:
             rel = abs(count_macs(model, x[:1]).gmacs / torch_gmacs(model, x[:1]) - 1)
             worst = max(worst, rel)
             same = torch.allclose(batch, alone, rtol=1e-4, atol=1e-4)
-            out["methods"][name] = "ok" if rel <= 1e-6 and same else f"failed (MACs rel {rel:.1e}, batch {same})"
+            ok = "ok" + (f" ({', '.join(f'{k}={v}' for k, v in extra.items())})".lower() if extra else "")
+            out["methods"][name] = ok if rel <= 1e-6 and same else f"failed (MACs rel {rel:.1e}, batch {same})"
         except Exception as error:
             out["methods"][name] = f"failed ({type(error).__name__}: {str(error)[:80]})"
     vitprune.remove(model)
@@ -142,7 +153,7 @@ def test_family(row: dict, onnx: bool) -> dict:
         removed = torch.equal(model(x), base)
     out["exact"] = f"MACs {worst:.0e}, no-op {'=' if noop else '!='}, remove {'=' if removed else '!='}"
     if onnx:
-        out["onnx"] = onnx_parity(vitprune.apply(model, method="tome", r=3), x)
+        out["onnx"] = onnx_parity(vitprune.apply(model, **(ONNX_SAMPLE_PRUNING if pruning_only else ONNX_SAMPLE)), x)
     return out
 
 
@@ -163,6 +174,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", type=int, default=None, help="forward-test only the first N families")
     parser.add_argument("--no-onnx", action="store_true")
+    parser.add_argument("--classes", default=None, help="forward-test only the families of these classes (comma list)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
@@ -180,7 +192,8 @@ def main() -> None:
         why = "; ".join(f"{count}: {reason}" for reason, count in reasons.most_common())
         print(f"| {cls} | {len(members)} | {supported} | {why} |")
     picked = families(rows)
-    tested = picked if args.families is None else picked[:args.families]
+    tested = picked if args.classes is None else [row for row in picked if row["class"] in args.classes.split(",")]
+    tested = tested if args.families is None else tested[:args.families]
     print(f"\n{len(picked)} config families up to {MAX_PARAMS / 1e6:.0f}M parameters; {len(tested)} forward-tested "
           f"(random weights, depth {DEPTH}, {GRID}x{GRID} patches)\n")
     names = methods.names()
@@ -197,7 +210,7 @@ def main() -> None:
         for name in names:
             status = result["methods"].get(name, "-")
             totals[status.split(" ")[0]] += 1
-            cells.append(status if status in ("ok", "-") else status[:60])
+            cells.append(status if status.startswith("ok") or status == "-" else status[:60])
         if "reason" in result:
             cells = [f"refused: {result['reason']}"[:90]] + [""] * (len(names) - 1)
         print(f"| {row['name']} | {row['class']} | {result['params_m']:.1f} | " + " | ".join(cells)

@@ -9,9 +9,9 @@ import torch
 from conftest import BLOCK_FAMILIES, build_family
 
 import vitprune
+from vitprune.blocks import block_kind
 from vitprune.flops import model_input
 from vitprune.models import is_supported_vit
-from vitprune.blocks import block_kind
 from vitprune.patch import has_position_bias, record_tokens, shared_position_bias
 from vitprune.plan import Plan
 from vitprune.reducers import pair_bias, unit_rotations

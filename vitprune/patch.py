@@ -143,25 +143,21 @@ class ReducedVisionTransformer:
         else:
             q, k, v = _per_token(lambda t: kind.project_qkv(block, t), normed, rows)
         q, k, v = kind.heads(block, q, k, v, state.rope)
-        # relative position biases: the unreduced table's rows and columns at the tokens' own positions
+        # relative position biases: the unreduced bias's rows and columns at the tokens' own positions
         table = None if state.position is None else kind.position_bias(block, run.shared_bias)
-        key_position = state.position
         ctx = self._context(kind, block, q, k, v, state, run.num_input_tokens, run.pad_to,
-                            _with_pairs(state.key_bias(), table, None if table is None else key_position[:, :q.shape[2]],
-                                        key_position))
+                            _logit_bias(state, table, None if table is None else state.position[:, :q.shape[2]]))
         tokens_in = x.shape[1]
         if run.head_only:  # the prefix tokens are real in every image: no padding left
             x, normed, rows = x[:, :prefix], normed[:, :prefix], None
-            state = TokenState(size=None if state.size is None else state.size[:, :prefix],
-                               rope=None if state.rope is None else state.rope[:, :prefix],
-                               position=None if state.position is None else state.position[:, :prefix])
+            state = TokenState(**{name: None if getattr(state, name) is None else getattr(state, name)[:, :prefix]
+                                  for name in ("size", "rope", "position")})
         attn_bias = ctx.key_bias
         if spec is not None and spec.selects_queries:
             index, state = _select(spec, ctx, run.reduction.settings)
             q, x, normed = _take_queries(q, index), gather_tokens(x, index), gather_tokens(normed, index)
             rows = _real_rows(state.valid) if run.packed else None
-            if table is not None:  # the selected queries' rows
-                attn_bias = _with_pairs(ctx.state.key_bias(), table, state.position, key_position)
+            attn_bias = attn_bias if table is None else _logit_bias(ctx.state, table, state.position)  # their rows
         if spec is not None and spec.needs_attention:
             out = self._attend_explicit(kind, block, q, k, v, ctx)
         else:
@@ -271,14 +267,15 @@ def _select(spec: Any, ctx: BlockContext, settings: dict) -> tuple[Tensor, Token
     return index, state
 
 
-def _with_pairs(key_bias: Tensor | None, table: Tensor | None, query_position: Tensor | None,
-                key_position: Tensor | None) -> Tensor | None:
-    """The token state's logit bias (B, 1, 1, N) plus, on relative-position blocks, the bias of each
-    (query, key) pair of positions from the block's `table` (H, N0, N0): (B, H, Nq, N)."""
+def _logit_bias(keys: TokenState, table: Tensor | None, query_position: Tensor | None) -> Tensor | None:
+    """The keys' state's logit bias (B, 1, 1, N) plus, on relative-position blocks, the bias of each
+    (query, key) pair of positions from the block's bias over the unreduced tokens `table` (H, N0, N0):
+    (B, H, Nq, N)."""
+    bias = keys.key_bias()
     if table is None:
-        return key_bias
-    pairs = pair_bias(table, query_position, key_position)
-    return pairs if key_bias is None else pairs + key_bias.to(pairs.dtype)
+        return bias
+    pairs = pair_bias(table, query_position, keys.position)
+    return pairs if bias is None else pairs + bias.to(pairs.dtype)
 
 
 def _merge_heads(out: Tensor) -> Tensor:
