@@ -25,8 +25,8 @@ CLI_ONLY = {"threads", "json_out", "config"}  # torch's thread count and the out
 # request field -> the option(s) the CLI derives it from (a flag that negates it, a switch, a parsed list);
 # None: a library-only setting the CLI leaves at its default
 DERIVED = {
-    "apply": {"fuse": "no_fuse", "bench_batches": ("bench", "bench_batch"), "progress": "json_out"},
-    "export": {"fuse": "no_fuse", "bench_batches": "bench_batch", "progress": "json_out", "verify_batch": None},
+    "apply": {"fuse": "no_fuse", "bench_batch": ("bench", "bench_batch"), "progress": "json_out"},
+    "export": {"fuse": "no_fuse", "bench_batch": "bench_batch", "progress": "json_out", "verify_batch": None},
     "finetune": {"fuse": "no_fuse", "augment": "no_augment", "progress": "json_out", "eval_batch_size": None,
                  "features": None},
     "calibrate": {"progress": "json_out",

@@ -257,7 +257,7 @@ def test_no_arguments_prints_the_help_without_a_bare_error(capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (("--bench", "--bench-batch", "1,10000000"), "bench_batches 10000000 cannot fit in memory"),
+    (("--bench", "--bench-batch", "1,10000000"), "--bench-batch 10000000 cannot fit in memory"),
     (("--batch-size", "10000000"), "--batch-size 10000000 cannot fit in memory"),
     (("--img-size", "160000"), "input size 160000 (--img-size) cannot fit in memory"),
 ])

@@ -91,7 +91,7 @@ def test_choose_provider_with_a_fake_list_of_available_providers():
 
 def test_apply_reports_its_dtype(tmp_path):
     request = ApplyRequest(model="vit_tiny_patch16_224", no_pretrained=True, img_size=32, method="tome", r=2,
-                           dtype="bfloat16", bench_batches=(2,), bench_repeats=1, progress=False,
+                           dtype="bfloat16", bench_batch=(2,), bench_repeats=1, progress=False,
                            output=tmp_path / "out")
     report = run_apply(request).report
     assert report["runtime"] == {"device": "cpu", "dtype": "bfloat16", "compile": False, "compile_mode": None}

@@ -80,14 +80,19 @@ def test_apply_on_a_finetuned_artifact_reports_against_its_teacher(finetuned, im
     assert abs(against_teacher["kl"] - against_finetuned["kl"]) > 10 * abs(report["kl"] - against_teacher["kl"])
     assert report["reference"]["finetuned_unreduced"]["kl"] == pytest.approx(unreduced_figures["kl"], rel=1e-3, abs=1e-5)
     assert "the teacher this artifact was fine-tuned from: vit_tiny_patch16_224" in (tmp_path / "a" / "report.md").read_text()
+    carried = load_base(str(tmp_path / "a"))  # the artifact apply wrote keeps the teacher
+    assert carried.teacher is not None and state_sha256(carried.teacher) == state_sha256(teacher)
+    again = run_apply(ApplyRequest(model=str(tmp_path / "a"), data=images, workers=0, progress=False)).report
+    assert again["reference"]["compared_with"] == "teacher" and again["kl"] == pytest.approx(report["kl"], rel=1e-5)
 
 
 @pytest.mark.slow
-def test_calibrate_on_a_finetuned_artifact_reports_against_its_teacher(finetuned, images: Path) -> None:
+def test_calibrate_on_a_finetuned_artifact_reports_against_its_teacher(finetuned, images: Path,
+                                                                       tmp_path: Path) -> None:
     out, teacher = finetuned
     result = run_calibrate(CalibrateRequest(model=str(out), data=images, budget=Budget("ratio", 0.7), img_sizes=[64],
                                             protect=0.0, search_images=2, refine_steps=0, bench_repeats=1, workers=0,
-                                            progress=False))
+                                            progress=False, output=tmp_path / "c"))
     report, holdout = result.report, result.holdout_files
     with torch.no_grad():
         pixels, labels, image_set = load_images_for(teacher, images, limit=None, workers=0, progress=False)
@@ -99,6 +104,8 @@ def test_calibrate_on_a_finetuned_artifact_reports_against_its_teacher(finetuned
     assert report["kl"] == pytest.approx(expected["kl"], rel=1e-3, abs=1e-5)
     assert abs(expected["kl"] - finetuned["kl"]) > 10 * abs(report["kl"] - expected["kl"])  # not the fine-tuned base
     assert "finetuned_unreduced" in report["reference"] and "frontier_against" in report["reference"]
+    carried = load_base(str(tmp_path / "c")).teacher  # the artifact calibrate wrote keeps the teacher
+    assert carried is not None and state_sha256(carried) == state_sha256(teacher)
 
 
 def _copied(artifact: Path, copy: Path, leave_out: str | None = None) -> Path:

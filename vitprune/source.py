@@ -7,14 +7,14 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from vitprune.artifact import identity_info, read_artifact
+from vitprune.artifact import TEACHER_KEY, identity_info, read_artifact
 from vitprune.data import ImageSet, check_labels, load_images, transform_for
 from vitprune.errors import VitpruneError
 from vitprune.hf import is_transformers_folder, load_transformers
 from vitprune.models import create_model, use_pre_logits
 from vitprune.patch import model_img_size
 from vitprune.plan import Plan
-from vitprune.teacher import teacher_of
+from vitprune.teacher import TEACHER_FILE, carry_teacher, teacher_of
 from vitprune.timm_datasets import DatasetOptions, ImageStream, find_image_set, stream_batches
 
 
@@ -32,6 +32,17 @@ class BaseModel:
     def reference(self) -> nn.Module:
         """What reports judge a reduced model against: the teacher of a fine-tuned artifact, else the base."""
         return self.teacher if self.teacher is not None else self.model
+
+    def info_for(self, student: nn.Module) -> tuple[dict, dict[str, bytes]]:
+        """(the info, the extra files) of an artifact made from this base: a fine-tuned artifact's teacher
+        goes on with it (its record, and its tensors when they were with the artifact), so that reports
+        on the new artifact still judge it against the model the user started from."""
+        if self.teacher_record is None:
+            return self.info, {}
+        if self.teacher is None:
+            return {**self.info, TEACHER_KEY: self.teacher_record}, {}
+        record, data = carry_teacher(self.teacher, student, self.teacher_record)
+        return {**self.info, TEACHER_KEY: record}, {TEACHER_FILE: data}
 
 
 def is_artifact(source: str | Path) -> bool:

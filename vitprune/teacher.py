@@ -38,25 +38,29 @@ def state_sha256(model: nn.Module) -> str:
 
 
 def teacher_record(teacher: nn.Module, student: nn.Module, info: dict) -> tuple[dict, bytes]:
-    """(the teacher's record for vitprune.json, the teacher.safetensors bytes: its tensors that
-    differ from the student's, the position embedding too when the student runs at another input
-    size). `info` is the teacher's `create_model` info."""
-    student_state = student.state_dict()
-    changed = {name: tensor.detach().cpu().contiguous() for name, tensor in teacher.state_dict().items()
-               if name not in student_state or not torch.equal(tensor.cpu(), student_state[name].cpu())}
-    text = json.dumps({"model": info["model"], "tensors": len(changed)})
-    data = safetensors.torch.save(changed, metadata={TEACHER_KEY: text, WEIGHTS_SHA256_KEY: content_sha256(text, changed)})
+    """(the teacher's record for vitprune.json, the teacher.safetensors bytes). `info` is the teacher's
+    `create_model` info."""
     record = {
         "model": info["model"] + (f".{info['tag']}" if info.get("tag") else ""),
         "checkpoint": info.get("checkpoint"),
         "checkpoint_sha256": info.get("checkpoint_sha256"),
         "weights_sha256": state_sha256(teacher),
-        "file": TEACHER_FILE,
-        "file_sha256": hashlib.sha256(data).hexdigest(),
-        "tensors": len(changed),
         "img_size": model_img_size(teacher),  # the student's may be smaller (a plan's input size)
     }
-    return record, data
+    return carry_teacher(teacher, student, record)
+
+
+def carry_teacher(teacher: nn.Module, student: nn.Module, record: dict) -> tuple[dict, bytes]:
+    """(`record` with its file's fields, the teacher.safetensors bytes: the teacher's tensors that differ
+    from the student's, the position embedding too when the student runs at another input size). Also
+    how an artifact made from a fine-tuned one (apply, calibrate) keeps its teacher."""
+    student_state = student.state_dict()
+    changed = {name: tensor.detach().cpu().contiguous() for name, tensor in teacher.state_dict().items()
+               if name not in student_state or not torch.equal(tensor.cpu(), student_state[name].cpu())}
+    text = json.dumps({"model": record["model"], "tensors": len(changed)})
+    data = safetensors.torch.save(changed, metadata={TEACHER_KEY: text, WEIGHTS_SHA256_KEY: content_sha256(text, changed)})
+    return {**record, "file": TEACHER_FILE, "file_sha256": hashlib.sha256(data).hexdigest(),
+            "tensors": len(changed)}, data
 
 
 def teacher_of(source: str | Path, unreduced: nn.Module, metadata: dict, *,

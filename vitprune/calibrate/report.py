@@ -150,10 +150,11 @@ def image_counts(search: Search, images: ImageSplit, info: RunInfo) -> dict:
             "points_per_holdout_image": round(100 / len(images.holdout_set), 3)}
 
 
-def write_calibration(output: Path, reduced: nn.Module, info: dict, report: dict, force: bool) -> None:
-    """The artifact, with report.json, report.md and pareto.png."""
+def write_calibration(output: Path, reduced: nn.Module, info: dict, files: dict[str, bytes], report: dict,
+                      force: bool) -> None:
+    """The artifact, with report.json, report.md, pareto.png and `files` (a fine-tuned base's teacher)."""
     write_artifact(output, reduced, info, report=report, report_md=render_calibration_markdown(report), force=force,
-                   extra_files={"pareto.png": pareto_png(report)})
+                   extra_files={**files, "pareto.png": pareto_png(report)})
 
 
 # -- report.md ------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def apply(
 
     request = make_request(ApplyRequest, locals(), derive={
         **REDUCTION_RULES, "progress": progress_rule,
-        "bench_batches": lambda values: parse_batches(values["bench_batch"]) if values["bench"] else ()})
+        "bench_batch": lambda values: parse_batches(values["bench_batch"]) if values["bench"] else ()})
     set_threads(threads)
     result = run_apply(request)
     if not result.is_main:

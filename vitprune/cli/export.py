@@ -85,7 +85,7 @@ def export(
     request = make_request(ExportRequest, locals(), aliases=(
         Alias("old_batch", "batch"), Alias("fp16", "dtype", lambda on: "float16" if on else "float32")), derive={
         **REDUCTION_RULES, "progress": progress_rule,
-        "bench_batches": lambda values: parse_batches(values["bench_batch"])})
+        "bench_batch": lambda values: parse_batches(values["bench_batch"])})
     set_threads(threads)
     report = run_export(request)
     if json_out:

@@ -31,7 +31,7 @@ class ApplyRequest(ReducedModelSpec, DatasetOptions):
     limit: int | None = None
     batch_size: int = 64
     workers: int = 2
-    bench_batches: tuple[int, ...] = ()
+    bench_batch: tuple[int, ...] = ()  # the batch sizes timed (the --bench-batch option)
     bench_repeats: int = 10
     device: str = "cpu"
     dtype: str = "float32"
@@ -50,8 +50,8 @@ class ApplyRequest(ReducedModelSpec, DatasetOptions):
         check_whole(self.bench_repeats, "bench_repeats", 1)
         if self.limit is not None:
             check_whole(self.limit, "limit", 1)
-        for batch in self.bench_batches:
-            check_whole(batch, "bench_batches", 1)
+        for batch in self.bench_batch:
+            check_whole(batch, "bench_batch", 1)
         check_device(self.device)
         Runtime(self.device, self.dtype, self.compile, self.compile_mode).check()
         if self.output is not None:
@@ -93,7 +93,7 @@ def _apply(request: ApplyRequest, job: Distributed) -> ApplyResult:
         torch.manual_seed(0)  # the same random init on every process (no_pretrained)
     base, plan, reduced = build_reduced(request)
     device = str(job.device)
-    check_memory(reduced, device, batch_size=request.batch_size, bench_batches=request.bench_batches)
+    check_memory(reduced, device, batch_size=request.batch_size, bench_batch=request.bench_batch)
     base_model, reduced = base.reference.to(device), reduced.to(device)  # the teacher of a fine-tuned artifact
 
     def stream(base_model: nn.Module, reduced: nn.Module) -> ImageStream:
@@ -103,7 +103,7 @@ def _apply(request: ApplyRequest, job: Distributed) -> ApplyResult:
 
     evidence = Evidence(batches=stream(base_model, reduced) if request.data is not None else None,
                         data_path=str(request.data) if request.data else None,
-                        bench_batches=request.bench_batches if job.is_main else (),
+                        bench_batches=request.bench_batch if job.is_main else (),
                         bench_repeats=request.bench_repeats, batch_size=request.batch_size, device=device,
                         dtype=request.dtype, compile=request.compile, compile_mode=request.compile_mode,
                         progress=request.progress and job.is_main, gather=job.gather)
@@ -113,11 +113,12 @@ def _apply(request: ApplyRequest, job: Distributed) -> ApplyResult:
     if reference is not None:
         report["reference"] = reference
     if request.output is not None and job.is_main:
-        report_md, extra = render_markdown(report) + reference_markdown(reference), {}
+        report_md = render_markdown(report) + reference_markdown(reference)
+        info, extra = base.info_for(reduced.cpu())
         if evaluation.sample is not None and plan.reductions:
             extra["tokens.png"] = token_maps_png(reduced, evaluation.sample[:TOKEN_MAP_IMAGES])
             report_md += TOKEN_MAPS_SECTION
-        write_artifact(request.output, reduced.cpu(), base.info, report=report, report_md=report_md,
+        write_artifact(request.output, reduced.cpu(), info, report=report, report_md=report_md,
                        force=request.force, extra_files=extra)
     return ApplyResult(base=base_model, reduced=reduced, info=base.info, report=report, images=evaluation.sample,
                        is_main=job.is_main)

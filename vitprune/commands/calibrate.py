@@ -178,7 +178,7 @@ def _calibrate(request: CalibrateRequest) -> CalibrateResult:
     if base.teacher_record is not None:
         _judge_against_teacher(report, base, reduced, images, setup.base_size)
     if request.output is not None:
-        calibrate.write_calibration(request.output, reduced, base.info, report, request.force)
+        calibrate.write_calibration(request.output, reduced, *base.info_for(reduced), report, request.force)
     return CalibrateResult(plan=written, reduced=reduced, report=report, calibration_files=images.calibration_set.files,
                            holdout_files=images.holdout_set.files, frontier=found.frontier)
 

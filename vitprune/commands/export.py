@@ -49,7 +49,7 @@ class ExportRequest(ReducedModelSpec):
     workers: int = 2
     verify_batch: int = 32
     bench: bool = False
-    bench_batches: tuple[int, ...] = (1, 32)
+    bench_batch: tuple[int, ...] = (1, 32)  # the batch sizes timed (the --bench-batch option)
     bench_repeats: int = 10
     provider: str = "auto"
     threads: int | None = None
@@ -72,8 +72,8 @@ class ExportRequest(ReducedModelSpec):
         check_whole(self.workers, "workers", 0)
         check_whole(self.verify_batch, "verify_batch", 1)
         check_whole(self.bench_repeats, "bench_repeats", 1)
-        for batch in self.bench_batches:
-            check_whole(batch, "bench_batches", 1)
+        for batch in self.bench_batch:
+            check_whole(batch, "bench_batch", 1)
         if self.limit is not None:
             check_whole(self.limit, "limit", 1)
         if self.threads is not None:
@@ -90,7 +90,7 @@ def run_export(request: ExportRequest) -> dict:
     request.check()
     base, plan, reduced = build_reduced(request)
     check_memory(reduced, "cpu", batch=parse_batch(request.batch), verify_batch=request.verify_batch,
-                 bench_batches=request.bench_batches)
+                 bench_batch=request.bench_batch)
     reduced.eval()
     report_path = Path(request.onnx).resolve().parent / "report.json"
     identity = model_identity(reduced, base.info)
@@ -103,7 +103,8 @@ def run_export(request: ExportRequest) -> dict:
         section = _export_and_verify(request, reduced, plan, onnx_tmp, images, evidence.images is not None)
         if request.safetensors is not None:
             weights_tmp = outputs.enter_context(atomic_output_file(request.safetensors, force=True))
-            save_checked_weights(reduced, weights_tmp, base.info, plan, images[:RANDOM_VERIFY_IMAGES])
+            info = base.info_for(reduced)[0]  # the one-file form names a fine-tuned artifact's teacher, without its tensors
+            save_checked_weights(reduced, weights_tmp, info, plan, images[:RANDOM_VERIFY_IMAGES])
         if previous is not None:
             report = previous
         else:  # judged against the teacher of a fine-tuned artifact, saying so
@@ -155,7 +156,7 @@ def _bench(request: ExportRequest, base: nn.Module, reduced_path: Path, evidence
     """The unreduced graph timed against the reduced one on ONNX Runtime: the latency entries."""
     inputs = {"base": evidence.base_images if evidence.base_images is not None else images, "reduced": images}
     return bench_against_base(base, reduced_path, inputs, batch=request.batch, opset=request.opset,
-                              fp16=request.graph_fp16, bench_batches=request.bench_batches,
+                              fp16=request.graph_fp16, bench_batches=request.bench_batch,
                               repeats=request.bench_repeats, provider=request.provider,
                               threads=request.threads, real_images=evidence.images is not None)
 
