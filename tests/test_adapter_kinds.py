@@ -196,3 +196,9 @@ def test_calibrate_refuses_relative_position_models_naming_what_runs():
     from vitprune.calibrate.prepare import prepare
     with pytest.raises(vitprune.VitpruneError, match="pruning only.*evit fuse=false, ats or zerotprune"):
         prepare(build_family("beit_rel_pos"), None, False, Budget("ratio", 0.7))
+
+
+def test_supervit_refuses_relative_position_models():
+    from vitprune.finetune.supervit import grid_variants
+    with pytest.raises(vitprune.VitpruneError, match="supervit.*relative position bias"):
+        grid_variants(build_family("relpos_mlp_cls"), (64, 48), (1.0, 0.7))
