@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from vitprune.blocks import block_kind
 from vitprune.errors import VitpruneError
 from vitprune.methods import BlockContext, TokenState
-from vitprune.models import is_supported_vit, patch_size_of
+from vitprune.models import RELATIVE_POSITION_CLASSES, is_supported_vit, patch_size_of
 from vitprune.plan import Plan, Reduction, make_plan
 from vitprune.reducers import (
     attention_probs,
@@ -381,7 +381,8 @@ def shared_position_bias(model: nn.Module) -> Tensor | None:
 
 def has_position_bias(model: nn.Module) -> bool:
     """Whether the model's attention adds a bias per pair of token positions (BEiT, VisionTransformerRelPos)."""
-    return any(block_kind(block).relative_position for block in model.blocks)
+    return isinstance(model, RELATIVE_POSITION_CLASSES) and any(block_kind(block).relative_position
+                                                                for block in model.blocks)
 
 
 def carried_channels(model: nn.Module) -> int:
