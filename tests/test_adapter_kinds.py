@@ -14,7 +14,7 @@ from vitprune.flops import model_input
 from vitprune.models import is_supported_vit
 from vitprune.patch import has_position_bias, record_tokens, shared_position_bias
 from vitprune.plan import Plan
-from vitprune.reducers import pair_bias, unit_rotations
+from vitprune.reducers import channel_positions, pair_bias, position_channels, unit_rotations
 
 METHODS = [{"method": "tome", "r": 3}, {"method": "evit", "keep": 0.6, "layers": [1]},
            {"method": "ats", "keep": 0.6, "layers": [1]}, {"method": "zerotprune", "keep": 0.7, "layers": [1]}]
@@ -137,6 +137,8 @@ def test_the_pair_bias_is_the_tables_rows_and_columns_at_the_positions():
     query, key = torch.tensor([[0, 2, 5], [0, 1, 6]]), torch.tensor([[0, 2, 5, 6], [0, 1, 3, 6]])
     expected = torch.stack([table[:, q][:, :, k] for q, k in zip(query, key, strict=True)])
     assert torch.equal(pair_bias(table, query, key), expected)
+    positions = torch.arange(5000).view(1, -1)  # ride in the tokens' dtype: bfloat16 holds whole numbers to 256
+    assert torch.equal(channel_positions(position_channels(positions, torch.bfloat16)), positions)
 
 
 def _masked_reference(model, x, layer, alive):
