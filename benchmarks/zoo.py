@@ -4,7 +4,7 @@ it runs is right.
     python benchmarks/zoo.py                       # census + forward tests of every config family
     python benchmarks/zoo.py --families 6          # the forward tests of the first 6 families only
     python benchmarks/zoo.py --no-onnx             # without the ONNX parity sample
-    python benchmarks/zoo.py --classes Beit,VisionTransformerRelPos   # the forward tests of these classes only
+    python benchmarks/zoo.py --classes Beit,Eva    # the forward tests of these classes' families only
 
 1. Census: every model of timm's ViT modules built on the meta device (no memory, no weights),
    counted by class and by what vitprune says of it (supported, or refused with the part that blocks it).
@@ -173,8 +173,8 @@ def onnx_parity(model: torch.nn.Module, x: torch.Tensor) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", type=int, default=None, help="forward-test only the first N families")
+    parser.add_argument("--classes", default=None, help="forward-test only these classes' families (comma-separated)")
     parser.add_argument("--no-onnx", action="store_true")
-    parser.add_argument("--classes", default=None, help="forward-test only the families of these classes (comma list)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
@@ -192,8 +192,9 @@ def main() -> None:
         why = "; ".join(f"{count}: {reason}" for reason, count in reasons.most_common())
         print(f"| {cls} | {len(members)} | {supported} | {why} |")
     picked = families(rows)
-    tested = picked if args.classes is None else [row for row in picked if row["class"] in args.classes.split(",")]
-    tested = tested if args.families is None else tested[:args.families]
+    if args.classes:
+        picked = [row for row in picked if row["class"] in args.classes.split(",")]
+    tested = picked if args.families is None else picked[:args.families]
     print(f"\n{len(picked)} config families up to {MAX_PARAMS / 1e6:.0f}M parameters; {len(tested)} forward-tested "
           f"(random weights, depth {DEPTH}, {GRID}x{GRID} patches)\n")
     names = methods.names()

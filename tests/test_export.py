@@ -330,3 +330,28 @@ def test_cli_disk_full_while_writing_the_report_leaves_nothing(tmp_path, capsys,
     assert cli(*EVIT, "--onnx", tmp_path / "m.onnx", "--safetensors", tmp_path / "m.safetensors", "--json") == 2
     assert f"disk full while writing {tmp_path / 'report.json'}" in _one_error_line(capsys)
     assert list(tmp_path.iterdir()) == []  # the ONNX file, the weights and every temporary file are gone
+
+
+def test_verify_on_a_stream_of_batches_equals_verify_on_the_held_images(tmp_path):
+    model = tiny("ats")
+    export_onnx(model, tmp_path / "m.onnx")
+    held = images(7)
+    streamed = verify_onnx(model, tmp_path / "m.onnx", iter(held.split(3)), batch_size=3, provider="cpu")
+    assert streamed == verify_onnx(model, tmp_path / "m.onnx", held, batch_size=3, provider="cpu")
+    with pytest.raises(VitpruneError, match="no images"):
+        verify_onnx(model, tmp_path / "m.onnx", iter(()), provider="cpu")
+
+
+@pytest.mark.slow
+def test_export_with_data_checks_and_measures_every_image_streamed(labelled_images, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    code = cli("vit_tiny_patch16_224", "--no-pretrained", "--img-size", IMG, "--method", "tome", "--r", 4,
+               "--data", labelled_images, "--limit", 11, "--workers", 0, "--onnx", out / "m.onnx",
+               "--onnx-batch", 4, "--bench", "--bench-batch", "2", "--bench-repeats", 1, "--json")
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    parity = report["onnx"]["parity"]
+    assert parity["images"] == "real" and parity["n_images"] == 11 and parity["passed"]  # 4 + 4 + 3 padded to 4
+    assert report["data"]["n_images"] == 11 and "top1" in report and "agreement" in report
+    assert report["onnx"]["batch"] == 4 and report["onnx"]["gmacs_speedup"] > 1

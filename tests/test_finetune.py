@@ -451,3 +451,11 @@ def test_a_class_index_the_model_lacks_is_refused_before_training(images: Path, 
     err = _one_error_line(capsys)
     assert str(data / "im2.png") in err and "5000" in err and "1000 classes" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_the_work_folder_is_made_with_its_missing_parents(tmp_path):
+    from vitprune.finetune.checkpoint import OWNER_FILE, start_work_dir
+
+    work = tmp_path / "not" / "there" / "out.partial"
+    start_work_dir(work)
+    assert work.is_dir() and (work / OWNER_FILE).is_file()

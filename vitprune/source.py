@@ -98,17 +98,6 @@ def load_images_for(model: nn.Module, data: Path | str, *, limit: int | None, wo
     return images, labels, image_set
 
 
-def load_eval_images(base: nn.Module, reduced: nn.Module, data: Path, *, limit: int | None, workers: int,
-                     progress: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(images for the reduced model, labels, images for the base when its input size differs, else
-    None), held: for export, which checks the ONNX graph on the same images it evaluates."""
-    images, labels, _ = load_images_for(reduced, data, limit=limit, workers=workers, progress=progress)
-    base_images = None
-    if model_img_size(base) != model_img_size(reduced):
-        base_images, _, _ = load_images_for(base, data, limit=limit, workers=workers, progress=progress)
-    return images, labels, base_images
-
-
 def stream_eval_images(base: nn.Module, reduced: nn.Module, data: str | Path, options: DatasetOptions, *,
                        limit: int | None, workers: int, batch_size: int, shard: tuple[int, int] = (0, 1),
                        pin_memory: bool = False) -> ImageStream:

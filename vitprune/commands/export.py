@@ -2,7 +2,7 @@
 timed against the unreduced graph and saved as one .safetensors file, with the report beside it."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +13,7 @@ from vitprune.artifact import model_identity, report_json, versions
 from vitprune.checks import check_whole
 from vitprune.commands.common import ReducedModelSpec, build_reduced, check_memory, reference_section
 from vitprune.errors import VitpruneError
-from vitprune.evaluation import Evidence, compare
+from vitprune.evaluation import Evaluation, Evidence, evaluate
 from vitprune.export import (
     RANDOM_VERIFY_IMAGES,
     bench_against_base,
@@ -29,8 +29,9 @@ from vitprune.io import atomic_output_file
 from vitprune.onnx_runtime import check_ats_padding, check_opset, choose_provider, parse_batch
 from vitprune.plan import Plan
 from vitprune.report import make_report, render_markdown
-from vitprune.source import BaseModel, load_eval_images
+from vitprune.source import BaseModel, stream_eval_images
 from vitprune.teacher import reference_markdown
+from vitprune.timm_datasets import DatasetOptions, ImageStream
 
 
 @dataclass(kw_only=True)
@@ -95,29 +96,55 @@ def run_export(request: ExportRequest) -> dict:
     report_path = Path(request.onnx).resolve().parent / "report.json"
     identity = model_identity(reduced, base.info)
     previous = existing_report(report_path, identity["name"], plan.describe(), request.force)
-    evidence = _evidence(request, base, reduced)
-    images = evidence.images if evidence.images is not None else random_images(reduced)
+    stream = _streamer(request)
+    report, sample = previous, None
+    if previous is None:  # judged against the teacher of a fine-tuned artifact, saying so
+        report, sample = _measured_report(request, identity, plan, base, reduced, stream)
+    images, base_images = _sample_images(sample, stream, base, reduced)
     with ExitStack() as outputs:
         onnx_tmp = outputs.enter_context(atomic_output_file(request.onnx, force=True))
         outputs.enter_context(_named_as(onnx_tmp, Path(request.onnx)))
-        section = _export_and_verify(request, reduced, plan, onnx_tmp, images, evidence.images is not None)
+        section = _export_and_verify(request, reduced, plan, onnx_tmp, images, stream)
         if request.safetensors is not None:
             weights_tmp = outputs.enter_context(atomic_output_file(request.safetensors, force=True))
             info = base.info_for(reduced)[0]  # the one-file form names a fine-tuned artifact's teacher, without its tensors
             save_checked_weights(reduced, weights_tmp, info, plan, images[:RANDOM_VERIFY_IMAGES])
-        if previous is not None:
-            report = previous
-        else:  # judged against the teacher of a fine-tuned artifact, saying so
-            report = make_report(identity, plan, compare(base.reference, reduced, evidence), versions())
-            reference = reference_section(base, evidence)
-            if reference is not None:
-                report["reference"] = reference
         if request.bench:
-            section.update(_bench(request, base.reference, onnx_tmp, evidence, images))
+            section.update(_bench(request, base.reference, onnx_tmp, images, base_images, stream is not None))
             section["gmacs_speedup"] = round(report["gmacs_base"] / report["gmacs"], 3)
         report["onnx"] = section
         _write_reports(outputs, report_path, report)
     return report
+
+
+Stream = Callable[..., ImageStream]  # (base model, reduced model[, batch_size]) -> the images of `data`, decoded as read
+
+
+def _streamer(request: ExportRequest) -> Stream | None:
+    """The images of `data` for two models' input sizes, streamed (none without `data`): a large folder is
+    never held."""
+    if request.data is None:
+        return None
+
+    def stream(base_model: nn.Module, reduced: nn.Module, batch_size: int = request.verify_batch) -> ImageStream:
+        return stream_eval_images(base_model, reduced, request.data, DatasetOptions(), limit=request.limit,
+                                  workers=request.workers, batch_size=batch_size)
+    return stream
+
+
+def _measured_report(request: ExportRequest, identity: dict, plan: Plan, base: BaseModel, reduced: nn.Module,
+                     stream: Stream | None) -> tuple[dict, Evaluation]:
+    """The reduced model against the base (a fine-tuned artifact's teacher), on the images of `data` or,
+    without them, GMACs only."""
+    evidence = Evidence(batches=stream(base.reference, reduced) if stream is not None else None,
+                        data_path=str(request.data) if request.data is not None else None,
+                        batch_size=request.verify_batch, progress=request.progress)
+    evaluation = evaluate(base.reference, reduced, evidence)
+    report = make_report(identity, plan, evaluation.figures, versions())
+    reference = reference_section(base, evidence, stream)
+    if reference is not None:
+        report["reference"] = reference
+    return report, evaluation
 
 
 @contextmanager
@@ -131,34 +158,42 @@ def _named_as(tmp: Path, final: Path) -> Iterator[None]:
         raise VitpruneError(str(error).replace(str(tmp), str(final)), param=error.param) from None
 
 
-def _evidence(request: ExportRequest, base: BaseModel, reduced: nn.Module) -> Evidence:
-    """The images of `data` (none without it), preprocessed for each model's input size."""
-    images = labels = base_images = None
-    if request.data is not None:
-        images, labels, base_images = load_eval_images(base.reference, reduced, request.data, limit=request.limit,
-                                                       workers=request.workers, progress=request.progress)
-    return Evidence(images=images, labels=labels, base_images=base_images,
-                    data_path=str(request.data) if request.data else None, progress=request.progress)
+def _sample_images(evaluation: Evaluation | None, stream: Stream | None, base: BaseModel,
+                   reduced: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """(images for the reduced model, for the base when its input size differs): the first batch of
+    `data`, else fixed noise; the round trip of the weights and the timing run on them."""
+    if evaluation is not None and evaluation.sample is not None:
+        return evaluation.sample, evaluation.base_sample
+    if stream is not None:
+        for images, base_images, _ in stream(base.reference, reduced):
+            return images, base_images
+    return random_images(reduced), None
 
 
 def _export_and_verify(request: ExportRequest, reduced: nn.Module, plan: Plan, path: Path, images: Tensor,
-                       real_images: bool) -> dict:
-    """The graph written to `path` and checked against PyTorch: the report's "onnx" section."""
-    parity = export_verified(reduced, path, images, real_images=real_images, batch=request.batch,
+                       stream: Stream | None) -> dict:
+    """The graph written to `path` and checked against PyTorch (on every image of `data`, streamed in
+    the graph's batches, else on `images`): the report's "onnx" section."""
+    checked: Tensor | Iterable[Tensor] = images
+    count = None
+    if stream is not None:
+        batches = stream(reduced, reduced, parse_batch(request.batch) or request.verify_batch)
+        checked, count = (batch for batch, _, _ in batches), batches.count
+    parity = export_verified(reduced, path, checked, real_images=stream is not None, batch=request.batch,
                              opset=request.opset, fp16=request.graph_fp16, ats_padding=request.ats_padding,
                              verify_batch=request.verify_batch, provider=request.provider,
-                             threads=request.threads, progress=request.progress)
+                             threads=request.threads, progress=request.progress, count=count)
     return onnx_section(Path(request.onnx).name, path, plan, request.ats_padding, parity, request.safetensors)
 
 
-def _bench(request: ExportRequest, base: nn.Module, reduced_path: Path, evidence: Evidence,
-           images: Tensor) -> dict:
+def _bench(request: ExportRequest, base: nn.Module, reduced_path: Path, images: Tensor, base_images: Tensor | None,
+           real_images: bool) -> dict:
     """The unreduced graph timed against the reduced one on ONNX Runtime: the latency entries."""
-    inputs = {"base": evidence.base_images if evidence.base_images is not None else images, "reduced": images}
+    inputs = {"base": base_images if base_images is not None else images, "reduced": images}
     return bench_against_base(base, reduced_path, inputs, batch=request.batch, opset=request.opset,
                               fp16=request.graph_fp16, bench_batches=request.bench_batch,
                               repeats=request.bench_repeats, provider=request.provider,
-                              threads=request.threads, real_images=evidence.images is not None)
+                              threads=request.threads, real_images=real_images)
 
 
 def _write_reports(outputs: ExitStack, report_path: Path, report: dict) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -69,13 +70,14 @@ def random_images(model: nn.Module, count: int = RANDOM_VERIFY_IMAGES) -> Tensor
     return torch.randn(count, *input_shape(model), generator=torch.Generator().manual_seed(0))
 
 
-def export_verified(model: nn.Module, path: Path, images: Tensor, *, real_images: bool, batch: str | int,
-                    opset: int, fp16: bool, ats_padding: str, verify_batch: int, provider: str,
-                    threads: int | None, progress: bool) -> dict:
-    """Export `model` to `path` and check it on ONNX Runtime; the parity, or an error when it fails."""
+def export_verified(model: nn.Module, path: Path, images: Tensor | Iterable[Tensor], *, real_images: bool,
+                    batch: str | int, opset: int, fp16: bool, ats_padding: str, verify_batch: int, provider: str,
+                    threads: int | None, progress: bool, count: int | None = None) -> dict:
+    """Export `model` to `path` and check it on ONNX Runtime; the parity, or an error when it fails.
+    `images`: held, or streamed in the graph's batches (`count` of them when known)."""
     export_onnx(model, path, batch=batch, opset=opset, fp16=fp16, ats_padding=ats_padding)
     parity = verify_onnx(model, path, images, batch_size=verify_batch, provider=provider, threads=threads,
-                         progress=progress)
+                         progress=progress, count=count)
     if not parity["passed"]:
         raise VitpruneError(f"ONNX export rejected, nothing written: {parity['problem']}")
     parity["images"] = "real" if real_images else "random"  # random: noise images, without data

@@ -1,6 +1,7 @@
 """Parity of an exported graph: ONNX Runtime against PyTorch on the same images, in the same batches."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -8,8 +9,8 @@ from torch import Tensor, nn
 
 from vitprune.data import predict
 from vitprune.errors import VitpruneError
-from vitprune.metrics import classification_metrics
 from vitprune.onnx_runtime import fixed_batch, has_fp16_weights, onnx_predict, onnx_session
+from vitprune.progress import progress_bar
 
 # Largest allowed per-image max |logit difference| ONNX Runtime vs PyTorch (float32 reference).
 # fp32 graphs differ by ~1e-5 (kernel summation order); fp16 weights and activations by ~1e-2.
@@ -21,7 +22,7 @@ MIN_AGREEMENT = 99.5  # percent of images whose top-1 class must match PyTorch
 def verify_onnx(
     model: nn.Module,
     path: str | Path,
-    images: Tensor,
+    images: Tensor | Iterable[Tensor],
     *,
     batch_size: int = 32,
     tolerance: float | None = None,
@@ -29,8 +30,11 @@ def verify_onnx(
     provider: str = "auto",
     threads: int | None = None,
     progress: bool = False,
+    count: int | None = None,
 ) -> dict:
-    """ONNX Runtime against PyTorch (`model`, float32) on `images`, in the same batches.
+    """ONNX Runtime against PyTorch (`model`, float32) on `images`, in the same batches: a tensor, or
+    a stream of image batches (decoded as they are checked, so a large folder is never held; each
+    is cut into the graph's batches; `count` sizes the progress bar).
 
     Per image: the max |logit difference| and whether the top-1 class matches. The export passes
     when at least `min_agreement` % of images agree on top-1 AND the median image lies within
@@ -41,20 +45,28 @@ def verify_onnx(
     Returns {"n_images", "max_abs_diff", "median_abs_diff", "within_tolerance", "agreement",
     "tolerance", "min_agreement", "provider", "passed", "problem"}.
     """
-    if len(images) == 0:
-        raise VitpruneError("no images to verify the ONNX export on", param="images")
     session = onnx_session(path, provider, threads)
     if tolerance is None:
         tolerance = TOLERANCE_FP16 if _is_fp16_graph(session, path) else TOLERANCE_FP32
     step = fixed_batch(session) or batch_size
-    reference = _pytorch_logits(model, images, step, progress)
-    logits = onnx_predict(session, images, step, progress)
-    per_image = (logits - reference).abs().amax(dim=1)
-    agreement = classification_metrics(logits, None, reference)["agreement"]
+    batches = images.split(step) if isinstance(images, Tensor) else images
+    differences, agrees = [], []
+    with progress_bar(progress) as bar:
+        task = bar.add_task("ONNX Runtime against PyTorch", total=len(images) if isinstance(images, Tensor) else count)
+        for batch in batches:
+            reference = _pytorch_logits(model, batch, step)
+            logits = onnx_predict(session, batch, step)
+            differences.append((logits - reference).abs().amax(dim=1))
+            agrees.append(logits.argmax(dim=1) == reference.argmax(dim=1))
+            bar.advance(task, len(batch))
+    if not differences:
+        raise VitpruneError("no images to verify the ONNX export on", param="images")
+    per_image, agree = torch.cat(differences), torch.cat(agrees)
+    agreement = float(agree.double().mean()) * 100
     within = float((per_image <= tolerance).double().mean()) * 100
     problem = _parity_problem(agreement, float(per_image.median()), within, tolerance, min_agreement)
     return {
-        "n_images": int(len(images)),
+        "n_images": int(len(per_image)),
         "max_abs_diff": float(per_image.max()),
         "median_abs_diff": float(per_image.median()),
         "within_tolerance": round(within, 2),
@@ -72,12 +84,11 @@ def _is_fp16_graph(session, path: str | Path) -> bool:
     return session.get_inputs()[0].type == "tensor(float)" and has_fp16_weights(path)
 
 
-def _pytorch_logits(model: nn.Module, images: Tensor, batch_size: int, progress: bool) -> Tensor:
+def _pytorch_logits(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
     """The float32 reference: `model` in eval mode on its own device, in the graph's batches."""
     param = next(model.parameters())
     with torch.inference_mode():
-        return predict(model.eval(), images.to(param.device), batch_size=batch_size, progress=progress,
-                       description="PyTorch")
+        return predict(model.eval(), images.to(param.device), batch_size=batch_size, progress=False)
 
 
 def _parity_problem(agreement: float, median: float, within: float, tolerance: float,

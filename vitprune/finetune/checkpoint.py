@@ -74,7 +74,7 @@ def start_work_dir(work: Path) -> None:
     """A fresh, empty work folder (whatever an earlier run left there is removed), claimed by this run."""
     shutil.rmtree(work, ignore_errors=True)
     try:
-        work.mkdir()
+        work.mkdir(parents=True)  # missing parent folders are made, as for every output (io.check_output_dir)
         claim(work, OWNER_FILE)
     except OSError as error:
         raise write_error(work, error) from None
