@@ -15,7 +15,8 @@ it runs is right.
    error). For each that runs: MACs (vitprune.flops) against FlopCounterMode with math attention on the
    same image, to 1e-6 relative; a batch of 2 against the two images alone; and per family a no-op plan
    (ToMe r=0) and `vitprune.remove` bit-identical to the base model; ONNX parity (ToMe) on the first
-   family of each class.
+   family of each class. Models with a relative position bias (BEiT, RelPos) take pruning only: there
+   the no-op plan is the empty plan, EViT runs with fuse=false and the ONNX sample is EViT's.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from vitprune import methods
 from vitprune.errors import VitpruneError
 from vitprune.flops import count_macs, model_input
 from vitprune.models import is_supported_vit
+from vitprune.patch import has_position_bias
+from vitprune.plan import Plan
 
 MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit", "vitamin", "vision_transformer_sam", "eva",
            "beit", "vision_transformer_relpos", "naflexvit")
@@ -44,6 +47,10 @@ DEPTH, GRID = 4, 6
 SETTINGS = {"evit": {"keep": 0.7, "layers": [1]}, "ats": {"keep": 0.7, "layers": [1]}, "tome": {"r": 3},
             "zerotprune": {"keep": 0.7, "layers": [1]}, "ppt": {"r": 3, "layers": [1]},
             "transform": {"keep": 0.7, "layers": [1]}}
+# models with a relative position bias: what runs in place of a merge (the no-op, the ONNX sample) and EViT unfused
+PRUNING_ONLY = {"evit": {"fuse": False}}
+ONNX_SAMPLE = {"method": "tome", "r": 3}
+ONNX_SAMPLE_PRUNING = {"method": "evit", "keep": 0.7, "fuse": False, "layers": [1]}
 
 
 def census() -> list[dict]:
@@ -118,13 +125,15 @@ def test_family(row: dict, onnx: bool) -> dict:
         return out
     x = torch.randn_like(model_input(model, 2))
     worst = 0.0
+    pruning_only = has_position_bias(model)
     with torch.inference_mode():
         base = model(x)
-        vitprune.apply(model, method="tome", r=0)
+        vitprune.apply(model, Plan()) if pruning_only else vitprune.apply(model, method="tome", r=0)
         noop = torch.equal(model(x), base)
     for name in methods.names():
+        extra = PRUNING_ONLY.get(name, {}) if pruning_only else {}
         try:
-            vitprune.apply(model, method=name, **SETTINGS[name])
+            vitprune.apply(model, method=name, **SETTINGS[name], **extra)
         except VitpruneError as error:
             out["methods"][name] = f"refused ({error})"
             continue
@@ -135,7 +144,8 @@ def test_family(row: dict, onnx: bool) -> dict:
             rel = abs(count_macs(model, x[:1]).gmacs / torch_gmacs(model, x[:1]) - 1)
             worst = max(worst, rel)
             same = torch.allclose(batch, alone, rtol=1e-4, atol=1e-4)
-            out["methods"][name] = "ok" if rel <= 1e-6 and same else f"failed (MACs rel {rel:.1e}, batch {same})"
+            ok = "ok" + (f" ({', '.join(f'{k}={v}' for k, v in extra.items())})".lower() if extra else "")
+            out["methods"][name] = ok if rel <= 1e-6 and same else f"failed (MACs rel {rel:.1e}, batch {same})"
         except Exception as error:
             out["methods"][name] = f"failed ({type(error).__name__}: {str(error)[:80]})"
     vitprune.remove(model)
@@ -143,7 +153,7 @@ def test_family(row: dict, onnx: bool) -> dict:
         removed = torch.equal(model(x), base)
     out["exact"] = f"MACs {worst:.0e}, no-op {'=' if noop else '!='}, remove {'=' if removed else '!='}"
     if onnx:
-        out["onnx"] = onnx_parity(vitprune.apply(model, method="tome", r=3), x)
+        out["onnx"] = onnx_parity(vitprune.apply(model, **(ONNX_SAMPLE_PRUNING if pruning_only else ONNX_SAMPLE)), x)
     return out
 
 
@@ -201,7 +211,7 @@ def main() -> None:
         for name in names:
             status = result["methods"].get(name, "-")
             totals[status.split(" ")[0]] += 1
-            cells.append(status if status in ("ok", "-") else status[:60])
+            cells.append(status if status.startswith("ok") or status == "-" else status[:60])
         if "reason" in result:
             cells = [f"refused: {result['reason']}"[:90]] + [""] * (len(names) - 1)
         print(f"| {row['name']} | {row['class']} | {result['params_m']:.1f} | " + " | ".join(cells)

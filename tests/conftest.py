@@ -47,6 +47,18 @@ BLOCK_FAMILIES = {
     "pe_rotary_attention_pool": ("vit_pe_core_tiny_patch16_384", {"img_size": 96, "depth": 4, "embed_dim": 64,
                                                                   "num_heads": 2, "num_classes": 10}),
     "non_square": ("vit_tiny_patch16_224", {"img_size": (64, 96), "depth": 4, "num_classes": 10}),
+    # relative position biases gathered for the kept tokens (pruning methods only): BEiT (q/v biases, gamma layer
+    # scale, a per-block table plus a shared one, mean pooling + fc_norm); RelPosMlp per block with a class
+    # token; a shared RelPosBias table on post-norm blocks without a class token
+    "beit_rel_pos": ("beit_base_patch16_224", {"img_size": 64, "depth": 4, "embed_dim": 64, "num_heads": 2,
+                                               "use_shared_rel_pos_bias": True, "init_values": 0.5, "head_init_scale": 1.0,
+                                               "num_classes": 10}),
+    "relpos_mlp_cls": ("vit_relpos_medium_patch16_cls_224", {"img_size": 64, "depth": 4, "embed_dim": 64,
+                                                             "num_heads": 2, "init_values": 0.5, "num_classes": 10}),
+    "relpos_shared_res_post": ("vit_relpos_small_patch16_rpn_224", {"img_size": 64, "depth": 4, "embed_dim": 64,
+                                                                    "num_heads": 2, "shared_rel_pos": True,
+                                                                    "init_values": 0.5,
+                                                                    "rel_pos_type": "bias", "num_classes": 10}),
 }
 
 
@@ -54,7 +66,12 @@ BLOCK_FAMILIES = {
 def build_family(family: str, seed: int = 0) -> torch.nn.Module:
     name, kwargs = {**FAMILIES, **BLOCK_FAMILIES}[family]
     torch.manual_seed(seed)
-    return timm.create_model(name, pretrained=False, **kwargs).eval()
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    with torch.no_grad():  # timm starts BEiT's bias tables at zero, RelPosMlp's near: larger, so a wrong gather shows
+        for param_name, param in model.named_parameters():
+            if param_name.endswith("relative_position_bias_table") or "rel_pos.mlp.fc2" in param_name:
+                param.normal_(std=1.0)
+    return model
 
 
 @pytest.fixture

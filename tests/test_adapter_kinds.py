@@ -9,9 +9,12 @@ import torch
 from conftest import BLOCK_FAMILIES, build_family
 
 import vitprune
+from vitprune.blocks import block_kind
 from vitprune.flops import model_input
 from vitprune.models import is_supported_vit
-from vitprune.reducers import unit_rotations
+from vitprune.patch import has_position_bias, record_tokens, shared_position_bias
+from vitprune.plan import Plan
+from vitprune.reducers import channel_positions, pair_bias, position_channels, unit_rotations
 
 METHODS = [{"method": "tome", "r": 3}, {"method": "evit", "keep": 0.6, "layers": [1]},
            {"method": "ats", "keep": 0.6, "layers": [1]}, {"method": "zerotprune", "keep": 0.7, "layers": [1]}]
@@ -28,13 +31,14 @@ def test_every_block_kind_runs_noop_batch_and_remove_exactly(family):
     x = _images(model, 2)
     with torch.inference_mode():
         base = model(x)
-        vitprune.apply(model, method="tome", r=0)  # a no-op plan: timm's own blocks, bit-identical
+        # a no-op plan: timm's own blocks, bit-identical (ToMe is refused where a bias needs positions)
+        vitprune.apply(model, Plan()) if has_position_bias(model) else vitprune.apply(model, method="tome", r=0)
         assert torch.equal(model(x), base)
         for kwargs in METHODS:
             try:
                 vitprune.apply(model, **kwargs)
             except vitprune.VitpruneError as error:  # e.g. ATS needs class-token or average pooling
-                assert "pools by" in str(error) or "class token" in str(error)
+                assert any(why in str(error) for why in ("pools by", "class token", "combine several patches"))
                 continue
             batch = model(x)
             alone = torch.cat([model(x[i:i + 1]) for i in range(2)])
@@ -45,7 +49,7 @@ def test_every_block_kind_runs_noop_batch_and_remove_exactly(family):
 
 
 @pytest.mark.parametrize("name, part", [("vit_base_patch16_rope_mixed_224", "mixed"),
-                                        ("beit_base_patch16_224", "relative position bias"),
+                                        ("naflexvit_base_patch16_gap", "variable-length"),
                                         ("vit_small_patch16_18x2_224", "ParallelThingsBlock"),
                                         ("vit_base_patch16_plus_240", None)])
 def test_unsupported_families_are_refused_naming_the_part(name, part):
@@ -110,3 +114,82 @@ def test_the_gradient_search_soft_forward_runs_the_same_block_pieces(family):
     with torch.no_grad():
         soft = soft_logits(model, tokens_before(model, x, 0), Walk(), model.num_prefix_tokens)
         torch.testing.assert_close(soft, model(x), rtol=1e-5, atol=1e-5)
+
+
+RELATIVE_POSITION_FAMILIES = ["beit_rel_pos", "relpos_mlp_cls", "relpos_shared_res_post"]
+PRUNING = [{"method": "evit", "keep": 0.5, "fuse": False, "layers": [1]}, {"method": "ats", "keep": 0.5, "layers": [1]},
+           {"method": "zerotprune", "keep": 0.5, "layers": [1, 2]}]
+
+
+def test_the_pair_bias_is_the_tables_rows_and_columns_at_the_positions():
+    table = torch.randn(3, 7, 7)
+    query, key = torch.tensor([[0, 2, 5], [0, 1, 6]]), torch.tensor([[0, 2, 5, 6], [0, 1, 3, 6]])
+    expected = torch.stack([table[:, q][:, :, k] for q, k in zip(query, key, strict=True)])
+    assert torch.equal(pair_bias(table, query, key), expected)
+    positions = torch.arange(5000).view(1, -1)  # ride in the tokens' dtype: bfloat16 holds whole numbers to 256
+    assert torch.equal(channel_positions(position_channels(positions, torch.bfloat16)), positions)
+
+
+def _masked_reference(model, x, layer, alive):
+    """The unreduced model whose blocks after `layer` attend to the `alive` tokens (B, N0) only, pooled over
+    them: what pruning at `layer` computes, with timm's own blocks and timm's bias over all positions."""
+    tokens = vitprune.patch._embed(model, x)
+    shared = shared_position_bias(model)
+    mask = torch.zeros(alive.shape, dtype=tokens.dtype).masked_fill(~alive, float("-inf"))[:, None, None, :]
+    for index, block in enumerate(model.blocks):
+        given = shared if index <= layer else mask if shared is None else shared + mask
+        tokens = block_kind(block).plain(block, tokens, given)
+    tokens = model.norm(tokens)
+    return torch.cat([model.forward_head(tokens[i:i + 1, alive[i]]) for i in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("family", ["beit_rel_pos", "relpos_shared_res_post"])  # their blocks take a shared bias
+@pytest.mark.parametrize("kwargs", PRUNING[:2], ids=["evit", "ats"])
+def test_pruned_tokens_keep_their_relative_position_bias(family, kwargs):
+    # pruning at block 1 = the unreduced model whose later blocks mask the dropped tokens out (a wrong gather
+    # of the random bias tables shows); the kept tokens are read from their sources
+    model = build_family(family)
+    x = _images(model, 2)
+    prefix = model.num_prefix_tokens
+    with torch.inference_mode():
+        vitprune.apply(model, **kwargs)
+        with record_tokens(model, sources=True) as trace:
+            reduced = model(x)
+        kept = trace[1]["source"][:, prefix:].sum(dim=1) > 0  # (B, M) the patches still standing for themselves
+        assert 0 < kept.sum() < kept.numel()
+        alive = torch.cat([torch.ones(x.shape[0], prefix, dtype=torch.bool), kept], dim=1)
+        vitprune.remove(model)
+        torch.testing.assert_close(reduced, _masked_reference(model, x, 1, alive), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["beit_rel_pos", "relpos_mlp_cls"])
+def test_methods_that_combine_tokens_are_refused_on_relative_position_models(family):
+    model = build_family(family)
+    for kwargs in ({"method": "tome", "r": 2}, {"method": "evit", "keep": 0.7}, {"method": "ppt", "r": 4},
+                   {"method": "transform", "keep": 0.7}):
+        with pytest.raises(vitprune.VitpruneError, match="combine several patches.*bias per pair of token positions"):
+            vitprune.apply(model, **kwargs)
+    assert vitprune.apply(model, method="evit", keep=0.7, fuse=False) is model
+
+
+@pytest.mark.parametrize("family", ["beit_rel_pos", "relpos_mlp_cls"])
+def test_a_pruned_relative_position_model_exports_to_onnx_with_parity(tmp_path, family):
+    from vitprune.export.verify import verify_onnx
+    from vitprune.onnx_runtime import export_onnx
+    model = vitprune.apply(build_family(family), method="evit", keep=0.5, fuse=False, layers=[1])
+    export_onnx(model, tmp_path / "model.onnx")
+    parity = verify_onnx(model, tmp_path / "model.onnx", _images(model, 2), batch_size=2, provider="cpu")
+    assert parity["passed"] and parity["max_abs_diff"] < 1e-4
+
+
+def test_calibrate_refuses_relative_position_models_naming_what_runs():
+    from vitprune.budget import Budget
+    from vitprune.calibrate.prepare import prepare
+    with pytest.raises(vitprune.VitpruneError, match="pruning only.*evit fuse=false, ats or zerotprune"):
+        prepare(build_family("beit_rel_pos"), None, False, Budget("ratio", 0.7))
+
+
+def test_supervit_refuses_relative_position_models():
+    from vitprune.finetune.supervit import grid_variants
+    with pytest.raises(vitprune.VitpruneError, match="supervit.*relative position bias"):
+        grid_variants(build_family("relpos_mlp_cls"), (64, 48), (1.0, 0.7))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention, AttentionRope, apply_rot_embed_cat
+from timm.models import beit, vision_transformer_relpos
 from timm.models.eva import EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block, ResPostBlock
 from torch import Tensor, nn
@@ -45,14 +46,14 @@ class PreNormBlock:
 
     def project_q(self, block: nn.Module, normed: Tensor) -> Tensor:
         """The queries alone (the head-only last block queries the prefix tokens only)."""
-        attn = block.attn
-        bias = None if attn.qkv.bias is None else attn.qkv.bias[: attn.attn_dim]
-        return F.linear(normed, attn.qkv.weight[: attn.attn_dim], bias)
+        attn, width = block.attn, self.attn_dim(block)
+        bias = None if attn.qkv.bias is None else attn.qkv.bias[:width]
+        return F.linear(normed, attn.qkv.weight[:width], bias)
 
     def project_kv(self, block: nn.Module, normed: Tensor) -> tuple[Tensor, Tensor]:
-        attn = block.attn
-        bias = None if attn.qkv.bias is None else attn.qkv.bias[attn.attn_dim:]
-        return F.linear(normed, attn.qkv.weight[attn.attn_dim:], bias).chunk(2, dim=-1)
+        attn, width = block.attn, self.attn_dim(block)
+        bias = None if attn.qkv.bias is None else attn.qkv.bias[width:]
+        return F.linear(normed, attn.qkv.weight[width:], bias).chunk(2, dim=-1)
 
     def heads(self, block: nn.Module, q: Tensor, k: Tensor, v: Tensor,
               rope: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -62,9 +63,17 @@ class PreNormBlock:
         q, k, v = (split_heads(attn, part, 1)[0] for part in (q, k, v))
         return attn.q_norm(q), attn.k_norm(k), v
 
-    def plain(self, block: nn.Module, x: Tensor, rope: Tensor | None) -> Tensor:
-        """timm's own forward of the block (unreduced tokens); `rope`: timm's patch rotations."""
+    def plain(self, block: nn.Module, x: Tensor, given: Tensor | None) -> Tensor:
+        """timm's own forward of the block (unreduced tokens); `given`: what the model gives every
+        block besides the tokens (Eva's patch rotations, a shared relative position bias)."""
         return block(x)
+
+    # -- relative position biases (`RelativePositionBlock`) -------------------------------------------
+    relative_position = False  # the attention adds a bias per pair of token positions
+
+    def position_bias(self, block: nn.Module, shared: Tensor | None) -> Tensor | None:
+        """The block's bias over the unreduced tokens' pairs (H, N0, N0), with the model's `shared` one."""
+        return None
 
     def attention_output(self, block: nn.Module, out: Tensor, normed: Tensor) -> Tensor:
         """timm's Attention after the attention product (B, N, attn_dim): its norm, the optional gate
@@ -86,7 +95,7 @@ class PreNormBlock:
         return block.attn.proj.out_features
 
     def attn_dim(self, block: nn.Module) -> int:
-        return block.attn.num_heads * block.attn.head_dim  # EvaAttention keeps no attn_dim
+        return self.num_heads(block) * self.head_dim(block)  # EvaAttention, RelPosAttention keep no attn_dim
 
     def head_dim(self, block: nn.Module) -> int:
         return block.attn.head_dim
@@ -179,8 +188,8 @@ class RotaryBlock(PreNormBlock):
             k, v = (part.repeat_interleave(attn.num_heads // kv_heads, dim=1) for part in (k, v))
         return q, k, v
 
-    def plain(self, block: nn.Module, x: Tensor, rope: Tensor | None) -> Tensor:
-        return block(x, rope=rope)
+    def plain(self, block: nn.Module, x: Tensor, given: Tensor | None) -> Tensor:
+        return block(x, rope=given)
 
     def attention_residual(self, block: nn.Module, x: Tensor, out: Tensor, normed: Tensor) -> Tensor:
         out = self.attention_output(block, out, normed)
@@ -197,7 +206,68 @@ class RotaryBlock(PreNormBlock):
         return super().projection_macs(block)
 
 
-KINDS = (PreNormBlock(), PostNormBlock(), RotaryBlock())
+class RelativePositionBlock(PreNormBlock):
+    """timm's `RelPosBlock` (VisionTransformerRelPos, `vit_relpos_*`, `vit_srelpos_*`): timm's block
+    with `RelPosAttention`, whose logits get a bias per pair of token positions, from its own
+    `rel_pos` (a table, `RelPosBias`, or an MLP of log coordinates, `RelPosMlp`) or else the model's
+    shared one; no output norm or gate."""
+
+    block_type = vision_transformer_relpos.RelPosBlock
+    attention_type = vision_transformer_relpos.RelPosAttention
+    relative_position = True
+
+    def attention_output(self, block: nn.Module, out: Tensor, normed: Tensor) -> Tensor:
+        return block.attn.proj_drop(block.attn.proj(out))
+
+    def plain(self, block: nn.Module, x: Tensor, given: Tensor | None) -> Tensor:
+        return block(x, shared_rel_pos=given)
+
+    def position_bias(self, block: nn.Module, shared: Tensor | None) -> Tensor | None:
+        rel_pos = block.attn.rel_pos  # timm: the block's own bias replaces the shared one
+        bias = shared if rel_pos is None else rel_pos.get_bias()
+        return None if bias is None else bias.reshape(-1, *bias.shape[-2:])
+
+
+class PostNormRelativePositionBlock(RelativePositionBlock, PostNormBlock):
+    """timm's `ResPostRelPosBlock` (`vit_relpos_*_rpn_*`): post-norm residuals (`PostNormBlock`)
+    around `RelPosAttention`."""
+
+    block_type = vision_transformer_relpos.ResPostRelPosBlock
+
+
+class BeitBlock(RotaryBlock):
+    """BEiT's block (`beit_*`, `beitv2_*`): q and v biases (`RotaryBlock`'s projections), gamma
+    layer scale, no q/k norm, no rotation, and a relative position bias per pair of token
+    positions: the block's own table (`_get_rel_pos_bias`) plus the model's shared one."""
+
+    block_type = beit.Block
+    attention_types = (beit.Attention,)
+    relative_position = True
+
+    def heads(self, block: nn.Module, q: Tensor, k: Tensor, v: Tensor,
+              rope: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        heads, head_dim = self.num_heads(block), self.head_dim(block)
+        return tuple(part.reshape(*part.shape[:2], heads, head_dim).transpose(1, 2) for part in (q, k, v))
+
+    def head_dim(self, block: nn.Module) -> int:
+        return block.attn.proj.in_features // block.attn.num_heads  # BEiT's Attention keeps no head_dim
+
+    def attention_output(self, block: nn.Module, out: Tensor, normed: Tensor) -> Tensor:
+        return block.attn.proj_drop(block.attn.proj(out))
+
+    def plain(self, block: nn.Module, x: Tensor, given: Tensor | None) -> Tensor:
+        return block(x, shared_rel_pos_bias=given)
+
+    def position_bias(self, block: nn.Module, shared: Tensor | None) -> Tensor | None:
+        attn = block.attn
+        own = None if attn.relative_position_bias_table is None else attn._get_rel_pos_bias()[0]
+        if own is None or shared is None:
+            return own if shared is None else shared
+        return own + shared  # as timm adds them
+
+
+KINDS = (PreNormBlock(), PostNormBlock(), RotaryBlock(), RelativePositionBlock(), PostNormRelativePositionBlock(),
+         BeitBlock())
 
 
 def block_kind(block: nn.Module) -> PreNormBlock | None:

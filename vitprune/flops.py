@@ -8,7 +8,8 @@ token (`BlockCosts`, from FlopCounterMode on its own layers: any MLP timm builds
 multiplied by the tokens each image really sends through it, which the adapter records (ATS
 keeps a different count per image); the attention products and the reductions' own scoring
 (`Method.extra_macs`) are counted from the token counts. The stem (patch embedding, hybrid
-backbones) and the head (attention pooling included) are counted by FlopCounterMode directly.
+backbones), the head (attention pooling included) and the relative position biases (an MLP on
+the grid in RelPosMlp: per block, or once when shared) are counted by FlopCounterMode directly.
 `tests/test_flops.py` holds the whole to FlopCounterMode at 1e-6 on every family the adapter runs.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vitprune.blocks import block_kind
 from vitprune.errors import VitpruneError
 from vitprune.models import has_class_token, input_shape, is_supported_vit
-from vitprune.patch import HEAD_ONLY, carried_channels, record_tokens
+from vitprune.patch import HEAD_ONLY, carried_channels, record_tokens, shared_position_bias
 from vitprune.plan import Reduction
 
 
@@ -49,6 +50,7 @@ class BlockCosts:
     head_dim: int  # the width of one head's keys (ToMe's similarity metric)
     num_heads: int
     width: int  # the tokens' width and what rides with them (rotary embeddings): what a merge sums
+    fixed: int = 0  # once per block whatever its tokens: its relative position bias (RelPosMlp's MLP on the grid)
 
 
 def block_costs(block: nn.Module, carried: int = 0) -> BlockCosts:
@@ -62,7 +64,7 @@ def block_costs(block: nn.Module, carried: int = 0) -> BlockCosts:
     return BlockCosts(query=query, key_value=key_value, out=out,
                       mlp=_counted_macs(block, block.mlp, token), attn_dim=kind.attn_dim(block),
                       head_dim=kind.head_dim(block), num_heads=kind.num_heads(block),
-                      width=token.shape[-1] + carried)
+                      width=token.shape[-1] + carried, fixed=_counted_macs(block, kind.position_bias, block, None))
 
 
 def block_macs(costs: BlockCosts, n_in: Tensor, n_query: Tensor, n_out: Tensor, head_only: bool = False) -> Tensor:
@@ -73,7 +75,7 @@ def block_macs(costs: BlockCosts, n_in: Tensor, n_query: Tensor, n_out: Tensor, 
     counts (the gradient search)."""
     n_in, n_query, n_out = n_in.double(), n_query.double(), n_out.double()
     projected = n_query if head_only else n_in
-    return (n_in * costs.key_value + projected * costs.query + n_query * costs.out
+    return (costs.fixed + n_in * costs.key_value + projected * costs.query + n_query * costs.out
             + 2 * n_query * n_in * costs.attn_dim + n_out * costs.mlp)
 
 
@@ -117,7 +119,8 @@ def outside_blocks(model: nn.Module, image: Tensor | None = None) -> OutsideBloc
     if image is None:
         image = model_input(model)
     image = image[:1]
-    stem = _counted_macs(model, model.patch_embed, image)
+    # the stem, and the relative position bias a model shares among its blocks (made once per forward pass)
+    stem = _counted_macs(model, model.patch_embed, image) + _counted_macs(model, shared_position_bias, model)
     prefix = model.num_prefix_tokens
     at_two = _counted_macs(model, model.forward_head, image.new_zeros(1, prefix + 2, model.embed_dim))
     at_one = _counted_macs(model, model.forward_head, image.new_zeros(1, prefix + 1, model.embed_dim))

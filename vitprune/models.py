@@ -14,7 +14,7 @@ from typing import Any
 import safetensors.torch
 import timm
 import torch
-from timm.models import eva, vision_transformer
+from timm.models import beit, eva, vision_transformer, vision_transformer_relpos
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -25,7 +25,8 @@ from vitprune.io import file_sha256
 
 SUPPORTED_MODELS_HINT = (
     "vitprune supports timm's VisionTransformer (pre- and post-norm blocks, any MLP, hybrid stems: vit_*, deit*, "
-    "*_reg*, siglip, aimv2, vitamin) and Eva (eva02_*, DINOv3, Perception Encoder, RoPE ViTs) models"
+    "*_reg*, siglip, aimv2, vitamin), Eva (eva02_*, DINOv3, Perception Encoder, RoPE ViTs), BEiT (beit*) and "
+    "relative-position ViT (vit_relpos_*, vit_srelpos_*) models"
 )
 TORCH_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -80,9 +81,6 @@ UNSUPPORTED_PARTS = {
     "rope_mixed": "mixed (learned, per block and head) rotary embeddings, which vitprune does not carry through "
                   "reduced tokens",
     "EvaBlockPostNorm": "post-norm Eva blocks, which vitprune's block kinds do not cut",
-    "Beit": "a relative position bias over all token pairs, which vitprune does not gather for reduced tokens",
-    "VisionTransformerRelPos": "a relative position bias over all token pairs, which vitprune does not gather for "
-                               "reduced tokens",
     "NaFlexVit": "variable-length patch sequences with padding masks, which vitprune's token state does not take",
     "VisionTransformerSAM": "windowed attention with a relative position bias and a convolutional neck (SAM's "
                             "image encoder, for dense prediction)",
@@ -95,6 +93,10 @@ UNSUPPORTED_PARTS = {
 }
 
 
+# ViT classes with a relative position bias, which vitprune gathers for the kept tokens (pruning only)
+RELATIVE_POSITION_CLASSES = (beit.Beit, vision_transformer_relpos.VisionTransformerRelPos)
+
+
 def is_supported_vit(model: nn.Module) -> str | None:
     """None when vitprune can reduce tokens in ``model``, else a short reason naming the part that
     blocks it, such as 'found ResNet'."""
@@ -104,7 +106,7 @@ def is_supported_vit(model: nn.Module) -> str | None:
             return f"found {name} with {UNSUPPORTED_PARTS['rope_mixed']}"
         if model.patch_drop is not None:
             return f"found {name} with patch dropout, whose kept patches vitprune's rotary embeddings do not follow"
-    elif not isinstance(model, VisionTransformer):
+    elif not isinstance(model, (VisionTransformer, *RELATIVE_POSITION_CLASSES)):
         return f"found {name}" + (f" with {UNSUPPORTED_PARTS[name]}" if name in UNSUPPORTED_PARTS else "")
     # The adapter cuts blocks it knows (vitprune.blocks); subclasses and look-alikes are refused.
     for block in model.blocks:
@@ -413,8 +415,9 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor], *, 
 def _checkpoint_filter_for(architecture: str) -> Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]]:
     # timm.models.deit re-exports the ViT filter and registers it with adapt_layer_scale=True
     # (maps the original DeiT-III 'gamma_1' keys to 'ls1.gamma'); mirror that choice.
-    if timm.models.is_model_in_modules(architecture, ["eva"]):
-        return eva.checkpoint_filter_fn
+    for module in (eva, beit, vision_transformer_relpos):
+        if timm.models.is_model_in_modules(architecture, [module.__name__.rpartition(".")[2]]):
+            return module.checkpoint_filter_fn
     is_deit = timm.models.is_model_in_modules(architecture, ["deit"])
     return partial(vision_transformer.checkpoint_filter_fn, adapt_layer_scale=is_deit)
 

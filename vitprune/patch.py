@@ -20,13 +20,17 @@ from torch import Tensor, nn
 from vitprune.blocks import block_kind
 from vitprune.errors import VitpruneError
 from vitprune.methods import BlockContext, TokenState
-from vitprune.models import is_supported_vit, patch_size_of
+from vitprune.models import RELATIVE_POSITION_CLASSES, is_supported_vit, patch_size_of
 from vitprune.plan import Plan, Reduction, make_plan
 from vitprune.reducers import (
     PatchGrid,
     attention_probs,
+    channel_positions,
     gather_tokens,
     index_holders,
+    initial_positions,
+    pair_bias,
+    position_channels,
     token_rotations,
     unit_rotations,
 )
@@ -133,8 +137,14 @@ class ReducedVisionTransformer:
         if rope is not None and rope.shape[-2] != x.shape[1] - self.num_prefix_tokens:
             raise VitpruneError("a reduced rotary model (Eva) runs at its own input size; set img_size to change it",
                                 param="img_size")
-        state = TokenState(rope=None if rope is None else token_rotations(rope, self.num_prefix_tokens, x.shape[0]))
-        rope_width = x.shape[1]  # the tokens timm's rotations are for
+        shared_bias = shared_position_bias(self)
+        given = rope if rope is not None else shared_bias  # what timm's own block forward takes besides the tokens
+        state = TokenState(rope=None if rope is None else token_rotations(rope, self.num_prefix_tokens, x.shape[0]),
+                           position=initial_positions(*x.shape[:2], x.device) if has_position_bias(self) else None)
+        # timm's rotations and position biases are for the unreduced tokens: its own block forward
+        # serves those models only until the first reduction
+        positional = state.rope is not None or state.position is not None
+        reduced = False
         if getattr(self, "_vitprune_sources", False):  # source tracking (record_tokens(sources=True))
             state.source = initial_sources(x, self.num_prefix_tokens)
         if taps is not None:
@@ -146,15 +156,15 @@ class ReducedVisionTransformer:
             reduction = self.vitprune_plan.at(layer)
             head_only = layer == last and self.vitprune_plan.head_only and taps is None
             reduction = None if head_only else reduction
-            # timm's own forward takes timm's rotations, which match the tokens only before any reduction
-            if reduction is None and state.is_plain and not head_only and (rope is None or x.shape[1] == rope_width):
-                x = block_kind(block).plain(block, x, rope)  # timm's own forward: an unreduced block stays bit-identical
+            if reduction is None and state.is_plain and not head_only and not (positional and reduced):
+                x = block_kind(block).plain(block, x, given)  # timm's own forward: an unreduced block stays bit-identical
                 self._record(layer, None, x.shape[1], state, state, x.shape[1], x)
             else:
                 packed = pack and (state.valid is not None or (x.shape[0] > 1 and reduction is not None
                                                                 and reduction.spec.varies_per_image))
-                run = BlockRun(block, layer, reduction, num_input_tokens, pad_to, packed, head_only)
+                run = BlockRun(block, layer, reduction, num_input_tokens, pad_to, packed, head_only, shared_bias)
                 x, state = self._block(run, x, state)
+                reduced = reduced or reduction is not None
             if taps is not None and layer in taps.layers:
                 taps.out.append((x, state.grid, state.valid))
         x = self.norm(x)
@@ -185,20 +195,25 @@ class ReducedVisionTransformer:
         else:
             q, k, v = _per_token(lambda t: kind.project_qkv(block, t), normed, rows)
         q, k, v = kind.heads(block, q, k, v, state.rope)
-        ctx = self._context(kind, block, q, k, v, state, run.num_input_tokens, run.pad_to)
+        # relative position biases: the unreduced bias's rows and columns at the tokens' own positions
+        table = None if state.position is None else kind.position_bias(block, run.shared_bias)
+        ctx = self._context(kind, block, q, k, v, state, run.num_input_tokens, run.pad_to,
+                            _logit_bias(state, table, None if table is None else state.position[:, :q.shape[2]]))
         tokens_in = x.shape[1]
         if run.head_only:  # the prefix tokens are real in every image: no padding left
             x, normed, rows = x[:, :prefix], normed[:, :prefix], None
-            state = TokenState(size=None if state.size is None else state.size[:, :prefix],
-                               rope=None if state.rope is None else state.rope[:, :prefix])
+            state = TokenState(**{name: None if getattr(state, name) is None else getattr(state, name)[:, :prefix]
+                                  for name in ("size", "rope", "position")})
+        attn_bias = ctx.key_bias
         if spec is not None and spec.selects_queries:
             index, state = _select(spec, ctx, run.reduction.settings)
             q, x, normed = _take_queries(q, index), gather_tokens(x, index), gather_tokens(normed, index)
             rows = _real_rows(state.valid) if run.packed else None
+            attn_bias = attn_bias if table is None else _logit_bias(ctx.state, table, state.position)  # their rows
         if spec is not None and spec.needs_attention:
             out = self._attend_explicit(kind, block, q, k, v, ctx)
         else:
-            out = self._attend(kind, block, q, k, v, ctx.key_bias)
+            out = self._attend(kind, block, q, k, v, attn_bias)
         out = _merge_heads(out)
         x = _per_token(lambda t, o, n: kind.attention_residual(block, t, o, n), x, rows, out, normed)
         if spec is not None and not spec.selects_queries:
@@ -214,8 +229,8 @@ class ReducedVisionTransformer:
         return x, state
 
     def _context(self, kind: Any, block: nn.Module, q: Tensor, k: Tensor, v: Tensor, state: TokenState,
-                 num_input_tokens: int, pad_to: int | None) -> BlockContext:
-        return BlockContext(q=q, k=k, v=v, scale=kind.scale(block), key_bias=state.key_bias(), state=state,
+                 num_input_tokens: int, pad_to: int | None, key_bias: Tensor | None) -> BlockContext:
+        return BlockContext(q=q, k=k, v=v, scale=kind.scale(block), key_bias=key_bias, state=state,
                             num_prefix=self.num_prefix_tokens, num_input_tokens=num_input_tokens, pad_to=pad_to,
                             class_token=self.cls_token is not None)
 
@@ -310,14 +325,20 @@ class BlockRun:
     pad_to: int | None
     packed: bool  # per-token layers on the real tokens of a padded batch only
     head_only: bool  # the last block, for the prefix tokens alone
+    shared_bias: Tensor | None = None  # the model's relative position bias shared by its blocks
 POOLS_OVER_TOKENS = ("avg", "max", "avgmax")  # timm global_pool values that read every patch token
 
 
 def _reduce(spec: Any, x: Tensor, ctx: BlockContext, settings: dict) -> tuple[Tensor, TokenState]:
     """The method's reduction after attention. What rides with the tokens (their sources while
-    tracked, their rotary embeddings on rotary models) rides as extra channels, reduced exactly as
-    the tokens are (vitprune.reducers.sources, vitprune.reducers.rope)."""
-    riders = {name: getattr(ctx.state, name) for name in ("source", "rope") if getattr(ctx.state, name) is not None}
+    tracked, their rotary embeddings on rotary models, their positions on models with a relative
+    position bias) rides as extra channels, reduced exactly as the tokens are
+    (vitprune.reducers.sources, vitprune.reducers.rope, vitprune.reducers.position)."""
+    state_in = ctx.state
+    riders = {name: value for name, value in (
+        ("source", state_in.source), ("rope", state_in.rope),
+        ("position", None if state_in.position is None else position_channels(state_in.position, x.dtype)),
+    ) if value is not None}
     if not riders:
         return spec.reduce(x, ctx, settings)
     out, state = spec.reduce(torch.cat([x, *(t.to(x.dtype) for t in riders.values())], dim=-1), ctx, settings)
@@ -325,6 +346,8 @@ def _reduce(spec: Any, x: Tensor, ctx: BlockContext, settings: dict) -> tuple[Te
     reduced = {name: part.contiguous() for name, part in zip(riders, parts[1:], strict=True)}
     if "rope" in reduced:
         reduced["rope"] = unit_rotations(reduced["rope"].to(ctx.state.rope.dtype))
+    if "position" in reduced:
+        reduced["position"] = channel_positions(reduced["position"])
     return parts[0].contiguous(), replace(state, **reduced)
 
 
@@ -338,7 +361,20 @@ def _select(spec: Any, ctx: BlockContext, settings: dict) -> tuple[Tensor, Token
         state = replace(state, source=gather_sources(ctx.state.source, index, state.valid))
     if ctx.state.rope is not None:
         state = replace(state, rope=gather_tokens(ctx.state.rope, index))
+    if ctx.state.position is not None:
+        state = replace(state, position=gather_tokens(ctx.state.position.unsqueeze(-1), index).squeeze(-1))
     return index, state
+
+
+def _logit_bias(keys: TokenState, table: Tensor | None, query_position: Tensor | None) -> Tensor | None:
+    """The keys' state's logit bias (B, 1, 1, N) plus, on relative-position blocks, the bias of each
+    (query, key) pair of positions from the block's bias over the unreduced tokens `table` (H, N0, N0):
+    (B, H, Nq, N)."""
+    bias = keys.key_bias()
+    if table is None:
+        return bias
+    pairs = pair_bias(table, query_position, keys.position)
+    return pairs if bias is None else pairs + bias.to(pairs.dtype)
 
 
 def _merge_heads(out: Tensor) -> Tensor:
@@ -410,6 +446,13 @@ def _new_reduced(base: type) -> nn.Module:
 def _embed(model: nn.Module, images: Tensor) -> Tensor:
     """timm's embedding of `images`: the tokens entering block 0 (Eva's `_pos_embed` also returns the
     rotary embeddings, which `patch_rotations` gives the blocks)."""
+    if not hasattr(model, "_pos_embed"):  # Beit, VisionTransformerRelPos: as their forward_features
+        x = model.patch_embed(images)
+        if model.cls_token is not None:
+            x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        if getattr(model, "pos_embed", None) is not None:
+            x = x + model.pos_embed
+        return model.pos_drop(x) if hasattr(model, "pos_drop") else x
     x = model._pos_embed(model.patch_embed(images))
     x = x[0] if isinstance(x, tuple) else model.patch_drop(x)
     return model.norm_pre(x)
@@ -425,6 +468,22 @@ def patch_rotations(model: nn.Module) -> Tensor | None:
     return model._pos_embed(next(model.parameters()).new_zeros(1, *grid, model.embed_dim))[1]
 
 
+def shared_position_bias(model: nn.Module) -> Tensor | None:
+    """The relative position bias a model shares among its blocks, as its forward makes it once
+    (BEiT's `rel_pos_bias`, VisionTransformerRelPos's `shared_rel_pos`); None on models without."""
+    if getattr(model, "rel_pos_bias", None) is not None:
+        return model.rel_pos_bias()
+    if getattr(model, "shared_rel_pos", None) is not None:
+        return model.shared_rel_pos.get_bias()
+    return None
+
+
+def has_position_bias(model: nn.Module) -> bool:
+    """Whether the model's attention adds a bias per pair of token positions (BEiT, VisionTransformerRelPos)."""
+    return isinstance(model, RELATIVE_POSITION_CLASSES) and any(block_kind(block).relative_position
+                                                                for block in model.blocks)
+
+
 def carried_channels(model: nn.Module) -> int:
     """Channels that ride with the tokens through a reduction (the rotary embeddings), which a merge sums too."""
     rope = patch_rotations(model)
@@ -434,8 +493,9 @@ def carried_channels(model: nn.Module) -> int:
 def _plain_blocks(model: nn.Module, x: Tensor, start: int, end: int) -> Tensor:
     """timm's own forward of blocks start..end-1 on unreduced tokens."""
     rope = patch_rotations(model)
+    given = rope if rope is not None else shared_position_bias(model)
     for block in list(model.blocks)[start:end]:
-        x = block_kind(block).plain(block, x, rope)
+        x = block_kind(block).plain(block, x, given)
     return x
 
 
@@ -455,7 +515,13 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
     # per-image padding is filled with the real tokens' mean (`_fill_padding`): average and max pooling stay exact
     pools_real_tokens = token_pooling or (getattr(model, "attn_pool", None) is None
                                           and getattr(model, "global_pool", "token") in POOLS_OVER_TOKENS)
+    relative_positions = has_position_bias(model)
     for red in plan.reductions:
+        if relative_positions and red.spec.combines_tokens(red.settings):
+            raise VitpruneError(f"{red.describe()} makes tokens that combine several patches, and this model's "
+                                f"attention ({type(model).__name__}) adds a bias per pair of token positions, which "
+                                "such a token does not have; use a pruning method (evit with fuse=false, ats, "
+                                "zerotprune)")
         if red.spec.needs_class_token(red.settings) and not has_cls:
             raise VitpruneError(f"{red.describe()} scores tokens by the class token's attention, and this model has "
                                 "no class token; use tome (without protect)")

@@ -14,7 +14,7 @@ from vitprune.calibrate.evaluate import MacsCounter
 from vitprune.calibrate.shapes import Geometry, auto_sizes, constant_shape, shape_plan
 from vitprune.errors import VitpruneError
 from vitprune.models import outputs_embeddings, patch_size_of
-from vitprune.patch import apply_plan, check_plan_fits, model_img_size, tokens_before
+from vitprune.patch import apply_plan, check_plan_fits, has_position_bias, model_img_size, tokens_before
 from vitprune.plan import Plan, make_plan
 
 LADDER = (0.9, 0.8, 0.7, 0.6, 0.5)  # GMACs budgets: frontier points at these ratios above the target
@@ -72,6 +72,10 @@ def prepare(base_model: nn.Module, img_sizes: list[int] | None, head_only: bool,
     usable = usable_methods(base_model)
     block_methods = tuple(m for m in usable if m in policy.block_methods())
     per_image = next((m for m in usable if m in policy.per_image_methods()), None)
+    if not block_methods:
+        why = ("; its relative position bias takes pruning only (the search's evit fuses tokens, tome and ppt merge "
+               "them): use vitprune apply with evit fuse=false, ats or zerotprune") if has_position_bias(base_model) else ""
+        raise VitpruneError(f"this model supports no token reduction method vitprune can calibrate{why}")
     models = {size: apply_plan(copy.deepcopy(base_model), Plan(img_size=size)) for size in sizes}
     macs = MacsCounter(models)
     base_gmacs = macs.gmacs(Plan(img_size=base_size))
@@ -80,8 +84,6 @@ def prepare(base_model: nn.Module, img_sizes: list[int] | None, head_only: bool,
                         base_size=base_size, base_gmacs=base_gmacs,
                         head_only=head_only and fits(base_model, Plan(head_only=True)))
     target, ladder_targets = budget_targets(budget, base_gmacs)
-    if not block_methods:
-        raise VitpruneError("this model supports no token reduction method vitprune can calibrate")
     floor = floor_gmacs(macs, geometry, sizes[-1])
     if target < floor:
         raise VitpruneError(f"the budget of {target:.3f} GMACs is out of reach: the most reduced plan searched "

@@ -48,20 +48,9 @@ def verify_onnx(
     session = onnx_session(path, provider, threads)
     if tolerance is None:
         tolerance = TOLERANCE_FP16 if _is_fp16_graph(session, path) else TOLERANCE_FP32
-    step = fixed_batch(session) or batch_size
-    batches = images.split(step) if isinstance(images, Tensor) else images
-    differences, agrees = [], []
-    with progress_bar(progress) as bar:
-        task = bar.add_task("ONNX Runtime against PyTorch", total=len(images) if isinstance(images, Tensor) else count)
-        for batch in batches:
-            reference = _pytorch_logits(model, batch, step)
-            logits = onnx_predict(session, batch, step)
-            differences.append((logits - reference).abs().amax(dim=1))
-            agrees.append(logits.argmax(dim=1) == reference.argmax(dim=1))
-            bar.advance(task, len(batch))
-    if not differences:
-        raise VitpruneError("no images to verify the ONNX export on", param="images")
-    per_image, agree = torch.cat(differences), torch.cat(agrees)
+    if isinstance(images, Tensor):
+        count = len(images)
+    per_image, agree = _per_image_parity(model, session, images, fixed_batch(session) or batch_size, count, progress)
     agreement = float(agree.double().mean()) * 100
     within = float((per_image <= tolerance).double().mean()) * 100
     problem = _parity_problem(agreement, float(per_image.median()), within, tolerance, min_agreement)
@@ -77,6 +66,24 @@ def verify_onnx(
         "passed": problem is None,
         "problem": problem,
     }
+
+
+def _per_image_parity(model: nn.Module, session, images: Tensor | Iterable[Tensor], step: int, count: int | None,
+                      progress: bool) -> tuple[Tensor, Tensor]:
+    """Per image, in the graph's batches: the max |logit difference| ONNX Runtime vs PyTorch, and
+    whether the top-1 classes match."""
+    differences, agrees = [], []
+    with progress_bar(progress) as bar:
+        task = bar.add_task("ONNX Runtime against PyTorch", total=count)
+        for batch in images.split(step) if isinstance(images, Tensor) else images:
+            reference = _pytorch_logits(model, batch, step)
+            logits = onnx_predict(session, batch, step)
+            differences.append((logits - reference).abs().amax(dim=1))
+            agrees.append(logits.argmax(dim=1) == reference.argmax(dim=1))
+            bar.advance(task, len(batch))
+    if not differences:
+        raise VitpruneError("no images to verify the ONNX export on", param="images")
+    return torch.cat(differences), torch.cat(agrees)
 
 
 def _is_fp16_graph(session, path: str | Path) -> bool:

@@ -16,7 +16,7 @@ from torch import nn
 from vitprune.artifact import load_artifact, read_metadata
 from vitprune.errors import VitpruneError
 from vitprune.models import patch_size_of
-from vitprune.patch import apply_plan, model_img_size, remove_plan, set_dynamic_img_size
+from vitprune.patch import apply_plan, has_position_bias, model_img_size, remove_plan, set_dynamic_img_size
 from vitprune.plan import Plan, make_plan
 
 SUPERVIT_METHOD = "evit"  # SuperViT's token reduction: top-k at the method's default layers
@@ -40,6 +40,10 @@ def single_variant(plan: Plan, model: nn.Module) -> Variant:
 
 def grid_variants(model: nn.Module, sizes: tuple[int, ...], keeps: tuple[float, ...]) -> list[Variant]:
     """SuperViT's configurations for `model` (see `supervit_variants`)."""
+    if has_position_bias(model):  # its bias is made for one grid, and SuperViT's EViT fuses tokens
+        raise VitpruneError("supervit trains at several input sizes with EViT's fused token; this model's relative "
+                            "position bias is made for one grid and takes pruning only (finetune one plan instead)",
+                            param="supervit")
     return supervit_variants(len(model.blocks), model_img_size(model), sizes, keeps, patch_size_of(model))
 
 

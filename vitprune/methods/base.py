@@ -90,6 +90,9 @@ class TokenState:
     # (B, N_in) set by a reduction while `grid` is tracked: the output row holding each token that
     # entered it, -1 if dropped (`Method.holds_patches`); the adapter folds it into `grid`
     holders: Tensor | None = None
+    # (B, N) each token's place in the unreduced sequence, prefix included, on models with a relative
+    # position bias (vitprune.reducers.position)
+    position: Tensor | None = None
 
     def key_bias(self) -> Tensor | None:
         """Additive attention-logit bias (B, 1, 1, N): proportional attention and padding."""
@@ -182,6 +185,11 @@ class Method:
         return list(range(depth))
 
     def needs_class_token(self, settings: dict[str, Any]) -> bool:
+        return False
+
+    def combines_tokens(self, settings: dict[str, Any]) -> bool:
+        """A reduced token may be a weighted sum of several (merged, pooled, fused): such a token
+        has no one position, so models with a relative position bias refuse the method."""
         return False
 
     def token_score(self, settings: dict[str, Any], class_token: bool) -> str | None:

@@ -37,6 +37,9 @@ class EViT(Method):
         """The 4th, 7th and 10th of 12 blocks, scaled to the depth."""
         return stage_layers(depth)
 
+    def combines_tokens(self, settings: dict[str, Any]) -> bool:
+        return bool(settings["fuse"])  # the fused token: the attention-weighted sum of the dropped ones
+
     def token_score(self, settings: dict[str, Any], class_token: bool) -> str | None:
         return attention_score_name(class_token)
 

@@ -33,6 +33,9 @@ class PPT(Method):
     def needs_class_token(self, settings: dict[str, Any]) -> bool:
         return True
 
+    def combines_tokens(self, settings: dict[str, Any]) -> bool:
+        return True
+
     def reduce(self, x: Tensor, ctx: BlockContext, settings: dict[str, Any]) -> tuple[Tensor, TokenState]:
         size = ctx.state.size if ctx.state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
         cls_attn = cls_attention(ctx.q[:, :, :1], ctx.k, ctx.scale, ctx.key_bias)

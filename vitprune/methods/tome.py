@@ -40,6 +40,9 @@ class ToMe(Method):
     def needs_class_token(self, settings: dict[str, Any]) -> bool:
         return bool(settings["protect"])
 
+    def combines_tokens(self, settings: dict[str, Any]) -> bool:
+        return True
+
     def token_score(self, settings: dict[str, Any], class_token: bool) -> str | None:
         return CLS_SCORE if settings["protect"] else None
 

@@ -8,6 +8,13 @@ from vitprune.reducers.attention import received_attention
 from vitprune.reducers.common import attention_probs, cls_attention, gather_tokens, graph_capture
 from vitprune.reducers.evit import evit_keep_count, evit_reduce
 from vitprune.reducers.patch_grid import PatchGrid, index_holders, merge_holders, same_holders
+from vitprune.reducers.position import (
+    channel_positions,
+    initial_positions,
+    pair_bias,
+    position_channels,
+    query_rows,
+)
 from vitprune.reducers.ppt import ppt_prunes, ppt_reduce
 from vitprune.reducers.rope import token_rotations, unit_rotations
 from vitprune.reducers.soft import (
@@ -32,5 +39,6 @@ __all__ = [
     "transform_matrix", "transform_reduce",
     "weighted_pagerank", "zerotprune_counts", "zerotprune_reduce",
     "token_rotations", "unit_rotations",
+    "channel_positions", "initial_positions", "pair_bias", "position_channels", "query_rows",
     "SoftTokens", "masked_attention", "removal_weights", "soft_merge", "soft_prune", "straight_through",
 ]

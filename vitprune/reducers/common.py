@@ -8,6 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from vitprune.reducers.position import query_rows
+
 AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
@@ -54,13 +56,14 @@ def cls_attention(q_cls: Tensor, k: Tensor, scale: float, key_bias: Tensor | Non
     """The CLS row of the softmax attention, per head: (B, H, N).
 
     q_cls: (B, H, 1, hd) query of the CLS token; k: (B, H, N, hd) all keys; key_bias: additive
-    logits bias broadcastable to (B, H, 1, N) (log token sizes, -inf on padding).
+    logits bias broadcastable to (B, H, 1, N) (log token sizes, -inf on padding), or one row per
+    query (relative positions, vitprune.reducers.position), of which the class token's is used.
     Only this one row is computed (H x N values), so the full attention can keep using the fused
     scaled-dot-product kernel that never materialises N x N. float32 whatever the inputs' precision.
     """
     logits = float32_matmul(q_cls * scale, k.transpose(-2, -1))
-    if key_bias is not None:
-        logits = logits + key_bias.float()
+    if key_bias is not None:  # a per-query bias (relative positions): the class token's row
+        logits = logits + query_rows(key_bias, 0, 1).float()
     return logits.softmax(dim=-1).squeeze(2)
 
 
