@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vitprune.blocks import block_kind
 from vitprune.errors import VitpruneError
-from vitprune.models import has_class_token, input_shape, is_supported_vit
+from vitprune.models import has_class_token, input_shape, is_supported_vit, stem_of
 from vitprune.patch import HEAD_ONLY, carried_channels, record_tokens
 from vitprune.plan import Reduction
 
@@ -117,7 +117,7 @@ def outside_blocks(model: nn.Module, image: Tensor | None = None) -> OutsideBloc
     if image is None:
         image = model_input(model)
     image = image[:1]
-    stem = _counted_macs(model, model.patch_embed, image)
+    stem = _counted_macs(model, stem_of(model), image)
     prefix = model.num_prefix_tokens
     at_two = _counted_macs(model, model.forward_head, image.new_zeros(1, prefix + 2, model.embed_dim))
     at_one = _counted_macs(model, model.forward_head, image.new_zeros(1, prefix + 1, model.embed_dim))
