@@ -5,6 +5,9 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from timm.models.naflexvit import NaFlexVit
+
+from vitprune.models import set_image_size
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WEIGHTS = {
@@ -25,6 +28,9 @@ FAMILIES = {
     "registers": ("vit_small_patch14_reg4_dinov2", {"img_size": 98, "depth": 4, "num_classes": 10}),
     "gap_no_cls": ("vit_wee_patch16_reg1_gap_256", {"img_size": 96, "depth": 4, "num_classes": 10}),
 }
+# position embedding grid = the image's patch grid: no resampling (ONNX has no antialiased resize)
+NAFLEX_TINY = {"img_size": 64, "depth": 4, "embed_dim": 64, "num_heads": 2, "num_classes": 10,
+               "pos_embed_grid_size": (4, 4)}
 # Every other block and stem kind the adapter runs (issue 25), as tiny random models.
 BLOCK_FAMILIES = {
     "glu_mlp": ("vit_giant_patch14_dinov2", {"img_size": 56, "depth": 4, "embed_dim": 96, "num_heads": 2,
@@ -47,6 +53,11 @@ BLOCK_FAMILIES = {
     "pe_rotary_attention_pool": ("vit_pe_core_tiny_patch16_384", {"img_size": 96, "depth": 4, "embed_dim": 64,
                                                                   "num_heads": 2, "num_classes": 10}),
     "non_square": ("vit_tiny_patch16_224", {"img_size": (64, 96), "depth": 4, "num_classes": 10}),
+    # NaFlexVit on image batches: factorized position embedding, registers pooled with the patches (average);
+    # SigLIP-2 style attention pooling; RADIO style class token + registers with rotary embeddings
+    "naflex_factorized_gap": ("naflexvit_base_patch16_parfac_gap", {**NAFLEX_TINY, "pool_include_prefix": True}),
+    "naflex_siglip_map": ("naflexvit_base_patch16_siglip", NAFLEX_TINY),
+    "naflex_radio_rotary": ("naflexvit_base_patch16_radio_v3", {**NAFLEX_TINY, "rope_type": "axial"}),
 }
 
 
@@ -54,7 +65,10 @@ BLOCK_FAMILIES = {
 def build_family(family: str, seed: int = 0) -> torch.nn.Module:
     name, kwargs = {**FAMILIES, **BLOCK_FAMILIES}[family]
     torch.manual_seed(seed)
-    return timm.create_model(name, pretrained=False, **kwargs).eval()
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    if isinstance(model, NaFlexVit):  # timm ignores img_size next to a position grid; vitprune.create_model records it
+        set_image_size(model, kwargs["img_size"])
+    return model
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from conftest import BLOCK_FAMILIES, build_family
 import vitprune
 from vitprune.flops import model_input
 from vitprune.models import is_supported_vit
+from vitprune.patch import record_tokens
 from vitprune.reducers import unit_rotations
 
 METHODS = [{"method": "tome", "r": 3}, {"method": "evit", "keep": 0.6, "layers": [1]},
@@ -121,3 +122,62 @@ def test_the_gradient_search_soft_forward_runs_the_same_block_pieces(family):
     with torch.no_grad():
         soft = soft_logits(model, tokens_before(model, x, 0), Walk(), model.num_prefix_tokens)
         torch.testing.assert_close(soft, model(x), rtol=1e-5, atol=1e-5)
+
+
+def _naflex_sequences(model, images):
+    """NaFlex's patch-sequence input: the second image's last half is padding."""
+    from timm.models.naflexvit import batch_patchify
+    patches, (rows, columns) = batch_patchify(images, model.embeds.patch_size)
+    coord = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(columns), indexing="ij"), dim=-1)
+    valid = torch.ones(images.shape[0], rows * columns, dtype=torch.bool)
+    valid[1, rows * columns // 2:] = False
+    return {"patches": patches, "patch_coord": coord.reshape(1, -1, 2).expand(images.shape[0], -1, -1),
+            "patch_valid": valid}
+
+
+def test_naflex_patch_sequences_are_refused_at_call_time():
+    # padding patches would be ranked, kept and merged as if they were image: one clear error, no output
+    model = build_family("naflex_siglip_map")
+    sequences = _naflex_sequences(model, _images(model, 2))
+    with torch.inference_mode():
+        base = model(sequences)
+        vitprune.apply(model, method="tome", r=2)
+        for call in (lambda: model(sequences),
+                     lambda: model(sequences["patches"], patch_coord=sequences["patch_coord"],
+                                   patch_valid=sequences["patch_valid"])):
+            with pytest.raises(vitprune.VitpruneError, match="NaFlex patch sequences with padding"):
+                call()
+        vitprune.remove(model)
+        assert torch.equal(model(sequences), base)
+
+
+def test_naflex_mixed_rotary_embeddings_are_refused_naming_them():
+    with torch.device("meta"):
+        model = timm.create_model("naflexvit_base_patch16_gap", rope_type="mixed", depth=2)
+    assert "RotaryEmbeddingMixed" in is_supported_vit(model)
+
+
+def test_naflex_average_pooling_over_registers_stays_exact_with_per_image_counts():
+    # timm pools the registers with the patches (pool_include_prefix): ATS's padding must not shift that mean
+    model = build_family("naflex_factorized_gap")
+    with torch.no_grad():  # a peaked first attention, full layer scale: the counts differ per image
+        model.blocks[0].attn.qkv.weight.mul_(30)
+        for block in model.blocks:
+            block.ls1.gamma.fill_(1.0)
+            block.ls2.gamma.fill_(1.0)
+    x = _images(model, 6) * torch.linspace(0.1, 3, 6)[:, None, None, None]
+    vitprune.apply(model, method="ats", keep=1.0, layers=[0])
+    with torch.inference_mode(), record_tokens(model) as trace:
+        batch = model(x)
+    assert len(set(trace[0]["n_out"].tolist())) > 1
+    with torch.inference_mode():
+        torch.testing.assert_close(batch, torch.cat([model(x[i:i + 1]) for i in range(6)]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_reduced_naflex_model_exports_to_onnx_with_parity(tmp_path):
+    from vitprune.export.verify import verify_onnx
+    from vitprune.onnx_runtime import export_onnx
+    model = vitprune.apply(build_family("naflex_siglip_map"), method="tome", r=2)
+    export_onnx(model, tmp_path / "model.onnx")
+    parity = verify_onnx(model, tmp_path / "model.onnx", _images(model, 2), batch_size=2, provider="cpu")
+    assert parity["passed"] and parity["max_abs_diff"] < 1e-4
