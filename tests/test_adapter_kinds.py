@@ -113,7 +113,7 @@ def test_a_reduced_rotary_model_exports_to_onnx_with_parity(tmp_path):
     assert parity["passed"] and parity["max_abs_diff"] < 1e-4
 
 
-@pytest.mark.parametrize("family", ["eva02_rotary_swiglu", "res_post"])
+@pytest.mark.parametrize("family", ["eva02_rotary_swiglu", "res_post", "naflex_siglip_map"])
 def test_the_gradient_search_soft_forward_runs_the_same_block_pieces(family):
     from vitprune.calibrate.gradient import Walk, soft_logits
     from vitprune.patch import tokens_before
