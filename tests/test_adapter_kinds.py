@@ -59,17 +59,6 @@ def test_unsupported_families_are_refused_naming_the_part(name, part):
         vitprune.apply(model, method="tome", r=2)
 
 
-def test_dense_outputs_refuse_on_a_reduced_model():
-    model = vitprune.apply(build_family("vit"), method="tome", r=4)
-    for call in (lambda: model.forward_intermediates(torch.randn(1, 3, 96, 96)),
-                 lambda: model.get_intermediate_layers(torch.randn(1, 3, 96, 96)),
-                 lambda: model.prune_intermediate_layers([1])):
-        with pytest.raises(vitprune.VitpruneError, match="unreduced"):
-            call()
-    vitprune.remove(model)
-    assert len(model.forward_intermediates(torch.randn(1, 3, 96, 96), intermediates_only=True)) == len(model.blocks)
-
-
 @pytest.mark.parametrize("kwargs", [{"method": "tome", "r": 4}, {"method": "ats", "keep": 0.6, "layers": [1, 3]}])
 def test_a_reduced_model_pickles_saves_and_copies(kwargs):
     model = vitprune.apply(build_family("vit"), **kwargs)
@@ -144,7 +133,8 @@ def test_naflex_patch_sequences_are_refused_at_call_time():
         vitprune.apply(model, method="tome", r=2)
         for call in (lambda: model(sequences),
                      lambda: model(sequences["patches"], patch_coord=sequences["patch_coord"],
-                                   patch_valid=sequences["patch_valid"])):
+                                   patch_valid=sequences["patch_valid"]),
+                     lambda: model.forward_intermediates(sequences, output_fmt="NLC")):
             with pytest.raises(vitprune.VitpruneError, match="NaFlex patch sequences with padding"):
                 call()
         vitprune.remove(model)

@@ -73,7 +73,7 @@ def test_ppt_prunes_peaked_images_and_pools_flat_ones():
     scores = torch.rand(batch, tokens - 1) ** torch.tensor([[1.0], [4.0], [1.0], [8.0]])
     scores = scores / scores.sum(dim=1, keepdim=True)
     threshold = float(scores.var(dim=1).median())
-    out, out_size, prunes = ppt_reduce(x, size, scores, metric, num_prefix, r, threshold)
+    out, out_size, prunes, _ = ppt_reduce(x, size, scores, metric, num_prefix, r, threshold)
     assert prunes.tolist() == (scores.var(dim=1) >= threshold).tolist() and 0 < int(prunes.sum()) < batch
     for b in range(batch):
         if prunes[b]:

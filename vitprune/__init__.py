@@ -26,6 +26,7 @@ _API = {  # the calls check their arguments in vitprune.api: a misuse is a Vitpr
     "plan_of": ("vitprune.api", "plan_of"),
     "create_model": ("vitprune.api", "create_model"),
     "count_macs": ("vitprune.api", "count_macs"),
+    "reduced_intermediates": ("vitprune.api", "reduced_intermediates"),
 }
 
 

@@ -20,9 +20,10 @@ from vitprune.flops import MacsReport
 from vitprune.flops import count_macs as _count_macs
 from vitprune.models import create_model as _create_model
 from vitprune.models import is_supported_vit
+from vitprune.patch import ReducedTokens, remove_plan
 from vitprune.patch import apply as _apply
 from vitprune.patch import plan_of as _plan_of
-from vitprune.patch import remove_plan
+from vitprune.patch import reduced_intermediates as _reduced_intermediates
 from vitprune.plan import Plan
 from vitprune.plan import make_plan as _make_plan
 
@@ -86,15 +87,30 @@ def count_macs(model: nn.Module, images: Tensor | None = None) -> MacsReport:
     """Exact GMACs per image of `model` on `images` (B, 3, H, W) (see `vitprune.flops.count_macs`)."""
     check_model(model)
     if images is not None:
-        if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
-            got = f"shape {tuple(images.shape)}" if isinstance(images, Tensor) else _kind(images)
-            raise VitpruneError(f"images must be a float tensor (batch, channels, height, width), got {got}",
-                                param="images")
-        if images.shape[0] == 0:
-            raise VitpruneError("images is an empty batch: give at least one image", param="images")
-        if not bool(torch.isfinite(images).all()):
-            raise VitpruneError("images holds NaN or infinite values", param="images")
+        _check_images(images)
     return _count_macs(model, images)
+
+
+def _check_images(images: object) -> None:
+    """A non-empty, finite float batch (B, 3, H, W)."""
+    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
+        got = f"shape {tuple(images.shape)}" if isinstance(images, Tensor) else _kind(images)
+        raise VitpruneError(f"images must be a float tensor (batch, channels, height, width), got {got}",
+                            param="images")
+    if images.shape[0] == 0:
+        raise VitpruneError("images is an empty batch: give at least one image", param="images")
+    if not bool(torch.isfinite(images).all()):
+        raise VitpruneError("images holds NaN or infinite values", param="images")
+
+
+def reduced_intermediates(model: nn.Module, images: Tensor,
+                          indices: int | list[int] | None = None) -> list[ReducedTokens]:
+    """A reduced model's tokens after the blocks `indices` names (timm's rule: the last n for an int,
+    all for None), each with its patch map (see `vitprune.patch.ReducedTokens`); the same tokens on the
+    patch grid come from `model.forward_intermediates`."""
+    check_model(model)
+    _check_images(images)
+    return _reduced_intermediates(model, images, indices)
 
 
 def save(out_dir: str | Path, model: nn.Module, info: dict, *, report: dict | None = None,

@@ -8,21 +8,37 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Format
+from timm.models._features import feature_take_indices
 from timm.models.naflexvit import NaFlexVit
 from torch import Tensor, nn
 
 from vitprune.blocks import block_kind
 from vitprune.errors import VitpruneError
 from vitprune.methods import BlockContext, TokenState
-from vitprune.models import grid_size, has_class_token, image_size, is_supported_vit, patch_size_of, set_image_size
+from vitprune.models import (
+    grid_size,
+    has_class_token,
+    image_size,
+    is_supported_vit,
+    patch_size_of,
+    set_image_size,
+    stem_of,
+)
 from vitprune.plan import Plan, Reduction, make_plan
-from vitprune.reducers import attention_probs, gather_tokens, token_rotations, unit_rotations
+from vitprune.reducers import (
+    PatchGrid,
+    attention_probs,
+    gather_tokens,
+    index_holders,
+    token_rotations,
+    unit_rotations,
+)
 from vitprune.reducers.sources import gather_sources, initial_sources
 
 
@@ -41,14 +57,56 @@ class ReducedVisionTransformer:
             raise VitpruneError("a token-reduced ViT does not take an attention mask")
         return self.vitprune_blocks(self.vitprune_embed(x))
 
-    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
-        raise VitpruneError(DENSE_REFUSAL.format(what="forward_intermediates"))
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False, output_dict: bool = False,
+                              attn_mask: Tensor | None = None, is_causal: bool = False) -> Any:
+        """timm's dense outputs of the reduced model, in timm's layout: each requested block's tokens
+        put back on the patch grid (`PatchGrid.dense`: a merged token's features copied to every
+        patch it holds, a dropped patch keeping the features it had when it was dropped). The final
+        features are the reduced tokens, exactly `forward_features`' output, so `forward_head`
+        gives the reduced model's logits."""
+        if attn_mask is not None or is_causal:
+            raise VitpruneError("a token-reduced ViT does not take an attention mask", param="attn_mask")
+        if output_fmt not in ("NCHW", "NLC"):
+            raise VitpruneError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}", param="output_fmt")
+        if x.shape[0] == 0:  # nothing to reduce: timm's own answer has the right shapes
+            return original_class(self).forward_intermediates(
+                self, x, indices, return_prefix_tokens=return_prefix_tokens, norm=norm, output_fmt=output_fmt,
+                intermediates_only=intermediates_only, **({"output_dict": True} if output_dict else {}))
+        taps = self.vitprune_taps(indices, stop_early)
+        final = self.vitprune_blocks(self.vitprune_embed(x), taps=taps)
+        tokens = [torch.cat([out[:, :self.num_prefix_tokens], grid.dense(out)], dim=1) for out, grid, _ in taps.out]
+        grid_size = stem_of(self).dynamic_feat_size(x.shape[-2:]) if output_fmt == "NCHW" else None
+        return _timm_layout(self, tokens, final, return_prefix_tokens=return_prefix_tokens, norm=norm,
+                            grid_size=grid_size, intermediates_only=intermediates_only, output_dict=output_dict)
 
-    def get_intermediate_layers(self, *args: Any, **kwargs: Any) -> Any:
-        raise VitpruneError(DENSE_REFUSAL.format(what="get_intermediate_layers"))
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm's pruning of the blocks after the last requested one; the plan's reductions stay
+        (all must sit in the kept blocks)."""
+        depth = len(self.blocks)
+        last = max(_take_indices(depth, indices))
+        beyond = [red.layer for red in self.vitprune_plan.reductions if red.layer > last]
+        if beyond:
+            raise VitpruneError(f"prune_intermediate_layers would remove block {beyond[0]}, where the plan reduces "
+                                f"tokens; keep blocks up to {max(beyond)} or change the plan", param="indices")
+        if self.vitprune_plan.head_only:
+            raise VitpruneError("prune_intermediate_layers takes the head whose class token a head-only plan "
+                                "computes alone; apply the plan without head_only", param="indices")
+        return original_class(self).prune_intermediate_layers(self, indices, prune_norm=prune_norm,
+                                                               prune_head=prune_head)
 
-    def prune_intermediate_layers(self, *args: Any, **kwargs: Any) -> Any:
-        raise VitpruneError(DENSE_REFUSAL.format(what="prune_intermediate_layers"))
+    def vitprune_taps(self, indices: int | list[int] | None = None, stop_early: bool = False) -> DenseTaps:
+        """What a dense forward pass keeps (`vitprune_blocks(taps=...)`): the blocks timm's `indices`
+        name (the last n for an int, all for None), refused before running if a method of the plan
+        cannot put its tokens back on the patch grid."""
+        for red in self.vitprune_plan.reductions:
+            if not red.spec.holds_patches:
+                raise VitpruneError(f"dense outputs cannot put {red.method}'s tokens back on the patch grid: "
+                                    f"{red.spec.no_patch_grid}", param="method")
+        layers = _take_indices(len(self.blocks), indices)
+        return DenseTaps(frozenset(layers), max(layers) if stop_early else len(self.blocks) - 1)
 
     def __reduce_ex__(self, protocol: int) -> tuple:
         """Pickle (torch.save, copy.deepcopy) by the timm class: the reduced class is made at run
@@ -70,9 +128,11 @@ class ReducedVisionTransformer:
         return patch_rotations(self)
 
     def vitprune_blocks(self, x: Tensor, start: int = 0, num_input_tokens: int | None = None,
-                        pad_to: int | None = None) -> Tensor:
+                        pad_to: int | None = None, taps: DenseTaps | None = None) -> Tensor:
         """Run blocks `start`.. on plain tokens (no reduction may happen before `start`), then the
         final norm. `num_input_tokens`: the tokens that entered the model (ATS caps are ratios of it).
+        `taps`: keep the tokens of its blocks with their patch grid (dense outputs), and stop after
+        its last block; the last block then computes all tokens even in a head-only plan.
         Eager per-image methods pack the real tokens of a batch (one image has no padding to skip);
         graph capture and `pad_to` use the padded form, whose shapes a graph can hold."""
         if x.shape[0] == 0:  # an empty batch has no tokens to reduce (per-image widths have no maximum)
@@ -86,22 +146,26 @@ class ReducedVisionTransformer:
         rope_width = x.shape[1]  # the tokens timm's rotations are for
         if getattr(self, "_vitprune_sources", False):  # source tracking (record_tokens(sources=True))
             state.source = initial_sources(x, self.num_prefix_tokens)
+        if taps is not None:
+            state.grid = PatchGrid.start(x, self.num_prefix_tokens)
         last = len(self.blocks) - 1
         pack = pad_to is None and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
-        for layer in range(start, len(self.blocks)):
+        for layer in range(start, len(self.blocks) if taps is None else taps.last + 1):
             block = self.blocks[layer]
             reduction = self.vitprune_plan.at(layer)
-            head_only = layer == last and self.vitprune_plan.head_only
+            head_only = layer == last and self.vitprune_plan.head_only and taps is None
             reduction = None if head_only else reduction
             # timm's own forward takes timm's rotations, which match the tokens only before any reduction
             if reduction is None and state.is_plain and not head_only and (rope is None or x.shape[1] == rope_width):
                 x = block_kind(block).plain(block, x, rope)  # timm's own forward: an unreduced block stays bit-identical
                 self._record(layer, None, x.shape[1], state, state, x.shape[1], x)
-                continue
-            packed = pack and (state.valid is not None or (x.shape[0] > 1 and reduction is not None
-                                                            and reduction.spec.varies_per_image))
-            run = BlockRun(block, layer, reduction, num_input_tokens, pad_to, packed, head_only)
-            x, state = self._block(run, x, state)
+            else:
+                packed = pack and (state.valid is not None or (x.shape[0] > 1 and reduction is not None
+                                                                and reduction.spec.varies_per_image))
+                run = BlockRun(block, layer, reduction, num_input_tokens, pad_to, packed, head_only)
+                x, state = self._block(run, x, state)
+            if taps is not None and layer in taps.layers:
+                taps.out.append((x, state.grid, state.valid))
         x = self.norm(x)
         if state.valid is not None and self.global_pool in POOLS_OVER_TOKENS:
             pooled_from = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
@@ -121,6 +185,7 @@ class ReducedVisionTransformer:
         tokens per image are real speed-up in a batch.
         """
         block, kind, spec = run.block, block_kind(run.block), run.reduction.spec if run.reduction else None
+        x_in, grid_in = x, state.grid
         rows = _real_rows(state.valid) if run.packed else None  # once per mask: each costs a device sync
         normed = _per_token(lambda t: kind.attention_input(block, t), x, rows)
         if run.head_only:
@@ -149,6 +214,10 @@ class ReducedVisionTransformer:
         if spec is not None and not spec.selects_queries:
             x, state = _reduce(spec, x, ctx, run.reduction.settings)
             rows = _real_rows(state.valid) if run.packed else None
+        if grid_in is not None and spec is not None:
+            if state.holders is None:
+                raise VitpruneError(f"{spec.name} did not say which token holds each patch", param="method")
+            state = replace(state, grid=grid_in.follow(state.holders, x_in), holders=None)
         x = _per_token(lambda t: kind.mlp_residual(block, t), x, rows)
         self._record(run.layer, HEAD_ONLY if run.head_only else run.reduction, tokens_in, ctx.state, state,
                      q.shape[2], x)
@@ -194,9 +263,50 @@ class ReducedVisionTransformer:
 
 
 HEAD_ONLY = "head"  # the trace's mark of the head-only last block
-# timm's dense outputs run timm's own blocks: on a reduced model they would be the unreduced model's
-DENSE_REFUSAL = ("{what} would run timm's unreduced blocks, not this token-reduced model; call it on the "
-                 "unreduced model (vitprune.remove(model)), or use forward_features for the reduced tokens")
+
+
+@dataclass(frozen=True)
+class DenseTaps:
+    """The blocks whose tokens a dense forward pass keeps (`vitprune_blocks(taps=...)`), in `out`:
+    per block (tokens (B, N', C), their PatchGrid, the padding mask (B, N') or None)."""
+
+    layers: frozenset[int]
+    last: int  # the last block run
+    out: list = field(default_factory=list)
+
+
+def _take_indices(depth: int, indices: int | list[int] | None) -> list[int]:
+    """timm's block selection (`feature_take_indices`): the last n blocks for an int n, all for
+    None, else those listed (negative ones count from the end)."""
+    try:
+        return list(feature_take_indices(depth, indices)[0])
+    except (AssertionError, TypeError) as error:
+        raise VitpruneError(f"indices must be a count in [1, {depth}] or block numbers in [-{depth}, {depth - 1}], "
+                            f"got {indices!r}", param="indices") from error
+
+
+def _timm_layout(model: nn.Module, tokens: list[Tensor], final: Tensor, *, return_prefix_tokens: bool,
+                 norm: bool, grid_size: tuple[int, int] | None, intermediates_only: bool,
+                 output_dict: bool) -> Any:
+    """Dense tokens (B, P + M, C) per block in the layout of timm's `forward_intermediates`:
+    prefix tokens split off, NCHW on `grid_size` (None: NLC), a list, pairs with the prefix
+    tokens, or a dict."""
+    num_prefix = model.num_prefix_tokens
+    tokens = [model.norm(t) if norm else t for t in tokens]
+    prefix = [t[:, :num_prefix] for t in tokens] if num_prefix else None
+    spatial = [t[:, num_prefix:] for t in tokens]
+    if grid_size is not None:
+        spatial = [t.reshape(t.shape[0], *grid_size, -1).permute(0, 3, 1, 2).contiguous() for t in spatial]
+    if output_dict:
+        out: dict[str, Any] = {"image_intermediates": spatial}
+        if prefix is not None and return_prefix_tokens:
+            out["image_intermediates_prefix"] = prefix
+        if not intermediates_only:
+            out["image_features"] = final
+        return out
+    if return_prefix_tokens and prefix is not None:
+        spatial = list(zip(spatial, prefix, strict=True))
+    return spatial if intermediates_only else (final, spatial)
 
 
 class ReducedNaFlexVit(ReducedVisionTransformer):
@@ -206,11 +316,21 @@ class ReducedNaFlexVit(ReducedVisionTransformer):
 
     def forward_features(self, patches: Tensor, patch_coord: Tensor | None = None, patch_valid: Tensor | None = None,
                          attn_mask: Tensor | None = None) -> Tensor:
-        if patch_coord is not None or patch_valid is not None:
-            raise VitpruneError(NAFLEX_REFUSAL, param="patch_valid")
+        _refuse_patch_sequences(patches, patch_coord, patch_valid)
         if attn_mask is not None:
             raise VitpruneError("a token-reduced ViT does not take an attention mask", param="attn_mask")
         return self.vitprune_blocks(self.vitprune_embed(patches))
+
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, *args: Any,
+                              patch_coord: Tensor | None = None, patch_valid: Tensor | None = None,
+                              **kwargs: Any) -> Any:
+        _refuse_patch_sequences(x, patch_coord, patch_valid)
+        return super().forward_intermediates(x, indices, *args, **kwargs)
+
+
+def _refuse_patch_sequences(x: Any, patch_coord: Tensor | None, patch_valid: Tensor | None) -> None:
+    if isinstance(x, dict) or patch_coord is not None or patch_valid is not None:
+        raise VitpruneError(NAFLEX_REFUSAL, param="patch_valid")
 
 
 # Why a reduced NaFlexVit takes image batches only (docs/methods.md, "NaFlexVit").
@@ -252,6 +372,8 @@ def _select(spec: Any, ctx: BlockContext, settings: dict) -> tuple[Tensor, Token
     """The method's selection before attention, with the selected tokens' sources (when tracked)
     and rotary embeddings."""
     index, state = spec.select(ctx, settings)
+    if ctx.state.grid is not None:
+        state = replace(state, holders=index_holders(index, ctx.k.shape[2], state.valid))
     if ctx.state.source is not None:
         state = replace(state, source=gather_sources(ctx.state.source, index, state.valid))
     if ctx.state.rope is not None:
@@ -504,6 +626,25 @@ def record_tokens(model: nn.Module, sources: bool = False) -> Iterator[list[dict
         model._vitprune_trace, model._vitprune_sources = None, False
         if unpatch:
             remove_plan(model)
+
+
+@dataclass(frozen=True)
+class ReducedTokens:
+    """One block's output of a reduced model in its own layout (`reduced_intermediates`)."""
+
+    tokens: Tensor  # (B, N', C): the prefix tokens, then the reduced patch tokens
+    patch_map: Tensor  # (B, M) int64: for each patch of the grid (row-major), the row of `tokens` holding it; -1: dropped
+    valid: Tensor | None  # (B, N') False on per-image padding (ATS batches); None: every row is real
+
+
+def reduced_intermediates(model: nn.Module, images: Tensor, indices: int | list[int] | None = None) -> list[ReducedTokens]:
+    """The reduced tokens of the blocks timm's `indices` name (the last n for an int, all for None),
+    each with the map from the patch grid to them: what `forward_intermediates` spreads on the grid."""
+    if not isinstance(model, ReducedVisionTransformer):
+        raise VitpruneError("model is not token-reduced: apply a plan first (vitprune.apply)", param="model")
+    taps = model.vitprune_taps(indices, stop_early=True)
+    model.vitprune_blocks(model.vitprune_embed(images), taps=taps)
+    return [ReducedTokens(tokens, grid.holder, valid) for tokens, grid, valid in taps.out]
 
 
 def set_dynamic_img_size(model: nn.Module, enabled: bool) -> nn.Module:

@@ -32,6 +32,7 @@ class ATS(Method):
     varies_per_image = True
     needs_token_pooling = True
     selects_queries = True
+    holds_patches = True  # a selection: the adapter reads which tokens it kept
 
     def default_layers(self, depth: int) -> list[int]:
         """Every block from the 4th of 12 (the official DeiT-S setting)."""

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from vitprune.checks import is_finite_number
 from vitprune.errors import VitpruneError
-from vitprune.reducers import SoftTokens, cls_attention, received_attention
+from vitprune.reducers import PatchGrid, SoftTokens, cls_attention, received_attention
 
 REQUIRED = object()  # a parameter without a default
 # More tokens than any ViT input holds: the upper bound of every token count, so a setting always fits
@@ -84,6 +84,12 @@ class TokenState:
     source: Tensor | None = None
     # (B, N, 2D) each token's rotary embedding [sin | cos] on rotary models (vitprune.reducers.rope)
     rope: Tensor | None = None
+    # where each original patch is among the tokens, only while dense outputs are asked for
+    # (forward_intermediates; vitprune.reducers.patch_grid); None: not tracked, at no cost
+    grid: PatchGrid | None = None
+    # (B, N_in) set by a reduction while `grid` is tracked: the output row holding each token that
+    # entered it, -1 if dropped (`Method.holds_patches`); the adapter folds it into `grid`
+    holders: Tensor | None = None
 
     def key_bias(self) -> Tensor | None:
         """Additive attention-logit bias (B, 1, 1, N): proportional attention and padding."""
@@ -140,6 +146,10 @@ class Method:
     # place of the fused kernel, and the block's own attention product uses it (no extra MACs)
     needs_attention: bool = False
     merges: bool = False  # tokens become groups of patches (`vitprune show` paints groups, not kept/dropped)
+    # `reduce` sets `TokenState.holders` while `ctx.state.grid` is tracked (selections need not: the
+    # adapter reads their indices), so dense outputs can put the tokens back on the patch grid
+    holds_patches: bool = False
+    no_patch_grid: str = "it does not say which token holds each patch"  # why not, when not
 
     # -- parameters ------------------------------------------------------------------------------
     def settings(self, given: dict[str, Any]) -> dict[str, Any]:

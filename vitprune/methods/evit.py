@@ -20,7 +20,7 @@ from vitprune.methods.base import (
     attention_scores,
     stage_layers,
 )
-from vitprune.reducers import SoftTokens, evit_keep_count, evit_reduce, removal_weights, soft_prune
+from vitprune.reducers import SoftTokens, evit_keep_count, evit_reduce, index_holders, removal_weights, soft_prune
 
 
 class EViT(Method):
@@ -31,6 +31,7 @@ class EViT(Method):
         Param("fuse", bool, "fuse the dropped tokens into one token (False: drop them)", default=True),
     )
     soft_searchable = True
+    holds_patches = True  # the fused token stands for no patch: the dropped ones keep their own features
 
     def default_layers(self, depth: int) -> list[int]:
         """The 4th, 7th and 10th of 12 blocks, scaled to the depth."""
@@ -42,8 +43,10 @@ class EViT(Method):
     def reduce(self, x: Tensor, ctx: BlockContext, settings: dict[str, Any]) -> tuple[Tensor, TokenState]:
         cls_attn = attention_scores(ctx).mean(dim=1)  # the class token's attention, or the fallback
         keep_count = evit_keep_count(x.shape[1] - ctx.num_prefix, settings["keep"])
-        x, size, _ = evit_reduce(x, cls_attn, ctx.num_prefix, keep_count, settings["fuse"], ctx.state.size)
-        return x, replace(ctx.state, size=size)
+        tokens = x.shape[1]
+        x, size, index = evit_reduce(x, cls_attn, ctx.num_prefix, keep_count, settings["fuse"], ctx.state.size)
+        holders = None if ctx.state.grid is None else index_holders(index, tokens)
+        return x, replace(ctx.state, size=size, holders=holders)
 
     def extra_macs(self, costs: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
                    settings: dict[str, Any], class_token: bool = True) -> Tensor:

@@ -18,6 +18,7 @@ from vitprune.reducers import ats_scores, cls_attention, ppt_reduce
 class PPT(Method):
     name = "ppt"
     paper = "Wu et al., PPT: Token Pruning and Pooling for Efficient Vision Transformers (arXiv 2310.01812)"
+    holds_patches = True
     params = (
         Param("r", int, "patch tokens each reducing block removes, pruned or pooled", default=50, counts_tokens=True),
         # the significance scores sum to 1 over the tokens: their variance is below 1
@@ -36,8 +37,9 @@ class PPT(Method):
         size = ctx.state.size if ctx.state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
         cls_attn = cls_attention(ctx.q[:, :, :1], ctx.k, ctx.scale, ctx.key_bias)
         scores = ats_scores(cls_attn, ctx.v, ctx.num_prefix)
-        x, size, _ = ppt_reduce(x, size, scores, ctx.k.mean(dim=1), ctx.num_prefix, settings["r"], settings["threshold"])
-        return x, replace(ctx.state, size=size)
+        x, size, _, holders = ppt_reduce(x, size, scores, ctx.k.mean(dim=1), ctx.num_prefix, settings["r"],
+                                         settings["threshold"], holders=ctx.state.grid is not None)
+        return x, replace(ctx.state, size=size, holders=holders)
 
     def extra_macs(self, costs: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
                    settings: dict[str, Any], class_token: bool = True) -> Tensor:

@@ -12,7 +12,17 @@ import torch
 from torch import Tensor
 
 from vitprune.methods.base import CLS_SCORE, BlockContext, Method, Param, TokenState, cls_row_macs
-from vitprune.reducers import SoftTokens, cls_attention, protect_penalty, removal_weights, soft_merge, tome_reduce
+from vitprune.reducers import (
+    SoftTokens,
+    cls_attention,
+    merge_holders,
+    merge_tokens,
+    protect_penalty,
+    removal_weights,
+    same_holders,
+    soft_merge,
+    tome_match,
+)
 
 
 class ToMe(Method):
@@ -24,6 +34,7 @@ class ToMe(Method):
               default=0.0, high=1000.0),
     )
     merges = True
+    holds_patches = True
     soft_searchable = True
 
     def needs_class_token(self, settings: dict[str, Any]) -> bool:
@@ -39,8 +50,14 @@ class ToMe(Method):
         if settings["protect"]:
             cls_attn = cls_attention(ctx.q[:, :, :1], ctx.k, ctx.scale, ctx.key_bias).mean(dim=1)
             penalty = protect_penalty(cls_attn[:, ctx.num_prefix:], settings["protect"])
-        x, size = tome_reduce(x, size, ctx.k.mean(dim=1), ctx.num_prefix, settings["r"], penalty)
-        return x, replace(ctx.state, size=size)
+        matching = tome_match(ctx.k.mean(dim=1), ctx.num_prefix, settings["r"], penalty)
+        holders = None
+        if ctx.state.grid is not None:
+            holders = (same_holders(x.shape[1], x.shape[0], x.device) if matching is None
+                       else merge_holders(matching, x.shape[1], ctx.num_prefix))
+        if matching is not None:
+            x, size = merge_tokens(x, size, matching, ctx.num_prefix)
+        return x, replace(ctx.state, size=size, holders=holders)
 
     def extra_macs(self, costs: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
                    settings: dict[str, Any], class_token: bool = True) -> Tensor:

@@ -17,6 +17,8 @@ from vitprune.reducers import cls_attention, evit_keep_count, transform_reduce
 class TokenTransforming(Method):
     name = "transform"
     paper = "Zeng, Yu, Kong and Tang, Token Transforming: A Unified and Training-Free Token Compression Framework for Vision Transformer Acceleration (arXiv 2506.05709)"
+    no_patch_grid = ("each of its tokens blends several patches and each patch is spread over several tokens: "
+                     "no token holds a patch")
     params = (
         Param("keep", float, "share of the patch tokens entering the block kept as outputs", default=0.63,
               high=1.0, low_open=True),

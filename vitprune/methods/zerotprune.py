@@ -13,7 +13,7 @@ from torch import Tensor
 
 from vitprune.errors import VitpruneError
 from vitprune.methods.base import BlockContext, Method, Param, TokenState, stage_layers
-from vitprune.reducers import zerotprune_counts, zerotprune_reduce
+from vitprune.reducers import index_holders, zerotprune_counts, zerotprune_reduce
 
 
 class ZeroTPrune(Method):
@@ -27,6 +27,7 @@ class ZeroTPrune(Method):
         Param("iters", int, "weighted-PageRank votes of the ranking stage", default=30, low=1, high=1000),
     )
     needs_attention = True
+    holds_patches = True
 
     def default_layers(self, depth: int) -> list[int]:
         """The 4th, 7th and 10th of 12 blocks (the stage blocks of EViT and ATS), scaled to the depth."""
@@ -36,9 +37,11 @@ class ZeroTPrune(Method):
         if ctx.attn is None:
             raise VitpruneError("zerotprune needs the block's attention probabilities, and the adapter gave none")
         keep_count, similar_count = zerotprune_counts(x.shape[1] - ctx.num_prefix, settings["keep"], settings["similar"])
-        x, size, _ = zerotprune_reduce(x, ctx.state.size, ctx.attn, ctx.k.mean(dim=1), ctx.num_prefix,
-                                       keep_count, similar_count, settings["iters"])
-        return x, replace(ctx.state, size=size)
+        tokens = x.shape[1]
+        x, size, index = zerotprune_reduce(x, ctx.state.size, ctx.attn, ctx.k.mean(dim=1), ctx.num_prefix,
+                                           keep_count, similar_count, settings["iters"])
+        holders = None if ctx.state.grid is None else index_holders(index, tokens)
+        return x, replace(ctx.state, size=size, holders=holders)
 
     def extra_macs(self, costs: Any, n_in: Tensor, n_out: Tensor, num_prefix: int,
                    settings: dict[str, Any], class_token: bool = True) -> Tensor:

@@ -106,8 +106,12 @@ def tome_reduce(x: Tensor, size: Tensor, metric: Tensor, num_prefix: int, r: int
     penalty: (B, N - num_prefix) per mergeable token (see `protect_penalty`) or None.
     r is capped at half the mergeable tokens.
     """
-    r = min(r, (x.shape[1] - num_prefix) // 2)
-    if r <= 0:
-        return x, size
-    matching = bipartite_matching(metric[:, num_prefix:], r, penalty)
-    return merge_tokens(x, size, matching, num_prefix)
+    matching = tome_match(metric, num_prefix, r, penalty)
+    return (x, size) if matching is None else merge_tokens(x, size, matching, num_prefix)
+
+
+def tome_match(metric: Tensor, num_prefix: int, r: int, penalty: Tensor | None = None) -> Matching | None:
+    """`tome_reduce`'s matching of the tokens after the `num_prefix` first (r capped at half of
+    them); None when nothing merges."""
+    r = min(r, (metric.shape[1] - num_prefix) // 2)
+    return None if r <= 0 else bipartite_matching(metric[:, num_prefix:], r, penalty)
