@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from conftest import BLOCK_FAMILIES, build_family
+from test_flops import torch_counted_gmacs
 
 import vitprune
 from vitprune.flops import model_input
@@ -171,3 +172,14 @@ def test_a_reduced_naflex_model_exports_to_onnx_with_parity(tmp_path):
     export_onnx(model, tmp_path / "model.onnx")
     parity = verify_onnx(model, tmp_path / "model.onnx", _images(model, 2), batch_size=2, provider="cpu")
     assert parity["passed"] and parity["max_abs_diff"] < 1e-4
+
+
+def test_a_naflex_class_token_model_runs_the_head_only_last_block_exactly():
+    # RADIO style: class-token pooling, so the last block may compute the prefix tokens alone
+    model = build_family("naflex_radio_rotary")
+    x = _images(model, 2)
+    with torch.inference_mode():
+        base = model(x)
+        vitprune.apply(model, method="tome", r=0, head_only=True)
+        torch.testing.assert_close(model(x), base, rtol=1e-6, atol=1e-6)
+    assert vitprune.count_macs(model, x[:1]).gmacs == pytest.approx(torch_counted_gmacs(model, x[:1]), rel=1e-6)
