@@ -36,7 +36,7 @@ import vitprune
 from vitprune import methods
 from vitprune.errors import VitpruneError
 from vitprune.flops import count_macs, model_input
-from vitprune.models import is_supported_vit
+from vitprune.models import grid_size, image_size, is_supported_vit, set_image_size, stem_of
 from vitprune.patch import has_position_bias
 from vitprune.plan import Plan
 
@@ -78,8 +78,10 @@ def structure(model: torch.nn.Module) -> tuple:
     attn = getattr(block, "attn", None)
     kind = lambda module: type(module).__name__ if module is not None else "-"  # noqa: E731
     pooling = "map" if getattr(model, "attn_pool", None) is not None else str(getattr(model, "global_pool", "?"))
-    return (type(model).__name__, kind(block), kind(attn), kind(getattr(block, "mlp", None)),
-            kind(getattr(model, "patch_embed", None)), pooling, getattr(model, "cls_token", None) is not None,
+    stem = stem_of(model) if hasattr(model, "patch_embed") or hasattr(model, "embeds") else None
+    return (type(model).__name__, kind(block), kind(attn), kind(getattr(block, "mlp", None)), kind(stem),
+            getattr(stem, "pos_embed_type", "-"), pooling,
+            getattr(model, "cls_token", None) is not None or bool(getattr(model, "has_class_token", False)),
             int(getattr(model, "num_reg_tokens", 0) or 0), kind(getattr(attn, "q_norm", None)),
             kind(getattr(block, "ls1", None)))
 
@@ -104,11 +106,16 @@ def torch_gmacs(model: torch.nn.Module, image: torch.Tensor) -> float:
 def build_small(name: str) -> torch.nn.Module:
     with torch.device("meta"):
         skeleton = timm.create_model(name, pretrained=False)
-    grid = skeleton.patch_embed.grid_size
-    full = skeleton.patch_embed.img_size
+    grid, full = grid_size(skeleton), image_size(skeleton)
     img_size = tuple(int(full[i] * GRID // grid[i]) for i in range(2))
     torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, depth=DEPTH, img_size=img_size).eval()
+    if not hasattr(skeleton, "embeds"):
+        return timm.create_model(name, pretrained=False, depth=DEPTH, img_size=img_size).eval()
+    # NaFlexVit resamples its position grid to any input; at its own size (the grid's) it does not resample
+    grid_kwargs = {} if skeleton.embeds.pos_embed_type == "none" else {"pos_embed_grid_size": (GRID, GRID)}
+    model = timm.create_model(name, pretrained=False, depth=DEPTH, **grid_kwargs).eval()
+    set_image_size(model, img_size[0])
+    return model
 
 
 def test_family(row: dict, onnx: bool) -> dict:

@@ -5,6 +5,9 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from timm.models.naflexvit import NaFlexVit
+
+from vitprune.models import set_image_size
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WEIGHTS = {
@@ -25,6 +28,9 @@ FAMILIES = {
     "registers": ("vit_small_patch14_reg4_dinov2", {"img_size": 98, "depth": 4, "num_classes": 10}),
     "gap_no_cls": ("vit_wee_patch16_reg1_gap_256", {"img_size": 96, "depth": 4, "num_classes": 10}),
 }
+# position embedding grid = the image's patch grid: no resampling (ONNX has no antialiased resize)
+NAFLEX_TINY = {"img_size": 64, "depth": 4, "embed_dim": 64, "num_heads": 2, "num_classes": 10,
+               "pos_embed_grid_size": (4, 4)}
 # Every other block and stem kind the adapter runs (issue 25), as tiny random models.
 BLOCK_FAMILIES = {
     "glu_mlp": ("vit_giant_patch14_dinov2", {"img_size": 56, "depth": 4, "embed_dim": 96, "num_heads": 2,
@@ -59,6 +65,11 @@ BLOCK_FAMILIES = {
                                                                     "num_heads": 2, "shared_rel_pos": True,
                                                                     "init_values": 0.5,
                                                                     "rel_pos_type": "bias", "num_classes": 10}),
+    # NaFlexVit on image batches: factorized position embedding, registers pooled with the patches (average);
+    # SigLIP-2 style attention pooling; RADIO style class token + registers with rotary embeddings
+    "naflex_factorized_gap": ("naflexvit_base_patch16_parfac_gap", {**NAFLEX_TINY, "pool_include_prefix": True}),
+    "naflex_siglip_map": ("naflexvit_base_patch16_siglip", NAFLEX_TINY),
+    "naflex_radio_rotary": ("naflexvit_base_patch16_radio_v3", {**NAFLEX_TINY, "rope_type": "axial"}),
 }
 
 
@@ -71,6 +82,8 @@ def build_family(family: str, seed: int = 0) -> torch.nn.Module:
         for param_name, param in model.named_parameters():
             if param_name.endswith("relative_position_bias_table") or "rel_pos.mlp.fc2" in param_name:
                 param.normal_(std=1.0)
+    if isinstance(model, NaFlexVit):  # timm ignores img_size next to a position grid; vitprune.create_model records it
+        set_image_size(model, kwargs["img_size"])
     return model
 
 

@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from conftest import BLOCK_FAMILIES, build_family
+from test_flops import torch_counted_gmacs
 
 import vitprune
 from vitprune.blocks import block_kind
@@ -49,7 +50,7 @@ def test_every_block_kind_runs_noop_batch_and_remove_exactly(family):
 
 
 @pytest.mark.parametrize("name, part", [("vit_base_patch16_rope_mixed_224", "mixed"),
-                                        ("naflexvit_base_patch16_gap", "variable-length"),
+                                        ("samvit_base_patch16", "windowed attention"),
                                         ("vit_small_patch16_18x2_224", "ParallelThingsBlock"),
                                         ("vit_base_patch16_plus_240", None)])
 def test_unsupported_families_are_refused_naming_the_part(name, part):
@@ -105,7 +106,7 @@ def test_a_reduced_rotary_model_exports_to_onnx_with_parity(tmp_path):
     assert parity["passed"] and parity["max_abs_diff"] < 1e-4
 
 
-@pytest.mark.parametrize("family", ["eva02_rotary_swiglu", "res_post"])
+@pytest.mark.parametrize("family", ["eva02_rotary_swiglu", "res_post", "naflex_siglip_map"])
 def test_the_gradient_search_soft_forward_runs_the_same_block_pieces(family):
     from vitprune.calibrate.gradient import Walk, soft_logits
     from vitprune.patch import tokens_before
@@ -193,3 +194,74 @@ def test_supervit_refuses_relative_position_models():
     from vitprune.finetune.supervit import grid_variants
     with pytest.raises(vitprune.VitpruneError, match="supervit.*relative position bias"):
         grid_variants(build_family("relpos_mlp_cls"), (64, 48), (1.0, 0.7))
+
+
+def _naflex_sequences(model, images):
+    """NaFlex's patch-sequence input: the second image's last half is padding."""
+    from timm.models.naflexvit import batch_patchify
+    patches, (rows, columns) = batch_patchify(images, model.embeds.patch_size)
+    coord = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(columns), indexing="ij"), dim=-1)
+    valid = torch.ones(images.shape[0], rows * columns, dtype=torch.bool)
+    valid[1, rows * columns // 2:] = False
+    return {"patches": patches, "patch_coord": coord.reshape(1, -1, 2).expand(images.shape[0], -1, -1),
+            "patch_valid": valid}
+
+
+def test_naflex_patch_sequences_are_refused_at_call_time():
+    # padding patches would be ranked, kept and merged as if they were image: one clear error, no output
+    model = build_family("naflex_siglip_map")
+    sequences = _naflex_sequences(model, _images(model, 2))
+    with torch.inference_mode():
+        base = model(sequences)
+        vitprune.apply(model, method="tome", r=2)
+        for call in (lambda: model(sequences),
+                     lambda: model(sequences["patches"], patch_coord=sequences["patch_coord"],
+                                   patch_valid=sequences["patch_valid"]),
+                     lambda: model.forward_intermediates(sequences, output_fmt="NLC")):
+            with pytest.raises(vitprune.VitpruneError, match="NaFlex patch sequences with padding"):
+                call()
+        vitprune.remove(model)
+        assert torch.equal(model(sequences), base)
+
+
+def test_naflex_mixed_rotary_embeddings_are_refused_naming_them():
+    with torch.device("meta"):
+        model = timm.create_model("naflexvit_base_patch16_gap", rope_type="mixed", depth=2)
+    assert "RotaryEmbeddingMixed" in is_supported_vit(model)
+
+
+def test_naflex_average_pooling_over_registers_stays_exact_with_per_image_counts():
+    # timm pools the registers with the patches (pool_include_prefix): ATS's padding must not shift that mean
+    model = build_family("naflex_factorized_gap")
+    with torch.no_grad():  # a peaked first attention, full layer scale: the counts differ per image
+        model.blocks[0].attn.qkv.weight.mul_(30)
+        for block in model.blocks:
+            block.ls1.gamma.fill_(1.0)
+            block.ls2.gamma.fill_(1.0)
+    x = _images(model, 6) * torch.linspace(0.1, 3, 6)[:, None, None, None]
+    vitprune.apply(model, method="ats", keep=1.0, layers=[0])
+    with torch.inference_mode(), record_tokens(model) as trace:
+        batch = model(x)
+    assert len(set(trace[0]["n_out"].tolist())) > 1
+    with torch.inference_mode():
+        torch.testing.assert_close(batch, torch.cat([model(x[i:i + 1]) for i in range(6)]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_reduced_naflex_model_exports_to_onnx_with_parity(tmp_path):
+    from vitprune.export.verify import verify_onnx
+    from vitprune.onnx_runtime import export_onnx
+    model = vitprune.apply(build_family("naflex_siglip_map"), method="tome", r=2)
+    export_onnx(model, tmp_path / "model.onnx")
+    parity = verify_onnx(model, tmp_path / "model.onnx", _images(model, 2), batch_size=2, provider="cpu")
+    assert parity["passed"] and parity["max_abs_diff"] < 1e-4
+
+
+def test_a_naflex_class_token_model_runs_the_head_only_last_block_exactly():
+    # RADIO style: class-token pooling, so the last block may compute the prefix tokens alone
+    model = build_family("naflex_radio_rotary")
+    x = _images(model, 2)
+    with torch.inference_mode():
+        base = model(x)
+        vitprune.apply(model, method="tome", r=0, head_only=True)
+        torch.testing.assert_close(model(x), base, rtol=1e-6, atol=1e-6)
+    assert vitprune.count_macs(model, x[:1]).gmacs == pytest.approx(torch_counted_gmacs(model, x[:1]), rel=1e-6)

@@ -8,14 +8,15 @@ import torch
 from conftest import build_family
 
 import vitprune
+from vitprune.models import image_size
 from vitprune.patch import record_tokens
 from vitprune.reducers import PatchGrid, index_holders, merge_holders, merge_tokens, tome_match
 from vitprune.reducers.sources import patch_groups, whole_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# class token; 4 registers; Eva rotary + registers; a non-square grid
-FAMILIES = ["vit", "registers", "dinov3_rotary_registers", "non_square"]
+# class token; 4 registers; Eva rotary + registers; a non-square grid; NaFlexVit (class token, registers, rotary)
+FAMILIES = ["vit", "registers", "dinov3_rotary_registers", "non_square", "naflex_radio_rotary"]
 METHODS = {
     "tome": {"method": "tome", "r": 3},
     "evit": {"method": "evit", "keep": 0.6, "layers": [1, 2]},
@@ -50,7 +51,7 @@ def _model(family):
 
 
 def _images(model, batch=2, seed=1):
-    height, width = model.patch_embed.img_size
+    height, width = image_size(model)
     return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
 
 

@@ -200,8 +200,9 @@ def split(image_set: ImageSet, holdout_fraction: float, seed: int) -> tuple[Imag
 def data_config_for(model: nn.Module) -> dict[str, Any]:
     """timm's eval preprocessing config for ``model``, with input_size matching the size it was built at."""
     config = dict(timm.data.resolve_model_data_config(model))
-    patch_embed = getattr(model, "patch_embed", None)
-    built_size = getattr(patch_embed, "img_size", None)
+    # the size it was built at: a ViT's patch embedding's, a NaFlexVit's img_size (None: any size, the cfg's)
+    built_size = (getattr(getattr(model, "patch_embed", None), "img_size", None)
+                  or getattr(getattr(model, "embeds", None), "default_img_size", None))
     if built_size is not None:
         # timm keeps the pretrained cfg's input_size (224) when a model is built with img_size=160.
         config["input_size"] = (config["input_size"][0], *built_size)

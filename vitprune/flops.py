@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vitprune.blocks import block_kind
 from vitprune.errors import VitpruneError
-from vitprune.models import has_class_token, input_shape, is_supported_vit
+from vitprune.models import has_class_token, input_shape, is_supported_vit, stem_of
 from vitprune.patch import HEAD_ONLY, carried_channels, record_tokens, shared_position_bias
 from vitprune.plan import Reduction
 
@@ -120,7 +120,7 @@ def outside_blocks(model: nn.Module, image: Tensor | None = None) -> OutsideBloc
         image = model_input(model)
     image = image[:1]
     # the stem, and the relative position bias a model shares among its blocks (made once per forward pass)
-    stem = _counted_macs(model, model.patch_embed, image) + _counted_macs(model, shared_position_bias, model)
+    stem = _counted_macs(model, stem_of(model), image) + _counted_macs(model, shared_position_bias, model)
     prefix = model.num_prefix_tokens
     at_two = _counted_macs(model, model.forward_head, image.new_zeros(1, prefix + 2, model.embed_dim))
     at_one = _counted_macs(model, model.forward_head, image.new_zeros(1, prefix + 1, model.embed_dim))

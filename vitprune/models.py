@@ -14,7 +14,8 @@ from typing import Any
 import safetensors.torch
 import timm
 import torch
-from timm.models import beit, eva, vision_transformer, vision_transformer_relpos
+from timm.models import beit, eva, naflexvit, vision_transformer, vision_transformer_relpos
+from timm.models.naflexvit import NaFlexVit
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -25,8 +26,8 @@ from vitprune.io import file_sha256
 
 SUPPORTED_MODELS_HINT = (
     "vitprune supports timm's VisionTransformer (pre- and post-norm blocks, any MLP, hybrid stems: vit_*, deit*, "
-    "*_reg*, siglip, aimv2, vitamin), Eva (eva02_*, DINOv3, Perception Encoder, RoPE ViTs), BEiT (beit*) and "
-    "relative-position ViT (vit_relpos_*, vit_srelpos_*) models"
+    "*_reg*, siglip, aimv2, vitamin), Eva (eva02_*, DINOv3, Perception Encoder, RoPE ViTs), BEiT (beit*), "
+    "relative-position ViT (vit_relpos_*, vit_srelpos_*) and NaFlexVit (naflexvit_*, on image batches) models"
 )
 TORCH_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -78,10 +79,9 @@ def _check_pretrained_tag(architecture: str, tag: str) -> None:
 
 # Why the timm ViT classes and blocks vitprune does not reduce are refused (the part that blocks it).
 UNSUPPORTED_PARTS = {
-    "rope_mixed": "mixed (learned, per block and head) rotary embeddings, which vitprune does not carry through "
-                  "reduced tokens",
+    "rope_mixed": "rotary embeddings other than one rotation per patch (mixed: learned per block and head; "
+                  "multimodal), which vitprune does not carry through reduced tokens",
     "EvaBlockPostNorm": "post-norm Eva blocks, which vitprune's block kinds do not cut",
-    "NaFlexVit": "variable-length patch sequences with padding masks, which vitprune's token state does not take",
     "VisionTransformerSAM": "windowed attention with a relative position bias and a convolutional neck (SAM's "
                             "image encoder, for dense prediction)",
     "ParallelScalingBlock": "attention and MLP in parallel on the same tokens, so no reduction can sit between them",
@@ -95,6 +95,8 @@ UNSUPPORTED_PARTS = {
 
 # ViT classes with a relative position bias, which vitprune gathers for the kept tokens (pruning only)
 RELATIVE_POSITION_CLASSES = (beit.Beit, vision_transformer_relpos.VisionTransformerRelPos)
+# NaFlexVit rotary embeddings vitprune carries: one rotation per patch, shared by every block and head.
+NAFLEX_ROTARY = ("RotaryEmbeddingCat", "RotaryEmbeddingDinoV3")
 
 
 def is_supported_vit(model: nn.Module) -> str | None:
@@ -106,6 +108,11 @@ def is_supported_vit(model: nn.Module) -> str | None:
             return f"found {name} with {UNSUPPORTED_PARTS['rope_mixed']}"
         if model.patch_drop is not None:
             return f"found {name} with patch dropout, whose kept patches vitprune's rotary embeddings do not follow"
+    elif isinstance(model, NaFlexVit):
+        if model.rope is not None and type(model.rope).__name__ not in NAFLEX_ROTARY:
+            return f"found {name} with {type(model.rope).__name__} ({UNSUPPORTED_PARTS['rope_mixed']})"
+        if model.patch_drop is not None:
+            return f"found {name} with patch dropout, which drops patches in training before vitprune's reductions"
     elif not isinstance(model, (VisionTransformer, *RELATIVE_POSITION_CLASSES)):
         return f"found {name}" + (f" with {UNSUPPORTED_PARTS[name]}" if name in UNSUPPORTED_PARTS else "")
     # The adapter cuts blocks it knows (vitprune.blocks); subclasses and look-alikes are refused.
@@ -123,7 +130,41 @@ def num_prefix_tokens(model: nn.Module) -> int:
 
 
 def has_class_token(model: nn.Module) -> bool:
-    return model.cls_token is not None
+    return bool(model.has_class_token) if isinstance(model, NaFlexVit) else model.cls_token is not None
+
+
+def stem_of(model: nn.Module) -> nn.Module:
+    """The module that turns images into patch tokens: `patch_embed` (hybrid CNN stems included), or
+    NaFlexVit's `embeds` (patch projection, position embedding and prefix tokens in one)."""
+    return model.embeds if isinstance(model, NaFlexVit) else model.patch_embed
+
+
+def image_size(model: nn.Module) -> tuple[int, int]:
+    """(height, width) the model is built for. NaFlexVit takes any size: its `img_size` when built with
+    one, else its pretrained config's input size."""
+    if isinstance(model, NaFlexVit):
+        size = model.embeds.default_img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[1:]
+    else:
+        size = model.patch_embed.img_size
+    height, width = (size, size) if isinstance(size, int) else size
+    return int(height), int(width)
+
+
+def set_image_size(model: nn.Module, img_size: int) -> None:
+    """Make `model` run at `img_size` (square): timm resamples a ViT's position embedding once.
+    NaFlexVit resamples its own on every call, so its size is only recorded, as timm's constructor
+    records an img_size (which it ignores when the config gives a position embedding grid)."""
+    if isinstance(model, NaFlexVit):
+        model.embeds.default_img_size = (img_size, img_size)
+    else:
+        model.set_input_size(img_size=img_size)
+
+
+def grid_size(model: nn.Module) -> tuple[int, int]:
+    """(rows, columns) of patch tokens at the model's `image_size`."""
+    if isinstance(model, NaFlexVit):
+        return model.embeds.dynamic_feat_size(image_size(model))
+    return tuple(int(side) for side in model.patch_embed.grid_size)
 
 
 def outputs_embeddings(model: nn.Module) -> bool:
@@ -282,6 +323,8 @@ def create_model(
         model = _build(full_name, pretrained=False, **build_kwargs)
         tag = None
     _raise_if_unsupported(model, architecture)
+    if isinstance(model, NaFlexVit) and img_size is not None:
+        set_image_size(model, img_size)
     _set_layer_norm_eps(model, (model_args or {}).get(LAYER_NORM_EPS))
     model.eval()
 
@@ -290,7 +333,7 @@ def create_model(
         "tag": tag,
         "checkpoint": str(checkpoint_path) if checkpoint_path is not None else None,
         "checkpoint_sha256": file_sha256(checkpoint_path) if checkpoint_path is not None else None,
-        "img_size": int(model.patch_embed.img_size[0]),
+        "img_size": image_size(model)[0],
     }
     if model_args:
         info["model_args"] = dict(model_args)
@@ -308,6 +351,8 @@ def _set_layer_norm_eps(model: nn.Module, eps: float | None) -> None:
 def patch_size_of(model: nn.Module) -> int:
     """The side of the model's square patches in pixels: the stride from pixels to tokens (a hybrid
     stem's CNN stride times its patch size)."""
+    if isinstance(model, NaFlexVit):
+        return int(model.embeds.patch_size[0])
     embed = model.patch_embed
     size, grid = getattr(embed, "img_size", None), getattr(embed, "grid_size", None)
     if size is not None and grid is not None:
@@ -319,10 +364,10 @@ def patch_size_of(model: nn.Module) -> int:
 def input_shape(model: nn.Module) -> tuple[int, int, int]:
     """(channels, height, width) of the images the model is built for: non-square sizes and hybrid
     stems (a CNN before the patch projection) too."""
-    embed = model.patch_embed
-    first_conv = next(module for module in embed.modules() if isinstance(module, nn.Conv2d))
-    height, width = (embed.img_size, embed.img_size) if isinstance(embed.img_size, int) else embed.img_size
-    return int(first_conv.in_channels), int(height), int(width)
+    if isinstance(model, NaFlexVit):
+        return (int(model.in_chans), *image_size(model))
+    first_conv = next(module for module in model.patch_embed.modules() if isinstance(module, nn.Conv2d))
+    return (int(first_conv.in_channels), *image_size(model))
 
 
 def _check_patch_multiple(model: nn.Module, img_size: int | None) -> None:
@@ -415,7 +460,7 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, Tensor], *, 
 def _checkpoint_filter_for(architecture: str) -> Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]]:
     # timm.models.deit re-exports the ViT filter and registers it with adapt_layer_scale=True
     # (maps the original DeiT-III 'gamma_1' keys to 'ls1.gamma'); mirror that choice.
-    for module in (eva, beit, vision_transformer_relpos):
+    for module in (eva, beit, vision_transformer_relpos, naflexvit):
         if timm.models.is_model_in_modules(architecture, [module.__name__.rpartition(".")[2]]):
             return module.checkpoint_filter_fn
     is_deit = timm.models.is_model_in_modules(architecture, ["deit"])

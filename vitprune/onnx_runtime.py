@@ -27,7 +27,7 @@ from vitprune.bench import fill_batch
 from vitprune.errors import VitpruneError
 from vitprune.io import atomic_output_file
 from vitprune.models import input_shape
-from vitprune.patch import plan_of
+from vitprune.patch import input_tokens, plan_of
 from vitprune.progress import progress_bar
 
 MIN_OPSET = 17  # LayerNormalization is one op from 17 on; older opsets are refused
@@ -96,7 +96,7 @@ def static_width(model: nn.Module) -> int | None:
     None when no reduction of the plan varies per image."""
     plan = plan_of(model)
     num_prefix = model.num_prefix_tokens
-    num_input = model.patch_embed.num_patches + num_prefix
+    num_input = input_tokens(model)
     widths = [red.spec.static_width(red.settings, num_input)
               for red in (plan.reductions if plan is not None else []) if red.spec.varies_per_image]
     if not widths:

@@ -15,12 +15,22 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Format
 from timm.models._features import feature_take_indices
+from timm.models.naflexvit import NaFlexVit
 from torch import Tensor, nn
 
 from vitprune.blocks import block_kind
 from vitprune.errors import VitpruneError
 from vitprune.methods import BlockContext, TokenState
-from vitprune.models import RELATIVE_POSITION_CLASSES, is_supported_vit, patch_size_of
+from vitprune.models import (
+    RELATIVE_POSITION_CLASSES,
+    grid_size,
+    has_class_token,
+    image_size,
+    is_supported_vit,
+    patch_size_of,
+    set_image_size,
+    stem_of,
+)
 from vitprune.plan import Plan, Reduction, make_plan
 from vitprune.reducers import (
     PatchGrid,
@@ -72,7 +82,7 @@ class ReducedVisionTransformer:
         taps = self.vitprune_taps(indices, stop_early)
         final = self.vitprune_blocks(self.vitprune_embed(x), taps=taps)
         tokens = [torch.cat([out[:, :self.num_prefix_tokens], grid.dense(out)], dim=1) for out, grid, _ in taps.out]
-        grid_size = self.patch_embed.dynamic_feat_size(x.shape[-2:]) if output_fmt == "NCHW" else None
+        grid_size = stem_of(self).dynamic_feat_size(x.shape[-2:]) if output_fmt == "NCHW" else None
         return _timm_layout(self, tokens, final, return_prefix_tokens=return_prefix_tokens, norm=norm,
                             grid_size=grid_size, intermediates_only=intermediates_only, output_dict=output_dict)
 
@@ -169,7 +179,8 @@ class ReducedVisionTransformer:
                 taps.out.append((x, state.grid, state.valid))
         x = self.norm(x)
         if state.valid is not None and self.global_pool in POOLS_OVER_TOKENS:
-            x = _fill_padding(x, state.valid, self.num_prefix_tokens)
+            pooled_from = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+            x = _fill_padding(x, state.valid, pooled_from)
         return x
 
     def _block(self, run: BlockRun, x: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
@@ -232,7 +243,7 @@ class ReducedVisionTransformer:
                  num_input_tokens: int, pad_to: int | None, key_bias: Tensor | None) -> BlockContext:
         return BlockContext(q=q, k=k, v=v, scale=kind.scale(block), key_bias=key_bias, state=state,
                             num_prefix=self.num_prefix_tokens, num_input_tokens=num_input_tokens, pad_to=pad_to,
-                            class_token=self.cls_token is not None)
+                            class_token=has_class_token(self))
 
     def _attend(self, kind: Any, block: nn.Module, q: Tensor, k: Tensor, v: Tensor,
                 key_bias: Tensor | None) -> Tensor:
@@ -312,6 +323,36 @@ def _timm_layout(model: nn.Module, tokens: list[Tensor], final: Tensor, *, retur
     if return_prefix_tokens and prefix is not None:
         spatial = list(zip(spatial, prefix, strict=True))
     return spatial if intermediates_only else (final, spatial)
+
+
+class ReducedNaFlexVit(ReducedVisionTransformer):
+    """The adapter on timm's NaFlexVit called with an image batch (B, C, H, W): its embeddings
+    (`embeds`: patches, position embedding, prefix tokens) then the same reduced blocks. NaFlex's
+    patch sequences with padding (patch_coord, patch_valid) are refused: see `NAFLEX_REFUSAL`."""
+
+    def forward_features(self, patches: Tensor, patch_coord: Tensor | None = None, patch_valid: Tensor | None = None,
+                         attn_mask: Tensor | None = None) -> Tensor:
+        _refuse_patch_sequences(patches, patch_coord, patch_valid)
+        if attn_mask is not None:
+            raise VitpruneError("a token-reduced ViT does not take an attention mask", param="attn_mask")
+        return self.vitprune_blocks(self.vitprune_embed(patches))
+
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, *args: Any,
+                              patch_coord: Tensor | None = None, patch_valid: Tensor | None = None,
+                              **kwargs: Any) -> Any:
+        _refuse_patch_sequences(x, patch_coord, patch_valid)
+        return super().forward_intermediates(x, indices, *args, **kwargs)
+
+
+def _refuse_patch_sequences(x: Any, patch_coord: Tensor | None, patch_valid: Tensor | None) -> None:
+    if isinstance(x, dict) or patch_coord is not None or patch_valid is not None:
+        raise VitpruneError(NAFLEX_REFUSAL, param="patch_valid")
+
+
+# Why a reduced NaFlexVit takes image batches only (docs/methods.md, "NaFlexVit").
+NAFLEX_REFUSAL = ("a token-reduced NaFlexVit takes image batches (B, C, H, W) only, not NaFlex patch sequences with "
+                  "padding (patch_coord, patch_valid): its reductions would rank, keep and merge padding patches "
+                  "as if they were image; call the unreduced model (vitprune.remove(model)) for those")
 
 
 @dataclass(frozen=True)
@@ -414,11 +455,12 @@ def _unpack(rows_out: Tensor, rows: Tensor | None, batch: int, width: int) -> Te
     return full.view(batch, width, -1)
 
 
-def _fill_padding(x: Tensor, valid: Tensor, num_prefix: int) -> Tensor:
-    """Per-image padding rows (ATS) set to the mean of the image's real patch tokens: average pooling
-    over all rows then gives the mean over the real ones (and max pooling their max)."""
-    patch_valid = valid[:, num_prefix:].unsqueeze(-1)
-    real_mean = (x[:, num_prefix:] * patch_valid).sum(dim=1, keepdim=True) / patch_valid.sum(dim=1, keepdim=True)
+def _fill_padding(x: Tensor, valid: Tensor, pooled_from: int) -> Tensor:
+    """Per-image padding rows (ATS) set to the mean of the real tokens the pooling reads (the patch
+    tokens, from `pooled_from`: the prefix too when timm pools it): average pooling over all rows then
+    gives the mean over the real ones (and max pooling their max)."""
+    pooled = valid[:, pooled_from:].unsqueeze(-1)
+    real_mean = (x[:, pooled_from:] * pooled).sum(dim=1, keepdim=True) / pooled.sum(dim=1, keepdim=True)
     return torch.where(valid.unsqueeze(-1), x, real_mean)
 
 
@@ -433,7 +475,8 @@ _REDUCED_CLASSES: dict[type, type] = {}
 def _reduced_class(base: type) -> type:
     """One subclass per timm class, created once, so isinstance(model, base) still holds."""
     if base not in _REDUCED_CLASSES:
-        _REDUCED_CLASSES[base] = type(f"Reduced{base.__name__}", (ReducedVisionTransformer, base), {})
+        mixin = ReducedNaFlexVit if issubclass(base, NaFlexVit) else ReducedVisionTransformer
+        _REDUCED_CLASSES[base] = type(f"Reduced{base.__name__}", (mixin, base), {})
     return _REDUCED_CLASSES[base]
 
 
@@ -445,7 +488,9 @@ def _new_reduced(base: type) -> nn.Module:
 
 def _embed(model: nn.Module, images: Tensor) -> Tensor:
     """timm's embedding of `images`: the tokens entering block 0 (Eva's `_pos_embed` also returns the
-    rotary embeddings, which `patch_rotations` gives the blocks)."""
+    rotary embeddings, which `patch_rotations` gives the blocks; NaFlexVit's `_forward_embeds` too)."""
+    if isinstance(model, NaFlexVit):
+        return model._forward_embeds(images, patch_coord=None, patch_valid=None, attn_mask=None)["patches"]
     if not hasattr(model, "_pos_embed"):  # Beit, VisionTransformerRelPos: as their forward_features
         x = model.patch_embed(images)
         if model.cls_token is not None:
@@ -463,6 +508,8 @@ def patch_rotations(model: nn.Module) -> Tensor | None:
     them at the model's input size; None on models without."""
     if getattr(model, "rope", None) is None:
         return None
+    if isinstance(model, NaFlexVit):
+        return model.rope.get_embed(shape=grid_size(model))
     embed = model.patch_embed
     grid = tuple(embed.grid_size) if getattr(model, "dynamic_img_size", False) else (embed.num_patches,)  # NHWC
     return model._pos_embed(next(model.parameters()).new_zeros(1, *grid, model.embed_dim))[1]
@@ -501,7 +548,7 @@ def _plain_blocks(model: nn.Module, x: Tensor, start: int, end: int) -> Tensor:
 
 def original_class(model: nn.Module) -> type:
     cls = type(model)
-    return cls.__bases__[1] if issubclass(cls, ReducedVisionTransformer) else cls
+    return cls.__bases__[-1] if issubclass(cls, ReducedVisionTransformer) else cls
 
 
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:
@@ -510,7 +557,7 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
     if problem:
         raise VitpruneError(problem)
     plan.validate(len(model.blocks), tokens=input_tokens(model, plan.img_size))
-    has_cls = getattr(model, "cls_token", None) is not None
+    has_cls = has_class_token(model)
     token_pooling = getattr(model, "global_pool", "token") == "token" and getattr(model, "attn_pool", None) is None
     # per-image padding is filled with the real tokens' mean (`_fill_padding`): average and max pooling stay exact
     pools_real_tokens = token_pooling or (getattr(model, "attn_pool", None) is None
@@ -538,7 +585,8 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
 def input_tokens(model: nn.Module, img_size: int | None = None) -> int:
     """Tokens entering block 0 at `img_size` (default: the model's own), prefix tokens included."""
     if img_size is None or img_size == model_img_size(model):  # the model's own grid, non-square too
-        return int(model.patch_embed.num_patches) + model.num_prefix_tokens
+        rows, columns = grid_size(model)
+        return rows * columns + model.num_prefix_tokens
     grid = img_size // patch_size_of(model)
     return grid * grid + model.num_prefix_tokens
 
@@ -575,7 +623,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Patch `model` in place to run `plan`; returns it. Applying again replaces the plan."""
     check_plan_fits(model, plan)
     if plan.img_size is not None and model_img_size(model) != plan.img_size:
-        model.set_input_size(img_size=plan.img_size)  # timm resamples the position embedding
+        set_image_size(model, plan.img_size)
     model.__class__ = _reduced_class(original_class(model))
     model.vitprune_plan = plan
     model._vitprune_trace = None
@@ -595,8 +643,7 @@ def plan_of(model: nn.Module) -> Plan | None:
 
 
 def model_img_size(model: nn.Module) -> int:
-    size = model.patch_embed.img_size
-    return int(size[0]) if isinstance(size, (tuple, list)) else int(size)
+    return image_size(model)[0]
 
 
 def first_reduced_layer(model: nn.Module) -> int:
@@ -671,7 +718,10 @@ def set_dynamic_img_size(model: nn.Module, enabled: bool) -> nn.Module:
     """Let `model` take any input size that is a multiple of its patch size (SuperViT trains one
     set of weights at several sizes): timm then resamples the position embedding on every forward
     pass, differentiably, instead of once in `set_input_size`. The weights do not change, and the
-    result equals `apply_plan` with that img_size. `enabled=False` restores the fixed size."""
+    result equals `apply_plan` with that img_size. `enabled=False` restores the fixed size. NaFlexVit
+    always takes any size: nothing to change."""
+    if isinstance(model, NaFlexVit):
+        return model
     embed = model.patch_embed
     if enabled and not getattr(model, "_vitprune_fixed_size", None):
         model._vitprune_fixed_size = (model.dynamic_img_size, embed.strict_img_size, embed.flatten, embed.output_fmt)

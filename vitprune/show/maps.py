@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from vitprune.errors import VitpruneError
+from vitprune.models import grid_size
 from vitprune.patch import record_tokens
 from vitprune.plan import Reduction
 from vitprune.reducers.sources import patch_groups, whole_tokens
@@ -67,7 +68,7 @@ def traced_maps(model: nn.Module, images: Tensor) -> tuple[list[TokenMap], Tenso
     param = next(model.parameters())
     with record_tokens(model, sources=True) as trace:
         logits = model(images.to(device=param.device, dtype=param.dtype)).float().cpu()
-    grid = tuple(int(size) for size in model.patch_embed.grid_size)
+    grid = grid_size(model)
     maps = [_token_map(entry, grid) for entry in trace if isinstance(entry["reduction"], Reduction)]
     return maps, logits
 
