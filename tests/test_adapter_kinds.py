@@ -265,3 +265,13 @@ def test_a_naflex_class_token_model_runs_the_head_only_last_block_exactly():
         vitprune.apply(model, method="tome", r=0, head_only=True)
         torch.testing.assert_close(model(x), base, rtol=1e-6, atol=1e-6)
     assert vitprune.count_macs(model, x[:1]).gmacs == pytest.approx(torch_counted_gmacs(model, x[:1]), rel=1e-6)
+
+
+def test_a_reduced_rotary_naflex_model_refuses_another_grid_of_the_same_token_count():
+    # its rotations are made for its recorded grid: a 4 x 16 grid has the 8 x 8 grid's 64 tokens, not its rotations
+    model = vitprune.apply(build_family("naflex_radio_rotary"), method="tome", r=2)
+    rows, columns = _images(model, 1).shape[-2:]
+    with torch.inference_mode():
+        model(_images(model, 1))
+        with pytest.raises(vitprune.VitpruneError, match="recorded input size"):
+            model(torch.randn(1, 3, rows // 2, columns * 2))

@@ -206,6 +206,7 @@ def test_dense_outputs_refuse_what_has_no_patch_grid_in_one_line():
             call()
     tome = vitprune.apply(_model("vit"), method="tome", r=2)
     for bad, match in (({"indices": 9}, "indices must be"), ({"indices": [0, 7]}, "indices must be"),
+                       ({"indices": []}, "indices must be"),
                        ({"output_fmt": "NHWC"}, "output_fmt must be")):
         with pytest.raises(vitprune.VitpruneError, match=match):
             tome.forward_intermediates(x, **bad)

@@ -338,8 +338,9 @@ def test_verify_on_a_stream_of_batches_equals_verify_on_the_held_images(tmp_path
     held = images(7)
     streamed = verify_onnx(model, tmp_path / "m.onnx", iter(held.split(3)), batch_size=3, provider="cpu")
     assert streamed == verify_onnx(model, tmp_path / "m.onnx", held, batch_size=3, provider="cpu")
-    with pytest.raises(VitpruneError, match="no images"):
-        verify_onnx(model, tmp_path / "m.onnx", iter(()), provider="cpu")
+    for empty in (iter(()), images(0)):
+        with pytest.raises(VitpruneError, match="no images"):
+            verify_onnx(model, tmp_path / "m.onnx", empty, provider="cpu")
 
 
 @pytest.mark.slow

@@ -145,7 +145,7 @@ class ReducedVisionTransformer:
         num_input_tokens = x.shape[1] if num_input_tokens is None else num_input_tokens
         rope = self.vitprune_rope()
         if rope is not None and rope.shape[-2] != x.shape[1] - self.num_prefix_tokens:
-            raise VitpruneError("a reduced rotary model (Eva) runs at its own input size; set img_size to change it",
+            raise VitpruneError("a reduced rotary model runs at its own input size; set img_size to change it",
                                 param="img_size")
         shared_bias = shared_position_bias(self)
         given = rope if rope is not None else shared_bias  # what timm's own block forward takes besides the tokens
@@ -296,7 +296,7 @@ def _take_indices(depth: int, indices: int | list[int] | None) -> list[int]:
     None, else those listed (negative ones count from the end)."""
     try:
         return list(feature_take_indices(depth, indices)[0])
-    except (AssertionError, TypeError) as error:
+    except (AssertionError, TypeError, ValueError) as error:  # ValueError: an empty list
         raise VitpruneError(f"indices must be a count in [1, {depth}] or block numbers in [-{depth}, {depth - 1}], "
                             f"got {indices!r}", param="indices") from error
 
@@ -335,13 +335,26 @@ class ReducedNaFlexVit(ReducedVisionTransformer):
         _refuse_patch_sequences(patches, patch_coord, patch_valid)
         if attn_mask is not None:
             raise VitpruneError("a token-reduced ViT does not take an attention mask", param="attn_mask")
+        self._check_rotary_grid(patches)
         return self.vitprune_blocks(self.vitprune_embed(patches))
 
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, *args: Any,
                               patch_coord: Tensor | None = None, patch_valid: Tensor | None = None,
                               **kwargs: Any) -> Any:
         _refuse_patch_sequences(x, patch_coord, patch_valid)
+        self._check_rotary_grid(x)
         return super().forward_intermediates(x, indices, *args, **kwargs)
+
+    def _check_rotary_grid(self, images: Tensor) -> None:
+        """The rotations a reduced rotary NaFlexVit carries are made for its recorded grid (a token
+        count alone would let another grid of the same size through with the wrong rotations)."""
+        if self.rope is not None and isinstance(images, Tensor):
+            grid = tuple(stem_of(self).dynamic_feat_size(tuple(images.shape[-2:])))
+            if grid != tuple(grid_size(self)):
+                raise VitpruneError(f"a reduced rotary NaFlexVit runs at its recorded input size "
+                                    f"{'x'.join(map(str, image_size(self)))} (patch grid {tuple(grid_size(self))}), "
+                                    f"got images of {images.shape[-2]}x{images.shape[-1]}; set img_size to change it",
+                                    param="img_size")
 
 
 def _refuse_patch_sequences(x: Any, patch_coord: Tensor | None, patch_valid: Tensor | None) -> None:
@@ -367,6 +380,8 @@ class BlockRun:
     packed: bool  # per-token layers on the real tokens of a padded batch only
     head_only: bool  # the last block, for the prefix tokens alone
     shared_bias: Tensor | None = None  # the model's relative position bias shared by its blocks
+
+
 POOLS_OVER_TOKENS = ("avg", "max", "avgmax")  # timm global_pool values that read every patch token
 
 

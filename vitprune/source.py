@@ -11,7 +11,7 @@ from vitprune.artifact import TEACHER_KEY, identity_info, read_artifact
 from vitprune.data import ImageSet, check_labels, load_images, transform_for
 from vitprune.errors import VitpruneError
 from vitprune.hf import is_transformers_folder, load_transformers
-from vitprune.models import create_model, use_pre_logits
+from vitprune.models import create_model, set_image_size, use_pre_logits
 from vitprune.patch import model_img_size
 from vitprune.plan import Plan
 from vitprune.teacher import TEACHER_FILE, carry_teacher, teacher_of
@@ -32,6 +32,15 @@ class BaseModel:
     def reference(self) -> nn.Module:
         """What reports judge a reduced model against: the teacher of a fine-tuned artifact, else the base."""
         return self.teacher if self.teacher is not None else self.model
+
+    def teacher_info(self) -> dict:
+        """The info with a fine-tuned artifact's teacher named, without its tensors (the one-file
+        .safetensors form, which holds no teacher file)."""
+        if self.teacher_record is None:
+            return self.info
+        named = {key: value for key, value in self.teacher_record.items()
+                 if key not in ("file", "file_sha256", "tensors")}
+        return {**self.info, TEACHER_KEY: named}
 
     def info_for(self, student: nn.Module) -> tuple[dict, dict[str, bytes]]:
         """(the info, the extra files) of an artifact made from this base: a fine-tuned artifact's teacher
@@ -71,7 +80,7 @@ def _load_base(source: str, checkpoint: Path | None, no_pretrained: bool, img_si
         teacher, record = teacher_of(source, artifact.model, artifact.metadata)
         if img_size is not None and img_size != artifact.metadata["model"]["img_size"]:
             for each in (artifact.model, teacher) if teacher is not None else (artifact.model,):
-                each.set_input_size(img_size=img_size)
+                set_image_size(each, img_size)
         return BaseModel(model=artifact.model, info=identity_info(artifact.metadata), artifact_plan=artifact.plan,
                          teacher=teacher, teacher_record=record)
     if is_transformers_folder(source):

@@ -22,6 +22,7 @@ from torch import nn
 
 from vitprune.artifact import TEACHER_KEY, WEIGHTS_SHA256_KEY, check_content_sha256, content_sha256
 from vitprune.errors import VitpruneError
+from vitprune.models import set_image_size
 from vitprune.patch import model_img_size
 
 TEACHER_FILE = "teacher.safetensors"
@@ -79,7 +80,7 @@ def teacher_of(source: str | Path, unreduced: nn.Module, metadata: dict, *,
     tensors = _read_teacher_file(path, record, verify)
     teacher = copy.deepcopy(unreduced)
     if isinstance(record.get("img_size"), int) and record["img_size"] != model_img_size(teacher):
-        teacher.set_input_size(img_size=record["img_size"])  # its own position embedding is put back below
+        set_image_size(teacher, record["img_size"])  # its own position embedding is put back below
     state = dict(teacher.state_dict())
     state.update(tensors)
     try:

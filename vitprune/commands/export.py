@@ -107,8 +107,7 @@ def run_export(request: ExportRequest) -> dict:
         section = _export_and_verify(request, reduced, plan, onnx_tmp, images, stream)
         if request.safetensors is not None:
             weights_tmp = outputs.enter_context(atomic_output_file(request.safetensors, force=True))
-            info = base.info_for(reduced)[0]  # the one-file form names a fine-tuned artifact's teacher, without its tensors
-            save_checked_weights(reduced, weights_tmp, info, plan, images[:RANDOM_VERIFY_IMAGES])
+            save_checked_weights(reduced, weights_tmp, base.teacher_info(), plan, images[:RANDOM_VERIFY_IMAGES])
         if request.bench:
             section.update(_bench(request, base.reference, onnx_tmp, images, base_images, stream is not None))
             section["gmacs_speedup"] = round(report["gmacs_base"] / report["gmacs"], 3)
