@@ -110,7 +110,10 @@ def build_small(name: str) -> torch.nn.Module:
     img_size = tuple(int(full[i] * GRID // grid[i]) for i in range(2))
     torch.manual_seed(0)
     if not hasattr(skeleton, "embeds"):
-        return timm.create_model(name, pretrained=False, depth=DEPTH, img_size=img_size).eval()
+        try:
+            return timm.create_model(name, pretrained=False, depth=DEPTH, img_size=img_size).eval()
+        except AssertionError:  # per-block settings (sapiens2's key/value heads) fix the depth: keep it
+            return timm.create_model(name, pretrained=False, img_size=img_size).eval()
     # NaFlexVit resamples its position grid to any input; at its own size (the grid's) it does not resample
     grid_kwargs = {} if skeleton.embeds.pos_embed_type == "none" else {"pos_embed_grid_size": (GRID, GRID)}
     model = timm.create_model(name, pretrained=False, depth=DEPTH, **grid_kwargs).eval()
