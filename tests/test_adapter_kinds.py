@@ -26,6 +26,7 @@ def _images(model, batch):
     return torch.randn_like(model_input(model, batch))
 
 
+@pytest.mark.slow  # 1-15 s per family on 2 cores; tests/test_flops.py covers every kind in the fast tier
 @pytest.mark.parametrize("family", sorted(BLOCK_FAMILIES))
 def test_every_block_kind_runs_noop_batch_and_remove_exactly(family):
     model = build_family(family)
@@ -63,6 +64,7 @@ def test_unsupported_families_are_refused_naming_the_part(name, part):
         vitprune.apply(model, method="tome", r=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kwargs", [{"method": "tome", "r": 4}, {"method": "ats", "keep": 0.6, "layers": [1, 3]}])
 def test_a_reduced_model_pickles_saves_and_copies(kwargs):
     model = vitprune.apply(build_family("vit"), **kwargs)

@@ -62,6 +62,7 @@ def test_search_meets_the_budget_and_writes_everything(calibrated):
     assert "Frontier (held-out images)" in (calibrated / "report.md").read_text()
 
 
+@pytest.mark.slow  # its fixture runs a calibration (10 s)
 def test_output_loads_as_an_artifact(calibrated):
     metadata = json.loads((calibrated / "vitprune.json").read_text())
     model = vitprune.load(calibrated)
