@@ -97,14 +97,14 @@ def run_export(request: ExportRequest) -> dict:
     identity = model_identity(reduced, base.info)
     previous = existing_report(report_path, identity["name"], plan.describe(), request.force)
     stream = _streamer(request)
-    report, sample = previous, None
-    if previous is None:  # judged against the teacher of a fine-tuned artifact, saying so
-        report, sample = _measured_report(request, identity, plan, base, reduced, stream)
-    images, base_images = _sample_images(sample, stream, base, reduced)
     with ExitStack() as outputs:
         onnx_tmp = outputs.enter_context(atomic_output_file(request.onnx, force=True))
         outputs.enter_context(_named_as(onnx_tmp, Path(request.onnx)))
-        section = _export_and_verify(request, reduced, plan, onnx_tmp, images, stream)
+        section = _export_and_verify(request, reduced, plan, onnx_tmp, stream)  # a graph that fails stops first
+        report, sample = previous, None
+        if previous is None:  # judged against the teacher of a fine-tuned artifact, saying so
+            report, sample = _measured_report(request, identity, plan, base, reduced, stream)
+        images, base_images = _sample_images(sample, stream, base, reduced)
         if request.safetensors is not None:
             weights_tmp = outputs.enter_context(atomic_output_file(request.safetensors, force=True))
             save_checked_weights(reduced, weights_tmp, base.teacher_info(), plan, images[:RANDOM_VERIFY_IMAGES])
@@ -169,13 +169,14 @@ def _sample_images(evaluation: Evaluation | None, stream: Stream | None, base: B
     return random_images(reduced), None
 
 
-def _export_and_verify(request: ExportRequest, reduced: nn.Module, plan: Plan, path: Path, images: Tensor,
+def _export_and_verify(request: ExportRequest, reduced: nn.Module, plan: Plan, path: Path,
                        stream: Stream | None) -> dict:
     """The graph written to `path` and checked against PyTorch (on every image of `data`, streamed in
-    the graph's batches, else on `images`): the report's "onnx" section."""
-    checked: Tensor | Iterable[Tensor] = images
-    count = None
-    if stream is not None:
+    the graph's batches, else on fixed noise images): the report's "onnx" section."""
+    checked: Tensor | Iterable[Tensor]
+    if stream is None:
+        checked, count = random_images(reduced), None
+    else:
         batches = stream(reduced, reduced, parse_batch(request.batch) or request.verify_batch)
         checked, count = (batch for batch, _, _ in batches), batches.count
     parity = export_verified(reduced, path, checked, real_images=stream is not None, batch=request.batch,
