@@ -108,6 +108,19 @@ def test_a_reduced_rotary_model_exports_to_onnx_with_parity(tmp_path):
     assert parity["passed"] and parity["max_abs_diff"] < 1e-4
 
 
+@pytest.mark.parametrize("opset", [17, 18])
+def test_an_rms_norm_model_exports_to_onnx_with_parity_and_leaves_the_exporter_as_it_was(tmp_path, opset):
+    from torch.onnx._internal.torchscript_exporter.registration import registry
+
+    from vitprune.export.verify import verify_onnx
+    from vitprune.onnx_runtime import export_onnx
+    model = vitprune.apply(build_family("swiglu_map"), method="tome", r=3)  # AIMv2: RmsNorm -> aten::rms_norm
+    export_onnx(model, tmp_path / "model.onnx", opset=opset)
+    parity = verify_onnx(model, tmp_path / "model.onnx", _images(model, 2), batch_size=2, provider="cpu")
+    assert parity["passed"] and parity["max_abs_diff"] < 1e-5
+    assert not registry.is_registered_op("aten::rms_norm", opset)  # lent for the export only
+
+
 @pytest.mark.parametrize("family", ["eva02_rotary_swiglu", "res_post", "naflex_siglip_map"])
 def test_the_gradient_search_soft_forward_runs_the_same_block_pieces(family):
     from vitprune.calibrate.gradient import Walk, soft_logits

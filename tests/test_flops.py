@@ -1,5 +1,6 @@
 """Exact MACs: the one rule (vitprune.flops) against torch's own FlopCounterMode, to 1e-6."""
 import pytest
+import timm
 import torch
 from conftest import BLOCK_FAMILIES, build_family
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -55,6 +56,22 @@ def test_every_block_kind_counts_exactly(family):
     assert counted.gmacs == pytest.approx(torch_counted_gmacs(model, x), rel=1e-6)
     vitprune.apply(model, method="evit", keep=0.6, layers=[1], fuse=not pruning_only)
     assert count_macs(model, x).gmacs == pytest.approx(torch_counted_gmacs(model, x), rel=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [{"method": "tome", "r": 4}, {"method": "evit", "keep": 0.7},
+                                    {"method": "ats", "keep": 0.7}])
+@pytest.mark.parametrize("extra", [{}, {"class_token": False, "global_pool": "avg"}], ids=["cls", "gap"])
+def test_a_dynamic_size_model_runs_and_counts_exactly_at_every_input_size(kwargs, extra):
+    # timm's dynamic_img_size: the position embedding is resampled to each input's own (also non-square) grid
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3, num_classes=10,
+                              dynamic_img_size=True, **extra).eval()
+    vitprune.apply(model, **kwargs)
+    torch.manual_seed(1)
+    for size in [(64, 64), (48, 80), (96, 32)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x[:1]), model(x)[:1], rtol=1e-5, atol=1e-5)
+        assert count_macs(model, x[:1]).gmacs == pytest.approx(torch_counted_gmacs(model, x[:1]), rel=1e-6)
 
 
 def test_ats_macs_are_per_image():

@@ -16,8 +16,10 @@ for onnxruntime): they are imported inside the functions that use them, on first
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -153,9 +155,10 @@ def _write_graph(graph: nn.Module, example: Tensor, path: Path, opset: int, fixe
 
     dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
     try:
-        torch.onnx.export(graph, (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes=dynamic_axes, do_constant_folding=True)
+        with _rms_norm_written(opset):
+            torch.onnx.export(graph, (example,), str(path), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes=dynamic_axes, do_constant_folding=True)
         _pin_batch(path, fixed_batch)
         onnx.checker.check_model(str(path))
     except (VitpruneError, OSError):  # an OS error (a full disk) names the output: `atomic_output_file`
@@ -163,6 +166,46 @@ def _write_graph(graph: nn.Module, example: Tensor, path: Path, opset: int, fixe
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise VitpruneError(f"ONNX export failed: {type(error).__name__}: {first}") from error
+
+
+def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
+    """`aten::rms_norm` in ops of opset 17-20 (ONNX's RMSNormalization arrives in opset 23, which the
+    TorchScript exporter does not write): x / sqrt(mean(x^2 over the normalised dims) + eps) * weight,
+    as torch computes it. timm's RmsNorm (AIMv2, Perception Encoder, ...) calls it."""
+    from torch.onnx import symbolic_helper  # the TorchScript exporter's helpers, only for export
+
+    axes = list(range(-len(symbolic_helper._get_const(normalized_shape, "is", "normalized_shape")), 0))
+    squares = g.op("Mul", x, x)
+    if g.opset < 18:  # ReduceMean's axes moved from an attribute to an input in opset 18
+        mean = g.op("ReduceMean", squares, axes_i=axes, keepdims_i=1)
+    else:
+        mean = g.op("ReduceMean", squares, g.op("Constant", value_t=torch.tensor(axes)), keepdims_i=1)
+    eps_value = None if symbolic_helper._is_none(eps) else symbolic_helper._get_const(eps, "f", "eps")
+    if eps_value is None:  # torch's default: the machine epsilon of the input's dtype
+        scalar = x.type().scalarType()
+        eps_value = torch.finfo(torch.float16 if scalar == "Half" else torch.float32).eps
+    eps_const = g.op("CastLike", g.op("Constant", value_t=torch.tensor(eps_value)), x)
+    normed = g.op("Mul", x, g.op("Reciprocal", g.op("Sqrt", g.op("Add", mean, eps_const))))
+    return normed if symbolic_helper._is_none(weight) else g.op("Mul", normed, weight)
+
+
+@contextlib.contextmanager
+def _rms_norm_written(opset: int) -> Iterator[None]:
+    """Lend the exporter `_rms_norm_symbolic` for one export, unless a symbolic is already registered
+    for it (the user's own, or a later torch's)."""
+    try:
+        from torch.onnx._internal.torchscript_exporter.registration import registry
+        registered = registry.is_registered_op("aten::rms_norm", opset)
+    except ImportError:  # another torch layout: lend ours
+        registered = False
+    if registered:
+        yield
+        return
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, MIN_OPSET)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::rms_norm", MIN_OPSET)
 
 
 def _pin_batch(path: Path, fixed_batch: int | None) -> None:
