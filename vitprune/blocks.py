@@ -19,10 +19,10 @@ from timm.models.vision_transformer import Block, ResPostBlock
 from torch import Tensor, nn
 
 
-def split_heads(attn: nn.Module, projected: Tensor, parts: int) -> tuple[Tensor, ...]:
-    """(B, N, parts * attn_dim) -> `parts` tensors (B, H, N, hd), as timm's Attention splits qkv."""
+def split_heads(attn: nn.Module, projected: Tensor) -> Tensor:
+    """(B, N, attn_dim) -> (B, H, N, hd), as timm's Attention splits q, k and v (two views)."""
     batch, tokens, _ = projected.shape
-    return projected.reshape(batch, tokens, parts, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return projected.reshape(batch, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
 
 
 class PreNormBlock:
@@ -60,7 +60,7 @@ class PreNormBlock:
         """(B, N, attn_dim) each -> (B, H, N, hd) each, q and k normed as timm's Attention does;
         `rope`: per token rotations (B, N, 2 hd) on rotary blocks (`RotaryBlock`)."""
         attn = block.attn
-        q, k, v = (split_heads(attn, part, 1)[0] for part in (q, k, v))
+        q, k, v = (split_heads(attn, part) for part in (q, k, v))
         return attn.q_norm(q), attn.k_norm(k), v
 
     def plain(self, block: nn.Module, x: Tensor, given: Tensor | None) -> Tensor:
