@@ -282,11 +282,22 @@ def test_a_naflex_class_token_model_runs_the_head_only_last_block_exactly():
     assert vitprune.count_macs(model, x[:1]).gmacs == pytest.approx(torch_counted_gmacs(model, x[:1]), rel=1e-6)
 
 
-def test_a_reduced_rotary_naflex_model_refuses_another_grid_of_the_same_token_count():
-    # its rotations are made for its recorded grid: a 4 x 16 grid has the 8 x 8 grid's 64 tokens, not its rotations
-    model = vitprune.apply(build_family("naflex_radio_rotary"), method="tome", r=2)
+@pytest.mark.parametrize("family, extra", [("naflex_radio_rotary", {}),
+                                           ("eva02_rotary_swiglu", {"dynamic_img_size": True})])
+def test_a_reduced_rotary_model_refuses_another_grid_of_the_same_token_count(family, extra):
+    # its rotations are made for its recorded grid: a 4 x 16 grid has the 8 x 8 grid's 64 tokens, not its rotations;
+    # timm would take the other grid (NaFlex, dynamic_img_size), so every path in is checked
+    if extra:
+        name, kwargs = BLOCK_FAMILIES[family]
+        model = timm.create_model(name, pretrained=False, **kwargs, **extra).eval()
+    else:
+        model = build_family(family)
+    vitprune.apply(model, method="tome", r=2)
     rows, columns = _images(model, 1).shape[-2:]
+    other = torch.randn(1, 3, rows // 2, columns * 2)
     with torch.inference_mode():
         model(_images(model, 1))
-        with pytest.raises(vitprune.VitpruneError, match="recorded input size"):
-            model(torch.randn(1, 3, rows // 2, columns * 2))
+        for call in (model, lambda x: model.forward_intermediates(x, indices=[1]),
+                     lambda x: vitprune.reduced_intermediates(model, x, indices=[1])):
+            with pytest.raises(vitprune.VitpruneError, match="recorded input size"):
+                call(other)

@@ -240,6 +240,24 @@ def test_checkpoint_at_224_loads_into_smaller_model(tmp_path: Path, tiny_state_d
     assert _logits(model, torch.randn(1, 3, 160, 160)).shape == (1, 1000)
 
 
+def test_a_non_square_model_saves_and_loads_at_its_own_size(tmp_path: Path) -> None:
+    import vitprune
+    model, info = create_model(TINY, pretrained=False, img_size=(64, 96), model_args={"depth": 2})
+    assert info["img_size"] == [64, 96] and create_model(TINY, pretrained=False, img_size=[64, 64])[1]["img_size"] == 64
+    vitprune.apply(model, method="tome", r=4)
+    vitprune.save(tmp_path / "art", model, info)
+    loaded = vitprune.load(tmp_path / "art")
+    x = torch.randn(2, 3, 64, 96)
+    assert torch.equal(_logits(loaded, x), _logits(model, x))
+
+
+@pytest.mark.parametrize("size", [(64, 0), (64,), "64x96", (64, 96.5), (60, 96)])
+def test_a_bad_size_pair_is_refused_naming_img_size(size: object) -> None:
+    with pytest.raises(VitpruneError, match="img_size") as error:
+        create_model(TINY, pretrained=False, img_size=size)
+    assert error.value.param == "img_size"
+
+
 @pytest.mark.parametrize(("name", "weights"), [(TINY, VIT_TINY_WEIGHTS), ("deit_tiny", DEIT_TINY_WEIGHTS)])
 def test_shared_real_weights_load_strictly(name: str, weights: Path) -> None:
     if not weights.is_file():

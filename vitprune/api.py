@@ -29,7 +29,7 @@ from vitprune.plan import make_plan as _make_plan
 
 
 def create_model(name: str, *, pretrained: bool = True, checkpoint: str | Path | None = None,
-                 img_size: int | None = None, num_classes: int | None = None,
+                 img_size: int | tuple[int, int] | None = None, num_classes: int | None = None,
                  model_args: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A supported timm ViT in eval mode and its info (see `vitprune.models.create_model`)."""
     _check_text(name, "name")

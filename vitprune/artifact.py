@@ -23,8 +23,8 @@ from torch import nn
 from vitprune import __version__
 from vitprune.errors import VitpruneError
 from vitprune.io import atomic_output_dir, file_sha256
-from vitprune.models import create_model, load_state_dict_into
-from vitprune.patch import apply_plan, model_img_size, plan_of
+from vitprune.models import checked_size, create_model, load_state_dict_into, size_record
+from vitprune.patch import apply_plan, plan_of
 from vitprune.plan import Plan
 
 WEIGHTS_FILE = "model.safetensors"
@@ -47,7 +47,7 @@ def model_identity(model: nn.Module, info: dict) -> dict:
         "checkpoint": info.get("checkpoint"),
         "checkpoint_sha256": info.get("checkpoint_sha256"),
         "num_classes": model.num_classes,
-        "img_size": model_img_size(model),
+        "img_size": size_record(model),
         **({"model_args": info["model_args"]} if info.get("model_args") else {}),
     }
 
@@ -183,11 +183,12 @@ def check_metadata(metadata: object, source: str) -> dict:
     identity = metadata.get("model")
     if not isinstance(identity, dict):
         raise VitpruneError(f"{source}: field model must be an object naming the base model")
-    for key, kinds, what in (("name", (str,), "a timm model name"), ("img_size", (int,), "a whole number"),
+    for key, kinds, what in (("name", (str,), "a timm model name"), ("img_size", (int, list), "a whole number"),
                              ("num_classes", (int,), "a whole number"), ("tag", (str, type(None)), "a string or null")):
         value = identity.get(key)
         if not isinstance(value, kinds) or isinstance(value, bool):
             raise VitpruneError(f"{source}: field model.{key} must be {what}, got {value!r}")
+    checked_size(identity["img_size"], f"{source}: field model.img_size")  # a side or [height, width]
     if "plan" not in metadata:
         raise VitpruneError(f"{source}: field plan is missing")
     Plan.from_dict(metadata["plan"], source=source)  # checks every field of the plan

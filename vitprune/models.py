@@ -150,12 +150,19 @@ def image_size(model: nn.Module) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def set_image_size(model: nn.Module, img_size: int) -> None:
-    """Make `model` run at `img_size` (square): timm resamples a ViT's position embedding once.
-    NaFlexVit resamples its own on every call, so its size is only recorded, as timm's constructor
-    records an img_size (which it ignores when the config gives a position embedding grid)."""
+def size_record(model: nn.Module) -> int | list[int]:
+    """The model's input size as artifacts and reports record it, and `create_model` takes it back:
+    one side when square, else [height, width]."""
+    height, width = image_size(model)
+    return height if height == width else [height, width]
+
+
+def set_image_size(model: nn.Module, img_size: int | tuple[int, int] | list[int]) -> None:
+    """Make `model` run at `img_size` (a side, or (height, width)): timm resamples a ViT's position
+    embedding once. NaFlexVit resamples its own on every call, so its size is only recorded, as timm's
+    constructor records an img_size (which it ignores when the config gives a position embedding grid)."""
     if isinstance(model, NaFlexVit):
-        model.embeds.default_img_size = (img_size, img_size)
+        model.embeds.default_img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     else:
         model.set_input_size(img_size=img_size)
 
@@ -293,7 +300,7 @@ def create_model(
     *,
     pretrained: bool = True,
     checkpoint: str | Path | None = None,
-    img_size: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
     num_classes: int | None = None,
     model_args: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -333,7 +340,7 @@ def create_model(
         "tag": tag,
         "checkpoint": str(checkpoint_path) if checkpoint_path is not None else None,
         "checkpoint_sha256": file_sha256(checkpoint_path) if checkpoint_path is not None else None,
-        "img_size": image_size(model)[0],
+        "img_size": size_record(model),
     }
     if model_args:
         info["model_args"] = dict(model_args)
@@ -370,23 +377,33 @@ def input_shape(model: nn.Module) -> tuple[int, int, int]:
     return (int(first_conv.in_channels), *image_size(model))
 
 
-def _check_patch_multiple(model: nn.Module, img_size: int | None) -> None:
-    """One rule everywhere: an input size is a whole number of patches."""
-    if img_size is not None and img_size % patch_size_of(model):
+def _check_patch_multiple(model: nn.Module, img_size: int | tuple[int, int] | None) -> None:
+    """One rule everywhere: an input size (square, or (height, width)) is a whole number of patches."""
+    sides = () if img_size is None else (img_size,) if isinstance(img_size, int) else tuple(img_size)
+    if any(side % patch_size_of(model) for side in sides):
         raise VitpruneError(f"img_size must be a multiple of the patch size {patch_size_of(model)}, got {img_size}",
                             param="img_size")
 
 
-def _build_kwargs(img_size: int | None, num_classes: int | None) -> dict[str, int]:
-    if img_size is not None and not is_whole(img_size, 1):
-        raise VitpruneError(f"img_size must be a positive integer, got {img_size!r}", param="img_size")
+def checked_size(img_size: object, what: str = "img_size") -> int | tuple[int, int]:
+    """An input size: one side, or (height, width), of positive whole numbers (a square pair gives its side)."""
+    if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(is_whole(side, 1) for side in img_size):
+        return int(img_size[0]) if img_size[0] == img_size[1] else (int(img_size[0]), int(img_size[1]))
+    if not is_whole(img_size, 1):
+        raise VitpruneError(f"{what} must be a positive integer or (height, width), got {img_size!r}",
+                            param="img_size" if what == "img_size" else None)
+    return int(img_size)
+
+
+def _build_kwargs(img_size: int | tuple[int, int] | list[int] | None, num_classes: int | None) -> dict[str, Any]:
+    img_size = None if img_size is None else checked_size(img_size)
     if num_classes is not None and not is_whole(num_classes, 0):
         raise VitpruneError(f"num_classes must be a non-negative integer, got {num_classes!r}")
     kwargs = {"img_size": img_size, "num_classes": num_classes}
     return {key: value for key, value in kwargs.items() if value is not None}
 
 
-def _refuse_unsupported_architecture(full_name: str, build_kwargs: dict[str, int]) -> None:
+def _refuse_unsupported_architecture(full_name: str, build_kwargs: dict[str, Any]) -> None:
     """Check the architecture and the input size before any weights are read or downloaded; a meta-device
     build allocates nothing."""
     try:
@@ -402,9 +419,10 @@ def _refuse_unsupported_architecture(full_name: str, build_kwargs: dict[str, int
             _check_patch_multiple(default, build_kwargs["img_size"])
         return  # the real build reports the error, and the built model is checked again
     _raise_if_unsupported(skeleton, full_name.partition(".")[0])
-    _check_patch_multiple(skeleton, build_kwargs.get("img_size"))
-    if build_kwargs.get("img_size") is not None:  # before the build allocates the position embedding
-        check_image_fits(skeleton, build_kwargs["img_size"], device_memory_bytes(), "img_size")
+    size = build_kwargs.get("img_size")  # model_args may give (height, width)
+    _check_patch_multiple(skeleton, size)
+    if size is not None:  # before the build allocates the position embedding; the longer side bounds it
+        check_image_fits(skeleton, size if isinstance(size, int) else max(size), device_memory_bytes(), "img_size")
 
 
 def _raise_if_unsupported(model: nn.Module, architecture: str) -> None:

@@ -335,26 +335,13 @@ class ReducedNaFlexVit(ReducedVisionTransformer):
         _refuse_patch_sequences(patches, patch_coord, patch_valid)
         if attn_mask is not None:
             raise VitpruneError("a token-reduced ViT does not take an attention mask", param="attn_mask")
-        self._check_rotary_grid(patches)
         return self.vitprune_blocks(self.vitprune_embed(patches))
 
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, *args: Any,
                               patch_coord: Tensor | None = None, patch_valid: Tensor | None = None,
                               **kwargs: Any) -> Any:
         _refuse_patch_sequences(x, patch_coord, patch_valid)
-        self._check_rotary_grid(x)
         return super().forward_intermediates(x, indices, *args, **kwargs)
-
-    def _check_rotary_grid(self, images: Tensor) -> None:
-        """The rotations a reduced rotary NaFlexVit carries are made for its recorded grid (a token
-        count alone would let another grid of the same size through with the wrong rotations)."""
-        if self.rope is not None and isinstance(images, Tensor):
-            grid = tuple(stem_of(self).dynamic_feat_size(tuple(images.shape[-2:])))
-            if grid != tuple(grid_size(self)):
-                raise VitpruneError(f"a reduced rotary NaFlexVit runs at its recorded input size "
-                                    f"{'x'.join(map(str, image_size(self)))} (patch grid {tuple(grid_size(self))}), "
-                                    f"got images of {images.shape[-2]}x{images.shape[-1]}; set img_size to change it",
-                                    param="img_size")
 
 
 def _refuse_patch_sequences(x: Any, patch_coord: Tensor | None, patch_valid: Tensor | None) -> None:
@@ -501,9 +488,23 @@ def _new_reduced(base: type) -> nn.Module:
     return cls.__new__(cls)
 
 
+def _check_rotary_grid(model: nn.Module, images: Tensor) -> None:
+    """The rotations a reduced rotary model (Eva, NaFlexVit) carries are made for its recorded patch
+    grid, also when timm would take any size (dynamic_img_size, NaFlex): a token count alone would let
+    another grid of the same size through with the wrong rotations."""
+    if getattr(model, "rope", None) is not None:
+        grid = tuple(stem_of(model).dynamic_feat_size(tuple(images.shape[-2:])))
+        if grid != tuple(grid_size(model)):
+            raise VitpruneError(f"a reduced rotary model runs at its recorded input size "
+                                f"{'x'.join(map(str, image_size(model)))} (patch grid {tuple(grid_size(model))}), "
+                                f"got images of {images.shape[-2]}x{images.shape[-1]}; set img_size to change it",
+                                param="img_size")
+
+
 def _embed(model: nn.Module, images: Tensor) -> Tensor:
     """timm's embedding of `images`: the tokens entering block 0 (Eva's `_pos_embed` also returns the
     rotary embeddings, which `patch_rotations` gives the blocks; NaFlexVit's `_forward_embeds` too)."""
+    _check_rotary_grid(model, images)
     if isinstance(model, NaFlexVit):
         return model._forward_embeds(images, patch_coord=None, patch_valid=None, attn_mask=None)["patches"]
     if not hasattr(model, "_pos_embed"):  # Beit, VisionTransformerRelPos: as their forward_features

@@ -22,8 +22,7 @@ from torch import nn
 
 from vitprune.artifact import TEACHER_KEY, WEIGHTS_SHA256_KEY, check_content_sha256, content_sha256
 from vitprune.errors import VitpruneError
-from vitprune.models import set_image_size
-from vitprune.patch import model_img_size
+from vitprune.models import checked_size, set_image_size, size_record
 
 TEACHER_FILE = "teacher.safetensors"
 
@@ -46,7 +45,7 @@ def teacher_record(teacher: nn.Module, student: nn.Module, info: dict) -> tuple[
         "checkpoint": info.get("checkpoint"),
         "checkpoint_sha256": info.get("checkpoint_sha256"),
         "weights_sha256": state_sha256(teacher),
-        "img_size": model_img_size(teacher),  # the student's may be smaller (a plan's input size)
+        "img_size": size_record(teacher),  # the student's may be smaller (a plan's input size)
     }
     return carry_teacher(teacher, student, record)
 
@@ -79,8 +78,9 @@ def teacher_of(source: str | Path, unreduced: nn.Module, metadata: dict, *,
         return None, record
     tensors = _read_teacher_file(path, record, verify)
     teacher = copy.deepcopy(unreduced)
-    if isinstance(record.get("img_size"), int) and record["img_size"] != model_img_size(teacher):
-        set_image_size(teacher, record["img_size"])  # its own position embedding is put back below
+    size = record.get("img_size")
+    if size is not None and size != size_record(teacher):
+        set_image_size(teacher, checked_size(size, f"{source}'s teacher img_size"))  # its position embedding: below
     state = dict(teacher.state_dict())
     state.update(tensors)
     try:
