@@ -210,6 +210,9 @@ def test_dense_outputs_refuse_what_has_no_patch_grid_in_one_line():
                        ({"output_fmt": "NHWC"}, "output_fmt must be")):
         with pytest.raises(vitprune.VitpruneError, match=match):
             tome.forward_intermediates(x, **bad)
+    for call in (tome.forward_intermediates, lambda images: vitprune.reduced_intermediates(tome, images)):
+        with pytest.raises(vitprune.VitpruneError, match="empty batch"):
+            call(x[:0])
     with pytest.raises(vitprune.VitpruneError, match="not token-reduced"):
         vitprune.reduced_intermediates(_model("vit"), x)
     assert len(tome.get_intermediate_layers(x, n=2)) == 2  # timm's older call goes through the reduced path

@@ -75,10 +75,8 @@ class ReducedVisionTransformer:
             raise VitpruneError("a token-reduced ViT does not take an attention mask", param="attn_mask")
         if output_fmt not in ("NCHW", "NLC"):
             raise VitpruneError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}", param="output_fmt")
-        if x.shape[0] == 0:  # nothing to reduce: timm's own answer has the right shapes
-            return original_class(self).forward_intermediates(
-                self, x, indices, return_prefix_tokens=return_prefix_tokens, norm=norm, output_fmt=output_fmt,
-                intermediates_only=intermediates_only, **({"output_dict": True} if output_dict else {}))
+        if x.shape[0] == 0:  # (timm's own forward_intermediates fails on one too)
+            raise VitpruneError("x is an empty batch: give at least one image", param="x")
         taps = self.vitprune_taps(indices, stop_early)
         final = self.vitprune_blocks(self.vitprune_embed(x), taps=taps)
         tokens = [torch.cat([out[:, :self.num_prefix_tokens], grid.dense(out)], dim=1) for out, grid, _ in taps.out]
@@ -725,6 +723,8 @@ def reduced_intermediates(model: nn.Module, images: Tensor, indices: int | list[
     each with the map from the patch grid to them: what `forward_intermediates` spreads on the grid."""
     if not isinstance(model, ReducedVisionTransformer):
         raise VitpruneError("model is not token-reduced: apply a plan first (vitprune.apply)", param="model")
+    if images.shape[0] == 0:
+        raise VitpruneError("images is an empty batch: give at least one image", param="images")
     taps = model.vitprune_taps(indices, stop_early=True)
     model.vitprune_blocks(model.vitprune_embed(images), taps=taps)
     return [ReducedTokens(tokens, grid.holder, valid) for tokens, grid, valid in taps.out]
