@@ -80,6 +80,14 @@ def _same_figures(report: dict, reference: dict) -> None:
     assert report["data"]["n_images"] == reference["data"]["n_images"] and report["data"]["labelled"]
 
 
+def test_export_streams_a_webdataset_split(sources, capsys, tmp_path):
+    torch.manual_seed(0)
+    assert run(["export", *TINY, "--method", "tome", "--r", "2", "--onnx", str(tmp_path / "m.onnx"), "--json",
+                "--data", f"wds/{sources / 'shards'}", "--split", "val-{000..001}.tar", "--limit", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["data"]["n_images"] == 4 and report["onnx"]["parity"]["passed"]
+
+
 @pytest.mark.slow
 def test_apply_streams_every_dataset_to_the_figures_of_the_image_folder(sources, capsys):
     folder = _apply(capsys, "--data", str(sources / "folder"))

@@ -108,6 +108,49 @@ def test_calibrate_on_a_finetuned_artifact_reports_against_its_teacher(finetuned
     assert carried is not None and state_sha256(carried) == state_sha256(teacher)
 
 
+@pytest.mark.slow
+def test_a_finetuned_artifact_at_another_size_keeps_a_teacher_that_rebuilds(finetuned, images: Path,
+                                                                           tmp_path: Path) -> None:
+    # the teacher stays at its own size: apply --img-size and calibrate on the result measure it there
+    out, teacher = finetuned
+    run_apply(ApplyRequest(model=str(out), img_size=48, data=images, workers=0, progress=False, output=tmp_path / "a"))
+    carried = load_base(str(tmp_path / "a"))
+    assert carried.teacher is not None and state_sha256(carried.teacher) == state_sha256(teacher)
+    assert carried.teacher.patch_embed.img_size == (64, 64) and carried.artifact_plan.img_size == 48
+    run_apply(ApplyRequest(model=str(tmp_path / "a"), data=images, workers=0, progress=False))  # verified again
+    # a model fine-tuned at 48 px from its 224 px teacher, then calibrated: the teacher sees 224 px images
+    torch.manual_seed(0)
+    run_finetune(FinetuneRequest(**{**TINY, "img_size": None}, data=images, method="tome:r=2+48px", epochs=1, batch_size=4,
+                                 warmup_epochs=0.0, eval_batch_size=8, output=tmp_path / "small"))
+    result = run_calibrate(CalibrateRequest(model=str(tmp_path / "small"), data=images, budget=Budget("ratio", 0.7),
+                                            img_sizes=[48], protect=0.0, search_images=2, refine_steps=0,
+                                            bench_repeats=1, workers=0, progress=False))
+    assert result.report["reference"]["compared_with"] == "teacher" and "finetuned_unreduced" in result.report["reference"]
+
+
+@pytest.mark.slow
+def test_features_of_a_finetuned_artifact_are_judged_against_its_teachers_features(finetuned, images: Path,
+                                                                                   tmp_path: Path) -> None:
+    out, _ = finetuned
+    report = run_apply(ApplyRequest(model=str(out), features=True, data=images, workers=0, progress=False,
+                                    output=tmp_path / "f")).report
+    assert report["reference"]["compared_with"] == "teacher" and "cosine" in json.dumps(report)
+    carried = load_base(str(tmp_path / "f"))  # the headless teacher rebuilds from the new artifact
+    assert carried.teacher is not None and carried.teacher.num_classes == 0
+
+
+@pytest.mark.slow
+def test_fine_tuning_a_finetuned_artifact_distils_from_and_records_the_original_teacher(finetuned, images: Path,
+                                                                                       tmp_path: Path) -> None:
+    out, teacher = finetuned
+    run_finetune(FinetuneRequest(model=str(out), workers=0, progress=False, data=images, epochs=1, batch_size=4,
+                                 warmup_epochs=0.0, eval_batch_size=8, output=tmp_path / "again"))
+    record = json.loads((tmp_path / "again" / "vitprune.json").read_text())["teacher"]
+    assert record["weights_sha256"] == state_sha256(teacher)
+    rebuilt = load_base(str(tmp_path / "again")).teacher
+    assert rebuilt is not None and state_sha256(rebuilt) == state_sha256(teacher)
+
+
 def _copied(artifact: Path, copy: Path, leave_out: str | None = None) -> Path:
     """The artifact's files in a new folder (all but `leave_out`), to edit without touching the fixture's."""
     copy.mkdir()

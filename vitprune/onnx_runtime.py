@@ -171,21 +171,22 @@ def _write_graph(graph: nn.Module, example: Tensor, path: Path, opset: int, fixe
 def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
     """`aten::rms_norm` in ops of opset 17-20 (ONNX's RMSNormalization arrives in opset 23, which the
     TorchScript exporter does not write): x / sqrt(mean(x^2 over the normalised dims) + eps) * weight,
-    as torch computes it. timm's RmsNorm (AIMv2, Perception Encoder, ...) calls it."""
+    with the statistics in float32 as torch computes them (a float16 square overflows above 256).
+    timm's RmsNorm (AIMv2) calls it."""
     from torch.onnx import symbolic_helper  # the TorchScript exporter's helpers, only for export
 
     axes = list(range(-len(symbolic_helper._get_const(normalized_shape, "is", "normalized_shape")), 0))
-    squares = g.op("Mul", x, x)
+    wide = g.op("Cast", x, to_i=1)  # ONNX's FLOAT
+    squares = g.op("Mul", wide, wide)
     if g.opset < 18:  # ReduceMean's axes moved from an attribute to an input in opset 18
         mean = g.op("ReduceMean", squares, axes_i=axes, keepdims_i=1)
     else:
         mean = g.op("ReduceMean", squares, g.op("Constant", value_t=torch.tensor(axes)), keepdims_i=1)
     eps_value = None if symbolic_helper._is_none(eps) else symbolic_helper._get_const(eps, "f", "eps")
     if eps_value is None:  # torch's default: the machine epsilon of the input's dtype
-        scalar = x.type().scalarType()
-        eps_value = torch.finfo(torch.float16 if scalar == "Half" else torch.float32).eps
-    eps_const = g.op("CastLike", g.op("Constant", value_t=torch.tensor(eps_value)), x)
-    normed = g.op("Mul", x, g.op("Reciprocal", g.op("Sqrt", g.op("Add", mean, eps_const))))
+        eps_value = torch.finfo(torch.float16 if x.type().scalarType() == "Half" else torch.float32).eps
+    scale = g.op("Reciprocal", g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps_value)))))
+    normed = g.op("CastLike", g.op("Mul", wide, scale), x)
     return normed if symbolic_helper._is_none(weight) else g.op("Mul", normed, weight)
 
 

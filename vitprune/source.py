@@ -14,7 +14,7 @@ from vitprune.hf import is_transformers_folder, load_transformers
 from vitprune.models import create_model, set_image_size, use_pre_logits
 from vitprune.patch import model_img_size
 from vitprune.plan import Plan
-from vitprune.teacher import TEACHER_FILE, carry_teacher, teacher_of
+from vitprune.teacher import TEACHER_FILE, carry_teacher, teacher_of, teacher_record
 from vitprune.timm_datasets import DatasetOptions, ImageStream, find_image_set, stream_batches
 
 
@@ -42,6 +42,22 @@ class BaseModel:
                  if key not in ("file", "file_sha256", "tensors")}
         return {**self.info, TEACHER_KEY: named}
 
+    def distillation_teacher(self) -> nn.Module:
+        """What fine-tuning this base distils from: `reference`, so a student of a fine-tuned artifact
+        is trained towards, and judged against, the model the user started from."""
+        if self.teacher_record is not None and self.teacher is None:
+            raise VitpruneError(f"this artifact was fine-tuned from {self.teacher_record.get('model')}, whose "
+                                f"tensors ({TEACHER_FILE}) are not with it (the one-file form); fine-tune the "
+                                "artifact folder, which holds them", param="model")
+        return self.reference
+
+    def teacher_for(self, student: nn.Module) -> tuple[dict, bytes]:
+        """(the teacher record, the teacher.safetensors bytes) of `student`, fine-tuned from this base by
+        distillation from `distillation_teacher()`."""
+        if self.teacher is not None:
+            return carry_teacher(self.teacher, student, self.teacher_record)
+        return teacher_record(self.model, student, self.info)
+
     def info_for(self, student: nn.Module) -> tuple[dict, dict[str, bytes]]:
         """(the info, the extra files) of an artifact made from this base: a fine-tuned artifact's teacher
         goes on with it (its record, and its tensors when they were with the artifact), so that reports
@@ -65,7 +81,8 @@ def load_base(source: str, checkpoint: Path | None = None, no_pretrained: bool =
     with `features`, its output is the pre-logits embedding (`use_pre_logits`)."""
     base = _load_base(source, checkpoint, no_pretrained, img_size)
     if features:
-        use_pre_logits(base.model)
+        for model in (base.model, base.teacher) if base.teacher is not None else (base.model,):
+            use_pre_logits(model)
     return base
 
 
@@ -79,8 +96,7 @@ def _load_base(source: str, checkpoint: Path | None, no_pretrained: bool, img_si
         artifact = read_artifact(source)  # the base and its plan: the plan is applied once, by the command
         teacher, record = teacher_of(source, artifact.model, artifact.metadata)
         if img_size is not None and img_size != artifact.metadata["model"]["img_size"]:
-            for each in (artifact.model, teacher) if teacher is not None else (artifact.model,):
-                set_image_size(each, img_size)
+            set_image_size(artifact.model, img_size)  # the teacher stays as recorded: reports feed it its own size
         return BaseModel(model=artifact.model, info=identity_info(artifact.metadata), artifact_plan=artifact.plan,
                          teacher=teacher, teacher_record=record)
     if is_transformers_folder(source):

@@ -44,7 +44,6 @@ def teacher_record(teacher: nn.Module, student: nn.Module, info: dict) -> tuple[
         "model": info["model"] + (f".{info['tag']}" if info.get("tag") else ""),
         "checkpoint": info.get("checkpoint"),
         "checkpoint_sha256": info.get("checkpoint_sha256"),
-        "weights_sha256": state_sha256(teacher),
         "img_size": size_record(teacher),  # the student's may be smaller (a plan's input size)
     }
     return carry_teacher(teacher, student, record)
@@ -59,8 +58,9 @@ def carry_teacher(teacher: nn.Module, student: nn.Module, record: dict) -> tuple
                if name not in student_state or not torch.equal(tensor.cpu(), student_state[name].cpu())}
     text = json.dumps({"model": record["model"], "tensors": len(changed)})
     data = safetensors.torch.save(changed, metadata={TEACHER_KEY: text, WEIGHTS_SHA256_KEY: content_sha256(text, changed)})
-    return {**record, "file": TEACHER_FILE, "file_sha256": hashlib.sha256(data).hexdigest(),
-            "tensors": len(changed)}, data
+    # the teacher as carried (its head removed for --features): what the file rebuilds
+    return {**record, "weights_sha256": state_sha256(teacher), "file": TEACHER_FILE,
+            "file_sha256": hashlib.sha256(data).hexdigest(), "tensors": len(changed)}, data
 
 
 def teacher_of(source: str | Path, unreduced: nn.Module, metadata: dict, *,

@@ -17,7 +17,7 @@ from vitprune.budget import Budget
 from vitprune.checks import check_finite, check_whole
 from vitprune.commands.common import check_device, check_memory, reference_section
 from vitprune.commands.finetune import FinetuneRecipe, FinetuneRequest, before_after_table
-from vitprune.data import check_labels
+from vitprune.data import check_labels, load_images, transform_for
 from vitprune.errors import VitpruneError
 from vitprune.evaluation import Evidence, compare
 from vitprune.finetune import (
@@ -197,11 +197,14 @@ def _judge_against_teacher(report: dict, base: BaseModel, reduced: nn.Module, im
     """A fine-tuned artifact calibrated: the chosen plan's held-out figures against the teacher it was
     fine-tuned from, the fine-tuned weights unreduced as a second baseline (`reference_section`). The
     search and the frontier stay relative to the weights being reduced, and the report says so."""
-    evidence = Evidence(images=images.holdout_images[model_img_size(reduced)], labels=images.holdout_labels,
-                        base_images=images.holdout_images[base_size], progress=False)
-    section = reference_section(base, evidence)
+    teacher_images = images.holdout_images[base_size]
+    if base.teacher is not None and model_img_size(base.teacher) != base_size:  # a teacher at its own size
+        teacher_images = load_images(images.holdout_set, transform_for(base.teacher), progress=False)[0]
+    unreduced = Evidence(images=images.holdout_images[base_size], labels=images.holdout_labels,
+                         base_images=teacher_images, progress=False)
+    section = reference_section(base, unreduced)
     if base.teacher is not None:
-        measured = compare(base.teacher, reduced, evidence)
+        measured = compare(base.teacher, reduced, replace(unreduced, images=images.holdout_images[model_img_size(reduced)]))
         report.update({key: measured[key] for key in TEACHER_FIGURES if key in measured})
     section["frontier_against"] = "the fine-tuned weights unreduced (the model the search reduces)"
     report["reference"] = section
@@ -282,7 +285,7 @@ def _searched_again(work: Path, settings: dict) -> Searched:
     changed = sorted(key for key in kept.keys() | settings.keys() if kept.get(key) != settings.get(key))
     if changed:
         raise VitpruneError(f"other settings ({', '.join(changed)}) than the search in {work} was made with; run "
-                            "with those, or start over (force without resume)", param=changed[0])
+                            "with those, or start over (force without resume)", param=(*changed, "force", "resume"))
     return searched
 
 

@@ -95,8 +95,8 @@ def resolve_plan(spec: ReducedModelSpec, base: BaseModel) -> Plan:
         plan.validate(depth)
         return plan
     if spec.method is None:
-        if base.artifact_plan is not None:
-            return base.artifact_plan
+        if base.artifact_plan is not None:  # img_size given: the artifact's plan at that size
+            return base.artifact_plan if spec.img_size is None else replace(base.artifact_plan, img_size=spec.img_size)
         raise VitpruneError(f"choose a reduction: a method ({', '.join(methods.names())}) with its settings, "
                             f"or a plan file; {PLAN_GRAMMAR}", param="method")
     return make_plan(spec.method, depth, layers=spec.layers, img_size=spec.img_size, head_only=spec.head_only,

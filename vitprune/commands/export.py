@@ -35,7 +35,7 @@ from vitprune.timm_datasets import DatasetOptions, ImageStream
 
 
 @dataclass(kw_only=True)
-class ExportRequest(ReducedModelSpec):
+class ExportRequest(ReducedModelSpec, DatasetOptions):
     """Everything `vitprune export` takes; the same fields as its options."""
 
     onnx: Path
@@ -45,7 +45,7 @@ class ExportRequest(ReducedModelSpec):
     fp16: bool = False
     dtype: str = "float32"  # the graph's precision: float16 is the same as fp16
     ats_padding: str = "batch"
-    data: Path | None = None
+    data: Path | str | None = None  # an image folder, or a dataset timm reads (hfds/..., wds/..., .tar), streamed
     limit: int | None = None
     workers: int = 2
     verify_batch: int = 32
@@ -80,6 +80,7 @@ class ExportRequest(ReducedModelSpec):
         if self.threads is not None:
             check_whole(self.threads, "threads", 1)
         choose_provider(self.provider)
+        self.check_data_options(self.data)
         check_outputs(self.onnx, self.safetensors, self.force)
 
 
@@ -126,7 +127,7 @@ def _streamer(request: ExportRequest) -> Stream | None:
         return None
 
     def stream(base_model: nn.Module, reduced: nn.Module, batch_size: int = request.verify_batch) -> ImageStream:
-        return stream_eval_images(base_model, reduced, request.data, DatasetOptions(), limit=request.limit,
+        return stream_eval_images(base_model, reduced, request.data, request, limit=request.limit,
                                   workers=request.workers, batch_size=batch_size)
     return stream
 

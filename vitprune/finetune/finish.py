@@ -25,7 +25,7 @@ from vitprune.patch import apply_plan, set_dynamic_img_size
 from vitprune.plan import Plan
 from vitprune.plots import png_bytes
 from vitprune.report import make_report, render_markdown
-from vitprune.teacher import TEACHER_FILE, teacher_record
+from vitprune.teacher import TEACHER_FILE
 
 UNREPORTED_SETTINGS = ("model", "data", "val", "checkpoint", "plan_file")  # the report names them elsewhere
 
@@ -52,7 +52,7 @@ def _publish(run: RunState, final: nn.Module, served: nn.Module, train_seconds: 
     served.cpu()
     report = make_report(model_identity(served, run.base.info), plan, measured, versions())
     report["finetune"] = section
-    record, teacher_tensors = teacher_record(run.teacher, served, run.base.info)
+    record, teacher_tensors = run.base.teacher_for(served)
     report["reference"] = {"compared_with": "teacher", "teacher": record}
     report.update(run.config.attachment.report)
     if run.config.output.output is not None:

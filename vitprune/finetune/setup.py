@@ -28,10 +28,10 @@ from vitprune.source import BaseModel
 def setup(config: FinetuneConfig, base: BaseModel, variants: list[Variant], images: TrainingImages,
           job: Distributed, work: Path | None) -> RunState:
     """Everything a run trains with, resumed from the checkpoint in `work` when asked."""
-    teacher = base.model
+    teacher = base.distillation_teacher()
     check_images(images, teacher.num_classes, job.world_size)
     verify_images(images, config.data.workers)
-    student = make_student(teacher, variants[0].plan, config.supervit)
+    student = make_student(base.model, variants[0].plan, config.supervit)
     params = select_trainable(student, config.train.trainable)
     checkpoint = Checkpoint.resume(work, config.settings) if config.output.resume else None
     job.barrier()  # every rank has checked the input before rank 0 touches the disk (`run.fit`)

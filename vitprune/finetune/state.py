@@ -57,7 +57,7 @@ class RunState:
     """A run between setup and finish."""
 
     config: FinetuneConfig
-    base: BaseModel  # the teacher (base.model) and its identity
+    base: BaseModel  # the weights trained (base.model), the teacher (base.distillation_teacher()), their identity
     job: Distributed
     variants: list[Variant]  # the default (served) one first
     images: TrainingImages
@@ -69,7 +69,7 @@ class RunState:
 
     @property
     def teacher(self) -> nn.Module:
-        return self.base.model
+        return self.base.distillation_teacher()
 
     @property
     def student(self) -> nn.Module:

@@ -70,9 +70,10 @@ def supervit_variants(depth: int, model_size: int, sizes: tuple[int, ...], keeps
     return variants
 
 
-def make_student(teacher: nn.Module, plan: Plan, supervit: bool) -> nn.Module:
-    """A copy of the teacher running `plan`; with SuperViT it takes every input size."""
-    student = apply_plan(copy.deepcopy(teacher), plan)
+def make_student(weights: nn.Module, plan: Plan, supervit: bool) -> nn.Module:
+    """A copy of `weights` (the unreduced model being fine-tuned) running `plan`; with SuperViT it takes
+    every input size."""
+    student = apply_plan(copy.deepcopy(weights), plan)
     if supervit:
         set_dynamic_img_size(student, True)  # one set of weights, every input size
     return student
