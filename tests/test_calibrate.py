@@ -75,6 +75,7 @@ def test_output_loads_as_an_artifact(calibrated):
     assert json.loads((calibrated / "report.json").read_text())["calibration"]["head_only"] is True
 
 
+@pytest.mark.slow  # its fixture runs a calibration (10 s)
 def test_protect_weight_is_chosen_on_the_calibration_images_and_used_by_every_tome_block(calibrated):
     report = json.loads((calibrated / "report.json").read_text())
     protect = report["calibration"]["tome_protect"]
