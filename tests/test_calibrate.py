@@ -168,8 +168,11 @@ def test_empty_image_folder_exits_2(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_output_needs_force(calibrated, image_dir, capsys):
-    code = run(["calibrate", *TINY, "--data", str(image_dir), "--target-ratio", "0.6", *FAST, "-o", str(calibrated)])
+def test_existing_output_needs_force(image_dir, tmp_path, capsys):
+    existing = tmp_path / "out"
+    existing.mkdir()
+    (existing / "vitprune.json").write_text("{}")
+    code = run(["calibrate", *TINY, "--data", str(image_dir), "--target-ratio", "0.6", *FAST, "-o", str(existing)])
     assert code == 2 and "--force" in capsys.readouterr().err
 
 

@@ -80,6 +80,7 @@ def _same_figures(report: dict, reference: dict) -> None:
     assert report["data"]["n_images"] == reference["data"]["n_images"] and report["data"]["labelled"]
 
 
+@pytest.mark.slow  # apply's streaming tests cover the reader in the fast tier
 def test_export_streams_a_webdataset_split(sources, capsys, tmp_path):
     torch.manual_seed(0)
     assert run(["export", *TINY, "--method", "tome", "--r", "2", "--onnx", str(tmp_path / "m.onnx"), "--json",

@@ -108,6 +108,7 @@ def test_transform_reduce_matches_the_reference():
     assert out_size.sum() == pytest.approx(float(size.sum()), rel=1e-6)  # every token's size goes somewhere
 
 
+@pytest.mark.slow  # 0.3-0.5 s per method
 @pytest.mark.parametrize("name", NEW)
 def test_each_method_runs_its_plan_densely_and_saves(name, tmp_path):
     model = build_family("vit")
@@ -151,6 +152,7 @@ def test_zerotprune_runs_without_a_class_token_the_others_refuse():
             vitprune.apply(build_family("gap_no_cls"), method=name, **SMALL_MODEL.get(name, {}))
 
 
+@pytest.mark.slow  # 0.3-0.5 s per method; test_export covers the graphs in the fast tier
 @pytest.mark.parametrize("name", NEW)
 def test_onnx_graph_matches_pytorch(name, tmp_path):
     torch.manual_seed(0)
