@@ -69,6 +69,16 @@ def test_intervals() -> None:
     assert (low, high) == pytest.approx((0.5958, 0.9821), abs=1e-4)
 
 
+def test_the_kl_interval_stays_at_or_above_zero() -> None:
+    # one image of eight disagrees: mean 0.125 +- 1.96 x 0.354 / sqrt(8) reaches below 0, which no KL does
+    base = torch.zeros(8, 3)
+    reduced = base.clone()
+    reduced[0] = torch.tensor([5.0, 0.0, 0.0])
+    figures = classification_figures(prediction_terms(reduced, base, None))
+    low, high = figures["kl_ci95"]
+    assert low == 0.0 and high > figures["kl"] > 0
+
+
 def test_streamed_figures_match_held_images() -> None:
     """Held images cut into batches give the figures of the whole tensors at once, with intervals."""
     torch.manual_seed(0)

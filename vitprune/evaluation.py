@@ -8,6 +8,7 @@ so the figures are those of one process. vitprune.report renders what this measu
 """
 from __future__ import annotations
 
+import math
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -198,7 +199,7 @@ def classification_figures(terms: Terms) -> dict:
     out["agreement"] = round(float(agree.double().mean()) * 100, 2)
     out["agreement_ci95"] = _rounded(proportion_interval(agree), 100, 2)
     out["kl"] = round(float(terms["kl"].mean()), 5)
-    out["kl_ci95"] = _rounded(mean_interval(terms["kl"]), 1, 5)
+    out["kl_ci95"] = _rounded(mean_interval(terms["kl"], within=(0.0, math.inf)), 1, 5)
     return out
 
 
@@ -212,7 +213,8 @@ def embedding_figures(terms: Terms) -> dict:
     for key in EMBEDDING_KEYS:
         if key in metrics:
             out[key] = round(metrics[key], 5 if key.startswith("cosine") else 2)
-    out["cosine_mean_ci95"] = _rounded(mean_interval(cosine_per_image(embeddings, base_embeddings)), 1, 5)
+    out["cosine_mean_ci95"] = _rounded(mean_interval(cosine_per_image(embeddings, base_embeddings), within=(-1.0, 1.0)),
+                                       1, 5)
     if len(embeddings) > 1:
         same = nearest_neighbours(embeddings, 1) == nearest_neighbours(base_embeddings, 1)
         out["retrieval_agreement_ci95"] = _rounded(proportion_interval(same[:, 0]), 100, 2)

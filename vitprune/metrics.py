@@ -45,15 +45,16 @@ def prediction_terms(logits: Tensor, reference_logits: Tensor, labels: Tensor | 
     return terms
 
 
-def mean_interval(values: Tensor) -> tuple[float, float] | None:
+def mean_interval(values: Tensor, within: tuple[float, float] = (-math.inf, math.inf)) -> tuple[float, float] | None:
     """Two-sided 95% interval of the mean of per-image values, by the normal approximation (for a
-    drop: the per-image differences of two models on the same images, a paired interval); None
+    drop: the per-image differences of two models on the same images, a paired interval), cut to
+    the range the values can take (`within`: a KL is never negative, a cosine at most 1); None
     with fewer than 2 images."""
     if len(values) < 2:
         return None
     values = values.double()
     mean, half = float(values.mean()), Z_95 * float(values.std()) / math.sqrt(len(values))
-    return mean - half, mean + half
+    return max(within[0], mean - half), min(within[1], mean + half)
 
 
 def proportion_interval(hits: Tensor) -> tuple[float, float] | None:
