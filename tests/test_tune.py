@@ -1,6 +1,8 @@
 """Fine-tuned artifacts judged against their teacher; calibrate's fine-tuning stage (one run to a budget)."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -231,6 +233,9 @@ def test_calibrate_then_finetune_resumes_and_writes_one_artifact_judged_against_
     tuning, calibration = report["finetune"], report["calibration"]
     assert [line.split(",")[0] for line in (out / "metrics.csv").read_text().splitlines()[1:]] == ["0", "1", "2"]
     assert tuning["epochs"] == 2 and tuning["train_images"] == 6 and tuning["val_images"] == 6
+    epoch_seconds = [float(row["epoch_seconds"]) for row in csv.DictReader(io.StringIO((out / "metrics.csv").read_text()))
+                     if row["epoch_seconds"]]
+    assert len(epoch_seconds) == 2 and tuning["train_seconds"] == pytest.approx(sum(epoch_seconds), abs=0.1)  # both parts
     assert set(result.calibration_files).isdisjoint(result.holdout_files) and len(result.holdout_files) == 6
     assert calibration["images"]["holdout"] == 6 and "search_seconds" in calibration
     assert report["reference"]["compared_with"] == "teacher"

@@ -12,6 +12,7 @@ from vitprune.finetune.checkpoint import CHECKPOINT_FILE
 from vitprune.finetune.report import (
     METRICS_FILE,
     PLOT_FILE,
+    History,
     finetune_markdown,
     metrics_csv,
     supervit_notes,
@@ -30,22 +31,22 @@ from vitprune.teacher import TEACHER_FILE
 UNREPORTED_SETTINGS = ("model", "data", "val", "checkpoint", "plan_file")  # the report names them elsewhere
 
 
-def finish(run: RunState, train_seconds: float) -> FinetuneResult:
+def finish(run: RunState) -> FinetuneResult:
     """The trained weights served at the default variant; rank 0 reports and writes the artifact."""
     final = run.training.shipped
     served = served_model(final, run.variants[0].plan).cpu()
-    report = _publish(run, final, served, train_seconds) if run.job.is_main else None
+    report = _publish(run, final, served) if run.job.is_main else None
     run.job.barrier()
     set_dynamic_img_size(run.student, False)
     return FinetuneResult(model=served, report=report, metrics=run.history.rows, output=run.config.output.output,
                           rank=run.job.rank)
 
 
-def _publish(run: RunState, final: nn.Module, served: nn.Module, train_seconds: float) -> dict:
+def _publish(run: RunState, final: nn.Module, served: nn.Module) -> dict:
     """Rank 0: measure `served` against the teacher, give it the annotated plan, write the artifact."""
     entries = [variant_entry(final, variant, run.validation, run.history) for variant in run.variants]
     teacher = teacher_entry(run.teacher, run.validation)
-    section = _finetune_section(run, entries, teacher, train_seconds)
+    section = _finetune_section(run, entries, teacher)
     plan = _annotated_plan(run, entries, teacher)
     apply_plan(served, plan)
     measured = compare(run.teacher, served.to(run.job.device), _evidence(run))
@@ -60,7 +61,7 @@ def _publish(run: RunState, final: nn.Module, served: nn.Module, train_seconds: 
     return report
 
 
-def _finetune_section(run: RunState, entries: list[dict], teacher: dict, train_seconds: float) -> dict:
+def _finetune_section(run: RunState, entries: list[dict], teacher: dict) -> dict:
     """report.json's "finetune": what was trained on, how long, every variant before and after."""
     validation = run.validation
     return {
@@ -68,7 +69,7 @@ def _finetune_section(run: RunState, entries: list[dict], teacher: dict, train_s
         "train_labelled": run.images.labelled,
         "val_images": validation.n_images if validation is not None else 0,
         "val_data": validation.path if validation is not None else None,
-        "world_size": run.job.world_size, "train_seconds": round(train_seconds, 1),
+        "world_size": run.job.world_size, "train_seconds": round(train_seconds(run.history), 1),
         "teacher": teacher, "variants": entries,
         "settings": {key: value for key, value in run.config.settings.items() if key not in UNREPORTED_SETTINGS},
     }
@@ -112,3 +113,9 @@ def _write(run: RunState, served: nn.Module, report: dict, teacher: dict, teache
                    report_md=report_md, force=output.force, extra_files=extra)
     if work is not None:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def train_seconds(history: History) -> float:
+    """The epochs' training time (validation left out), summed over every part of a resumed run: the
+    rows come back with the checkpoint."""
+    return sum(row.get("epoch_seconds", 0.0) for row in history.rows)

@@ -7,7 +7,6 @@ removes the work folder it made; after one, the error says how to resume (`WorkF
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from vitprune.finetune.checkpoint import CHECKPOINT_FILE, Checkpoint, WorkFolder
@@ -37,13 +36,12 @@ def fit(config: FinetuneConfig, base: BaseModel, variants: list[Variant], images
         if run.start_epoch == 0 and job.is_main:
             _record(run, {"epoch": 0})
         job.barrier()
-        started = time.perf_counter()
         for epoch in range(run.start_epoch, config.train.epochs):
             stats = train_one_epoch(run.training, epoch, run.history.steps)
             if job.is_main:
                 _end_epoch(run, epoch, stats, folder)
             job.barrier()
-        return finish(run, time.perf_counter() - started)
+        return finish(run)
 
 
 def _end_epoch(run: RunState, epoch: int, stats: EpochStats, folder: WorkFolder) -> None:
