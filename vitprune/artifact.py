@@ -188,7 +188,7 @@ def check_metadata(metadata: object, source: str) -> dict:
         value = identity.get(key)
         if not isinstance(value, kinds) or isinstance(value, bool):
             raise VitpruneError(f"{source}: field model.{key} must be {what}, got {value!r}")
-    checked_size(identity["img_size"], f"{source}: field model.img_size")  # a side or [height, width]
+    checked_size(identity["img_size"], f"{source}: field model.img_size", param=None)  # a side or [height, width]
     if "plan" not in metadata:
         raise VitpruneError(f"{source}: field plan is missing")
     Plan.from_dict(metadata["plan"], source=source)  # checks every field of the plan

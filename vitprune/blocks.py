@@ -19,10 +19,9 @@ from timm.models.vision_transformer import Block, ResPostBlock
 from torch import Tensor, nn
 
 
-def split_heads(attn: nn.Module, projected: Tensor) -> Tensor:
-    """(B, N, attn_dim) -> (B, H, N, hd), as timm's Attention splits q, k and v (two views)."""
-    batch, tokens, _ = projected.shape
-    return projected.reshape(batch, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
+def split_heads(projected: Tensor, num_heads: int, head_dim: int) -> Tensor:
+    """(B, N, heads * hd) -> (B, heads, N, hd), as timm's attention splits q, k and v (two views)."""
+    return projected.reshape(*projected.shape[:2], num_heads, head_dim).transpose(1, 2)
 
 
 class PreNormBlock:
@@ -60,7 +59,7 @@ class PreNormBlock:
         """(B, N, attn_dim) each -> (B, H, N, hd) each, q and k normed as timm's Attention does;
         `rope`: per token rotations (B, N, 2 hd) on rotary blocks (`RotaryBlock`)."""
         attn = block.attn
-        q, k, v = (split_heads(attn, part) for part in (q, k, v))
+        q, k, v = (split_heads(part, attn.num_heads, attn.head_dim) for part in (q, k, v))
         return attn.q_norm(q), attn.k_norm(k), v
 
     def plain(self, block: nn.Module, x: Tensor, given: Tensor | None) -> Tensor:
@@ -175,9 +174,8 @@ class RotaryBlock(PreNormBlock):
               rope: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         attn = block.attn
         kv_heads = getattr(attn, "num_kv_heads", attn.num_heads)
-        batch = q.shape[0]
-        q = q.reshape(batch, q.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)
-        k, v = (part.reshape(batch, part.shape[1], kv_heads, attn.head_dim).transpose(1, 2) for part in (k, v))
+        q = split_heads(q, attn.num_heads, attn.head_dim)
+        k, v = (split_heads(part, kv_heads, attn.head_dim) for part in (k, v))
         q, k = attn.q_norm(q), attn.k_norm(k)
         if rope is not None:  # prefix rows hold the rotation by zero: rotating them changes nothing
             half = getattr(attn, "rotate_half", False)
@@ -247,7 +245,7 @@ class BeitBlock(RotaryBlock):
     def heads(self, block: nn.Module, q: Tensor, k: Tensor, v: Tensor,
               rope: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         heads, head_dim = self.num_heads(block), self.head_dim(block)
-        return tuple(part.reshape(*part.shape[:2], heads, head_dim).transpose(1, 2) for part in (q, k, v))
+        return tuple(split_heads(part, heads, head_dim) for part in (q, k, v))
 
     def head_dim(self, block: nn.Module) -> int:
         return block.attn.proj.in_features // block.attn.num_heads  # BEiT's Attention keeps no head_dim

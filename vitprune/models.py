@@ -14,6 +14,7 @@ from typing import Any
 import safetensors.torch
 import timm
 import torch
+from timm.layers import to_2tuple
 from timm.models import beit, eva, naflexvit, vision_transformer, vision_transformer_relpos
 from timm.models.naflexvit import NaFlexVit
 from timm.models.vision_transformer import VisionTransformer
@@ -146,7 +147,7 @@ def image_size(model: nn.Module) -> tuple[int, int]:
         size = model.embeds.default_img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[1:]
     else:
         size = model.patch_embed.img_size
-    height, width = (size, size) if isinstance(size, int) else size
+    height, width = to_2tuple(size)
     return int(height), int(width)
 
 
@@ -162,7 +163,7 @@ def set_image_size(model: nn.Module, img_size: int | tuple[int, int] | list[int]
     embedding once. NaFlexVit resamples its own on every call, so its size is only recorded, as timm's
     constructor records an img_size (which it ignores when the config gives a position embedding grid)."""
     if isinstance(model, NaFlexVit):
-        model.embeds.default_img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        model.embeds.default_img_size = to_2tuple(img_size)
     else:
         model.set_input_size(img_size=img_size)
 
@@ -379,19 +380,18 @@ def input_shape(model: nn.Module) -> tuple[int, int, int]:
 
 def _check_patch_multiple(model: nn.Module, img_size: int | tuple[int, int] | None) -> None:
     """One rule everywhere: an input size (square, or (height, width)) is a whole number of patches."""
-    sides = () if img_size is None else (img_size,) if isinstance(img_size, int) else tuple(img_size)
-    if any(side % patch_size_of(model) for side in sides):
+    if img_size is not None and any(side % patch_size_of(model) for side in to_2tuple(img_size)):
         raise VitpruneError(f"img_size must be a multiple of the patch size {patch_size_of(model)}, got {img_size}",
                             param="img_size")
 
 
-def checked_size(img_size: object, what: str = "img_size") -> int | tuple[int, int]:
-    """An input size: one side, or (height, width), of positive whole numbers (a square pair gives its side)."""
+def checked_size(img_size: object, what: str = "img_size", param: str | None = "img_size") -> int | tuple[int, int]:
+    """An input size: one side, or (height, width), of positive whole numbers (a square pair gives its side);
+    `what` names it in the error, `param` is the parameter it came from (None: a file's field)."""
     if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(is_whole(side, 1) for side in img_size):
         return int(img_size[0]) if img_size[0] == img_size[1] else (int(img_size[0]), int(img_size[1]))
     if not is_whole(img_size, 1):
-        raise VitpruneError(f"{what} must be a positive integer or (height, width), got {img_size!r}",
-                            param="img_size" if what == "img_size" else None)
+        raise VitpruneError(f"{what} must be a positive integer or (height, width), got {img_size!r}", param=param)
     return int(img_size)
 
 

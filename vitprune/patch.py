@@ -723,8 +723,6 @@ def reduced_intermediates(model: nn.Module, images: Tensor, indices: int | list[
     each with the map from the patch grid to them: what `forward_intermediates` spreads on the grid."""
     if not isinstance(model, ReducedVisionTransformer):
         raise VitpruneError("model is not token-reduced: apply a plan first (vitprune.apply)", param="model")
-    if images.shape[0] == 0:
-        raise VitpruneError("images is an empty batch: give at least one image", param="images")
     taps = model.vitprune_taps(indices, stop_early=True)
     model.vitprune_blocks(model.vitprune_embed(images), taps=taps)
     return [ReducedTokens(tokens, grid.holder, valid) for tokens, grid, valid in taps.out]

@@ -80,7 +80,7 @@ def teacher_of(source: str | Path, unreduced: nn.Module, metadata: dict, *,
     teacher = copy.deepcopy(unreduced)
     size = record.get("img_size")
     if size is not None and size != size_record(teacher):
-        set_image_size(teacher, checked_size(size, f"{source}'s teacher img_size"))  # its position embedding: below
+        set_image_size(teacher, checked_size(size, f"{source}'s teacher img_size", param=None))  # its position embedding: below
     state = dict(teacher.state_dict())
     state.update(tensors)
     try:

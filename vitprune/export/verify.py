@@ -45,8 +45,6 @@ def verify_onnx(
     Returns {"n_images", "max_abs_diff", "median_abs_diff", "within_tolerance", "agreement",
     "tolerance", "min_agreement", "provider", "passed", "problem"}.
     """
-    if isinstance(images, Tensor) and len(images) == 0:
-        raise VitpruneError("no images to verify the ONNX export on", param="images")
     session = onnx_session(path, provider, threads)
     if tolerance is None:
         tolerance = TOLERANCE_FP16 if _is_fp16_graph(session, path) else TOLERANCE_FP32

@@ -12,7 +12,6 @@ from vitprune.finetune.checkpoint import CHECKPOINT_FILE
 from vitprune.finetune.report import (
     METRICS_FILE,
     PLOT_FILE,
-    History,
     finetune_markdown,
     metrics_csv,
     supervit_notes,
@@ -69,7 +68,7 @@ def _finetune_section(run: RunState, entries: list[dict], teacher: dict) -> dict
         "train_labelled": run.images.labelled,
         "val_images": validation.n_images if validation is not None else 0,
         "val_data": validation.path if validation is not None else None,
-        "world_size": run.job.world_size, "train_seconds": round(train_seconds(run.history), 1),
+        "world_size": run.job.world_size, "train_seconds": round(run.history.train_seconds(), 1),
         "teacher": teacher, "variants": entries,
         "settings": {key: value for key, value in run.config.settings.items() if key not in UNREPORTED_SETTINGS},
     }
@@ -113,9 +112,3 @@ def _write(run: RunState, served: nn.Module, report: dict, teacher: dict, teache
                    report_md=report_md, force=output.force, extra_files=extra)
     if work is not None:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def train_seconds(history: History) -> float:
-    """The epochs' training time (validation left out), summed over every part of a resumed run: the
-    rows come back with the checkpoint."""
-    return sum(row.get("epoch_seconds", 0.0) for row in history.rows)

@@ -29,6 +29,11 @@ class History:
     rows: list[dict] = field(default_factory=list)
     steps: list[tuple[float, float]] = field(default_factory=list)  # (fractional epoch, loss)
 
+    def train_seconds(self) -> float:
+        """The epochs' training time (validation left out), summed over every part of a resumed run:
+        the rows come back with the checkpoint."""
+        return sum(row.get("epoch_seconds", 0.0) for row in self.rows)
+
 
 # --------------------------------------------------------------------------- files
 
