@@ -287,6 +287,14 @@ def _one_error_line(capsys) -> str:
     return err
 
 
+def test_dataset_options_without_a_dataset_are_one_line_and_nothing_written(tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    assert cli(*EVIT, "--onnx", tmp_path / "out" / "m.onnx", "--data", folder, "--split", "val") == 2
+    assert "split" in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_refuses_an_onnx_path_it_cannot_write_before_any_work(tmp_path, capsys, monkeypatch):
     import vitprune.commands.export as command
 

@@ -107,6 +107,8 @@ def test_infinite_settings_are_refused_in_the_api():
     (lambda meta: [1, 2], "must be a JSON object"),
     (lambda meta: {k: v for k, v in meta.items() if k != "plan"}, "field plan is missing"),
     (lambda meta: {**meta, "model": {**meta["model"], "img_size": "big"}}, "model.img_size must be a whole number"),
+    (lambda meta: {**meta, "model": {**meta["model"], "img_size": [64, 0]}},
+     "model.img_size must be a positive integer or (height, width)"),
     (lambda meta: {**meta, "plan": {**meta["plan"], "img_size": "big"}}, "img_size must be a positive whole number"),
     (lambda meta: {**meta, "plan": {**meta["plan"], "reductions": [{"layer": 1, "method": "tome", "r": "abc"}]}},
      "reductions[0]: tome r must be a whole number in [0, 1000000]"),

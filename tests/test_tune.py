@@ -170,6 +170,17 @@ def test_without_the_teacher_file_the_report_says_what_it_compares_with(finetune
     assert report["reference"]["compared_with"] == "fine-tuned weights unreduced"
 
 
+def test_fine_tuning_again_without_the_teachers_tensors_is_one_line_and_nothing_written(finetuned, images: Path,
+                                                                                         tmp_path: Path, capsys) -> None:
+    out, _ = finetuned
+    copy = _copied(out, tmp_path / "copy", leave_out=TEACHER_FILE)
+    assert run(["finetune", str(copy), "--data", str(images), "--workers", "0", "--epochs", "1", "--json",
+                "-o", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "are not with it" in err, err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["copy"]
+
+
 def test_a_changed_teacher_file_is_refused(finetuned, tmp_path: Path) -> None:
     out, _ = finetuned
     copy = _copied(out, tmp_path / "copy")
